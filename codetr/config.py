@@ -1,0 +1,209 @@
+"""Typed configuration: nested dataclasses, YAML in and out, dotted ``key=value`` overrides.
+
+A YAML file may name another one with ``base: other.yaml`` (relative to itself, or the name
+of a packaged config); its keys are merged over the base. Unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    """COCO-format data: image folders and instances JSON files."""
+
+    train_images: str = "data/synth/train"
+    train_annotations: str = "data/synth/annotations/instances_train.json"
+    val_images: str = "data/synth/val"
+    val_annotations: str = "data/synth/annotations/instances_val.json"
+    # Built-in synthetic dataset: generated at the paths above when they are missing.
+    synthetic: bool = False
+    synthetic_train: int = 64
+    synthetic_val: int = 16
+    synthetic_size: int = 256
+    synthetic_seed: int = 0
+    # DETR augmentation: random flip; multi-scale resize of the shorter side (max_size caps the
+    # longer side), or resize + random crop + multi-scale resize.
+    train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
+    max_size: int = 1333
+    crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_size: list[int] = field(default_factory=lambda: [384, 600])
+    test_scale: int = 800
+    batch_size: int = 2
+    num_workers: int = 2
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"
+    # None: random init; "torchvision": ImageNet weights downloaded by torchvision; or a file path.
+    weights: str | None = None
+    frozen_stages: int = 1
+
+
+@dataclass
+class TransformerConfig:
+    d_model: int = 256
+    n_heads: int = 8
+    n_points: int = 4
+    num_feature_levels: int = 4
+    enc_layers: int = 6
+    dec_layers: int = 6
+    ffn_dim: int = 2048
+    dropout: float = 0.0
+    num_queries: int = 300
+    two_stage: bool = True
+    box_refine: bool = True
+    mixed_selection: bool = True
+    look_forward_twice: bool = True
+
+
+@dataclass
+class LossConfig:
+    """DETR set-prediction loss; the Hungarian matcher uses the same weights as costs."""
+
+    cls_weight: float = 2.0
+    l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+@dataclass
+class CoConfig:
+    """Collaborative hybrid assignment training (training only)."""
+
+    # Auxiliary one-to-many heads, in order; any of "rcnn", "atss". Empty: plain DETR.
+    aux_heads: list[str] = field(default_factory=list)
+    positive_queries: bool = True
+    lambda1: float = 1.0  # weight of the positive-query decoder losses
+    lambda2: float = 2.0  # weight of the auxiliary-head losses (times the decoder layers)
+    max_pos_queries: int = 300
+    min_pos_queries: int = 9
+    zero_padding: bool = False  # pad groups with masked zero boxes instead of random negatives
+    eval_head: str = "detr"  # detr | atss | rcnn
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "deformable_detr"
+    num_classes: int = 80
+    max_detections: int = 100
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    co: CoConfig = field(default_factory=CoConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    # Learning-rate multipliers by parameter-name substring (first match wins).
+    lr_mult: dict[str, float] = field(
+        default_factory=lambda: {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
+    )
+    grad_clip: float = 0.1
+    lr_steps: list[int] = field(default_factory=lambda: [11])  # epochs where lr is x0.1
+    max_iters: int | None = None  # stop after this many iterations in all (tiny runs)
+    eval_every: int = 1  # epochs
+    seed: int = 42
+    device: str = "auto"
+    log_every: int = 10
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A config file path, or the name of a packaged config (with or without ``.yaml``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path.name, CONFIG_DIR / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {str(name)!r} not found; packaged configs: {known}")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a config must be a mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = path.parent / base
+    merged = _read_yaml(base_path if base_path.is_file() else resolve_config_path(base))
+    _deep_update(merged, raw)
+    return merged
+
+
+def _deep_update(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_update(dst[key], value)
+        else:
+            dst[key] = value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise KeyError(f"unknown config key(s) {sorted(unknown)} in {where or 'config'}; "
+                       f"known: {sorted(names)}")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise TypeError(f"{where}{key} must be a mapping")
+            value = _build(hint, value, f"{where}{key}.")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["train.lr=1e-4", "model.co.aux_heads=[atss]"]`` -> nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like dotted.key=value")
+        key, text = item.split("=", 1)
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(text)
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply overrides."""
+    values = _read_yaml(resolve_config_path(path)) if path is not None else {}
+    _deep_update(values, parse_overrides(overrides or []))
+    return _build(Config, values, "")
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
