@@ -1,0 +1,95 @@
+"""COCO-format data: dataset, DETR transforms, batching and the built-in synthetic dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from codetr.config import DataConfig
+from codetr.data.batch import collate
+from codetr.data.coco import CocoDetection
+from codetr.data.synthetic import generate_synthetic_coco
+from codetr.data.transforms import build_transforms
+
+__all__ = [
+    "CocoDetection",
+    "build_dataloader",
+    "build_dataset",
+    "build_transforms",
+    "collate",
+    "generate_synthetic_coco",
+]
+
+SPLITS = ("train", "val")
+
+
+def _split_paths(cfg: DataConfig, split: str) -> tuple[Path, Path]:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return Path(getattr(cfg, f"{split}_images")), Path(getattr(cfg, f"{split}_annotations"))
+
+
+def _ensure_synthetic(cfg: DataConfig) -> None:
+    """Generate the synthetic dataset into the common parent of the configured paths.
+
+    The paths must follow the generator's layout: ``ROOT/train``, ``ROOT/val``,
+    ``ROOT/annotations/instances_{train,val}.json``.
+    """
+    configured = {key: Path(getattr(cfg, key)) for key in
+                  ("train_images", "train_annotations", "val_images", "val_annotations")}
+    root = Path(os.path.commonpath([str(p) for p in configured.values()]))
+    expected = {
+        "train_images": root / "train",
+        "train_annotations": root / "annotations" / "instances_train.json",
+        "val_images": root / "val",
+        "val_annotations": root / "annotations" / "instances_val.json",
+    }
+    wrong = [f"data.{key}={configured[key]} (expected {path})"
+             for key, path in expected.items() if configured[key] != path]
+    if wrong:
+        raise ValueError("data.synthetic=true needs the generator's layout under one folder: " + "; ".join(wrong))
+    generate_synthetic_coco(root, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, cfg.synthetic_seed)
+
+
+def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
+    """The dataset of ``split`` ("train" | "val") with its transforms.
+
+    With ``cfg.synthetic`` and a missing annotation file, the synthetic dataset is generated
+    first (both splits) at the configured paths.
+    """
+    images, annotations = _split_paths(cfg, split)
+    if cfg.synthetic and not annotations.is_file():
+        _ensure_synthetic(cfg)
+    return CocoDetection(images, annotations, build_transforms(cfg, train=split == "train"))
+
+
+def build_dataloader(
+    cfg: DataConfig, split: str, shuffle: bool | None = None, seed: int = 0
+) -> DataLoader:
+    """A DataLoader of :class:`codetr.structures.Batch` for ``split``.
+
+    ``shuffle`` defaults to True for "train". Shuffling is seeded by ``seed``. When
+    torch.distributed is initialised, a DistributedSampler splits the data across processes
+    (call ``loader.sampler.set_epoch(epoch)`` each epoch to reshuffle).
+    """
+    dataset = build_dataset(cfg, split)
+    shuffle = split == "train" if shuffle is None else shuffle
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=False)
+        shuffle = False
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate,
+        generator=generator,
+        drop_last=False,
+        persistent_workers=cfg.num_workers > 0,
+    )

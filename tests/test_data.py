@@ -1,0 +1,222 @@
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from codetr.config import DataConfig
+from codetr.data import CocoDetection, build_dataloader, build_dataset, build_transforms, collate
+from codetr.structures import Batch, Target
+
+
+def _write(root: Path, images: list[dict], annotations: list[dict], categories: list[dict],
+           colour: tuple[int, int, int] = (90, 90, 90)) -> tuple[Path, Path]:
+    """Write a COCO dataset: one plain image file per entry of ``images``."""
+    image_dir = root / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    for img in images:
+        Image.new("RGB", (img["width"], img["height"]), colour).save(image_dir / img["file_name"])
+    ann_file = root / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return image_dir, ann_file
+
+
+def _img(image_id: int, width: int = 40, height: int = 30) -> dict:
+    return {"id": image_id, "file_name": f"{image_id}.png", "width": width, "height": height}
+
+
+def _ann(ann_id: int, image_id: int, category_id: int, bbox: list[float], **extra) -> dict:
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox, **extra}
+
+
+@pytest.mark.parametrize("cat_ids", [[90, 3, 17], [0, 1, 2], [1, 2, 3]])
+def test_category_ids_map_to_contiguous_labels_and_back(tmp_path, cat_ids):
+    cats = [{"id": c, "name": f"c{c}"} for c in cat_ids]
+    anns = [_ann(i + 1, 1, c, [2.0 + i, 3.0, 10.0, 8.0]) for i, c in enumerate(cat_ids)]
+    ds = CocoDetection(*_write(tmp_path, [_img(1)], anns, cats))
+    assert ds.category_ids == sorted(cat_ids)
+    assert ds.class_names == [f"c{c}" for c in sorted(cat_ids)]
+    _, target = ds[0]
+    assert target.labels.dtype == torch.int64
+    assert [ds.category_ids[int(label)] for label in target.labels] == cat_ids  # round trip
+
+
+def test_targets_are_clipped_xyxy_without_crowds(tmp_path):
+    anns = [
+        _ann(1, 11, 5, [2.0, 3.0, 10.0, 8.0]),
+        _ann(2, 11, 5, [20.0, 5.0, 10.0, 10.0], iscrowd=1),
+        _ann(3, 11, 7, [35.0, -4.0, 20.0, 10.0], iscrowd=0),  # partly outside: clipped
+    ]
+    cats = [{"id": 5, "name": "a"}, {"id": 7, "name": "b"}]
+    ds = CocoDetection(*_write(tmp_path, [_img(11)], anns, cats))
+    image, target = ds[0]
+    assert isinstance(target, Target)
+    assert image.dtype == torch.uint8 and image.shape == (3, 30, 40)
+    assert target.boxes.tolist() == [[2.0, 3.0, 12.0, 11.0], [35.0, 0.0, 40.0, 6.0]]
+    assert target.labels.tolist() == [0, 1]
+    assert target.image_id == 11 and target.orig_size == (30, 40)
+
+
+def test_degenerate_boxes_dropped_with_one_warning(tmp_path):
+    anns = [
+        _ann(1, 1, 1, [2.0, 3.0, 10.0, 8.0]),
+        _ann(2, 1, 1, [5.0, 5.0, 1.0, 8.0]),  # 1 px wide
+        _ann(3, 1, 1, [5.0, 5.0, 8.0, 0.5]),
+        _ann(4, 2, 1, [50.0, 5.0, 8.0, 8.0]),  # right of the 40 px wide image
+        _ann(5, 2, 1, [10.0, 10.0, -3.0, 4.0]),
+        _ann(6, 2, 1, [4.0, 4.0, 6.0, 6.0]),
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = CocoDetection(*_write(tmp_path, [_img(1), _img(2)], anns, [{"id": 1, "name": "a"}]))
+    messages = [str(w.message) for w in caught if "degenerate" in str(w.message)]
+    assert len(messages) == 1
+    assert "dropped 4 degenerate" in messages[0] and "annotation id 2" in messages[0]
+    assert ds[0][1].boxes.tolist() == [[2.0, 3.0, 12.0, 11.0]]
+    assert ds[1][1].boxes.tolist() == [[4.0, 4.0, 10.0, 10.0]]
+
+
+def test_images_without_annotations_are_kept(tmp_path):
+    ds = CocoDetection(*_write(tmp_path, [_img(1), _img(2)], [_ann(1, 2, 1, [1.0, 1.0, 5.0, 5.0])],
+                               [{"id": 1, "name": "a"}]))
+    assert ds.image_ids == [1, 2]
+    _, target = ds[0]
+    assert target.boxes.shape == (0, 4) and target.labels.shape == (0,)
+    image, target = CocoDetection(ds.images_dir, ds.annotations_file, build_transforms(DataConfig(), train=True))[0]
+    assert target.boxes.shape == (0, 4) and image.dtype == torch.float32
+
+
+def test_missing_annotation_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        CocoDetection(tmp_path, tmp_path / "nope.json")
+
+
+def test_missing_image_file_names_file_and_image_id(tmp_path):
+    image_dir, ann_file = _write(tmp_path, [_img(1)], [], [{"id": 1, "name": "a"}])
+    (image_dir / "1.png").unlink()
+    ds = CocoDetection(image_dir, ann_file)
+    with pytest.raises(FileNotFoundError, match=r"1\.png.*image id 1"):
+        ds[0]
+
+
+def test_image_size_mismatch_is_reported(tmp_path):
+    image_dir, ann_file = _write(tmp_path, [_img(4)], [], [{"id": 1, "name": "a"}])
+    Image.new("RGB", (10, 10)).save(image_dir / "4.png")
+    with pytest.raises(ValueError, match=r"4\.png of image id 4 is 10x10"):
+        CocoDetection(image_dir, ann_file)[0]
+
+
+@pytest.mark.parametrize(("ann", "pattern"), [
+    (_ann(7, 1, 1, [1.0, 2.0, 3.0]), "annotation id 7: field 'bbox'"),
+    (_ann(7, 1, 1, [1.0, 2.0, 3.0, float("nan")]), "annotation id 7: field 'bbox'"),
+    (_ann(7, 1, 9, [1.0, 2.0, 3.0, 4.0]), "annotation id 7: field 'category_id'"),
+    (_ann(7, 3, 1, [1.0, 2.0, 3.0, 4.0]), "annotation id 7: field 'image_id'"),
+    ({"id": 7, "image_id": 1, "category_id": 1}, "annotation id 7: field 'bbox'"),
+    (_ann(7, 1, 1, [1.0, 2.0, 3.0, 4.0], iscrowd=2), "annotation id 7: field 'iscrowd'"),
+])
+def test_malformed_annotation_names_id_and_field(tmp_path, ann, pattern):
+    with pytest.raises(ValueError, match=pattern) as err:
+        CocoDetection(*_write(tmp_path, [_img(1)], [ann], [{"id": 1, "name": "a"}]))
+    assert "instances.json" in str(err.value)
+
+
+def test_malformed_image_and_file(tmp_path):
+    bad_image = {"id": 3, "file_name": "3.png", "width": 40}
+    ann_file = tmp_path / "a.json"
+    ann_file.write_text(json.dumps({"images": [bad_image], "annotations": [], "categories": []}))
+    with pytest.raises(ValueError, match="image id 3: field 'height'"):
+        CocoDetection(tmp_path, ann_file)
+    ann_file.write_text("{not json")
+    with pytest.raises(ValueError, match="a.json is not valid JSON"):
+        CocoDetection(tmp_path, ann_file)
+
+
+def test_transformed_target_bounds_the_object(tmp_path):
+    image_dir, ann_file = _write(tmp_path, [_img(1, 160, 120)], [_ann(1, 1, 1, [30.0, 40.0, 50.0, 30.0])],
+                                 [{"id": 1, "name": "a"}])
+    img = Image.new("RGB", (160, 120), (90, 90, 90))  # grey with a white object under the box
+    img.paste((250, 250, 250), (30, 40, 80, 70))
+    img.save(image_dir / "1.png")
+    cfg = DataConfig(train_scales=[100, 130], max_size=300, crop_resize_scales=[120], crop_size=[100, 140])
+    ds = CocoDetection(image_dir, ann_file, build_transforms(cfg, train=True))
+    kept = 0
+    for seed in range(10):
+        torch.manual_seed(seed)
+        image, target = ds[0]
+        bright = image.mean(0) > 1.0  # normalised white (~2.1) vs grey (~-0.4)
+        if len(target.boxes) == 0:  # cropped away
+            continue
+        kept += 1
+        ys, xs = torch.nonzero(bright, as_tuple=True)
+        found = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        assert torch.allclose(target.boxes[0], found, atol=2.0)
+        assert target.orig_size == (120, 160)
+    assert kept >= 5
+
+
+def test_collate_pads_bottom_right_and_masks_exactly_the_padding():
+    sizes = [(5, 7), (8, 3), (6, 6)]
+    samples = [(torch.full((3, h, w), float(i + 1)), Target(torch.zeros(i, 4), torch.zeros(i, dtype=torch.int64)))
+               for i, (h, w) in enumerate(sizes)]
+    batch = collate(samples)
+    assert isinstance(batch, Batch)
+    assert batch.images.shape == (3, 3, 8, 7) and batch.masks.shape == (3, 8, 7)
+    assert batch.image_sizes.tolist() == [list(s) for s in sizes] and batch.image_sizes.dtype == torch.int64
+    for i, (h, w) in enumerate(sizes):
+        expected = torch.ones(8, 7, dtype=torch.bool)
+        expected[:h, :w] = False
+        assert torch.equal(batch.masks[i], expected)
+        assert torch.all(batch.images[i][:, :h, :w] == i + 1)
+        assert torch.all(batch.images[i][:, expected] == 0)
+    assert [len(t.boxes) for t in batch.targets] == [0, 1, 2]
+
+
+def _synthetic_cfg(root: Path, **extra) -> DataConfig:
+    return DataConfig(
+        train_images=str(root / "train"), train_annotations=str(root / "annotations/instances_train.json"),
+        val_images=str(root / "val"), val_annotations=str(root / "annotations/instances_val.json"),
+        synthetic=True, synthetic_train=6, synthetic_val=2, synthetic_size=64, synthetic_seed=1,
+        train_scales=[64, 80], max_size=128, crop_resize_scales=[64], crop_size=[40, 60], test_scale=64,
+        batch_size=4, num_workers=0, **extra,
+    )
+
+
+def test_build_dataset_generates_synthetic_data_once(tmp_path):
+    cfg = _synthetic_cfg(tmp_path / "synth")
+    train = build_dataset(cfg, "train")
+    assert len(train) == 6 and train.class_names[0] == "circle"
+    ann = Path(cfg.train_annotations)
+    stamp = ann.stat().st_mtime_ns
+    val = build_dataset(cfg, "val")
+    assert len(val) == 2 and ann.stat().st_mtime_ns == stamp  # not generated again
+    image, target = val[0]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    with pytest.raises(ValueError, match="split"):
+        build_dataset(cfg, "test")
+
+
+def test_build_dataset_rejects_synthetic_paths_off_layout(tmp_path):
+    cfg = _synthetic_cfg(tmp_path)
+    cfg.val_images = str(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="data.val_images"):
+        build_dataset(cfg, "train")
+
+
+def test_dataloader_batches_and_seeded_shuffle(tmp_path):
+    cfg = _synthetic_cfg(tmp_path)
+
+    def order(seed: int, shuffle: bool | None = None) -> list[int]:
+        loader = build_dataloader(cfg, "train", shuffle=shuffle, seed=seed)
+        batches = list(loader)
+        assert [b.images.shape[0] for b in batches] == [4, 2]  # drop_last=False
+        assert all(b.masks.shape == b.images.shape[:1] + b.images.shape[2:] for b in batches)
+        return [t.image_id for b in batches for t in b.targets]
+
+    assert order(0) == order(0)
+    assert sorted(order(0)) == list(range(1, 7))
+    assert any(order(0) != order(s) for s in (1, 2, 3))
+    assert order(0, shuffle=False) == list(range(1, 7))
+    val = list(build_dataloader(cfg, "val"))
+    assert [t.image_id for b in val for t in b.targets] == [1, 2]

@@ -1,0 +1,150 @@
+import pytest
+import torch
+from torchvision import tv_tensors
+
+from codetr.config import DataConfig
+from codetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, build_transforms
+
+# Small sizes keep the tests fast; the policy is the same as with the COCO defaults.
+CFG = DataConfig(train_scales=[96, 112, 128, 144], max_size=200, crop_resize_scales=[100, 120],
+                 crop_size=[60, 110], test_scale=128)
+GREY = 128
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def _scene(height: int, width: int, rects: list[tuple[tuple[int, int, int, int], tuple[int, int, int]]]):
+    """Grey image with filled rectangles; rect (x1, y1, x2, y2) covers pixels x1..x2-1, y1..y2-1."""
+    image = torch.full((3, height, width), GREY, dtype=torch.uint8)
+    for (x1, y1, x2, y2), colour in rects:
+        image[:, y1:y2, x1:x2] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
+    boxes = tv_tensors.BoundingBoxes(torch.tensor([r for r, _ in rects], dtype=torch.float32).reshape(-1, 4),
+                                     format="XYXY", canvas_size=(height, width))
+    return tv_tensors.Image(image), {"boxes": boxes, "labels": torch.arange(len(rects))}
+
+
+def _unnormalize(image: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return (image * std + mean) * 255
+
+
+def _colour_box(image: torch.Tensor, colour: tuple[int, int, int]) -> torch.Tensor | None:
+    """xyxy box of the pixels closer to ``colour`` than to the grey background, or None."""
+    target = torch.tensor(colour, dtype=torch.float32)[:, None, None]
+    close = (image - target).abs().sum(0) < (image - GREY).abs().sum(0)
+    if not close.any():
+        return None
+    ys, xs = torch.nonzero(close, as_tuple=True)
+    return torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+
+
+def test_train_boxes_follow_the_image_content():
+    transforms = build_transforms(CFG, train=True)
+    # a large rectangle and a small one near the border, so crops cut through or remove them
+    rects = [((30, 20, 110, 70), RED), ((140, 80, 152, 96), BLUE)]
+    kept = dropped = clipped = 0
+    for trial in range(60):
+        torch.manual_seed(trial)
+        image, target = transforms(*_scene(100, 160, rects))
+        assert image.dtype == torch.float32 and image.shape[0] == 3
+        assert target["boxes"].canvas_size == tuple(image.shape[-2:])
+        pixels = _unnormalize(image)
+        for label, (_, colour) in enumerate(rects):
+            found = _colour_box(pixels, colour)
+            rows = (target["labels"] == label).nonzero().flatten()
+            if len(rows) == 0:  # removed: at most a sliver of the colour is left in view
+                assert found is None or min(found[2] - found[0], found[3] - found[1]) <= 2
+                dropped += 1
+                continue
+            box = target["boxes"][rows[0]]
+            assert found is not None, f"trial {trial}: box {box} kept but its colour is gone"
+            assert torch.allclose(box, found, atol=2.0), f"trial {trial}: box {box} vs pixels {found}"
+            kept += 1
+            clipped += bool(box[0] == 0 or box[1] == 0 or box[2] == image.shape[-1] or box[3] == image.shape[-2])
+    assert kept > 60 and dropped > 0 and clipped > 0  # all three situations were exercised
+
+
+def test_flip_maps_x_to_width_minus_x():
+    # every resize/crop choice is the identity on a 100 x 160 image: only the flip remains
+    cfg = DataConfig(train_scales=[100], max_size=1000, crop_resize_scales=[100], crop_size=[200, 200])
+    transforms = build_transforms(cfg, train=True)
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 70.0], [0.0, 0.0, 160.0, 30.0]])
+    flipped = torch.stack([160 - boxes[:, 2], boxes[:, 1], 160 - boxes[:, 0], boxes[:, 3]], dim=1)
+    image, target = _scene(100, 160, [((10, 20, 50, 70), RED)])
+    target["boxes"] = tv_tensors.wrap(boxes, like=target["boxes"])
+    target["labels"] = torch.tensor([0, 1])
+    seen = set()
+    for trial in range(20):
+        torch.manual_seed(trial)
+        out_image, out = transforms(image, dict(target))
+        assert out_image.shape == (3, 100, 160)
+        is_flipped = torch.equal(out["boxes"], flipped)
+        assert is_flipped or torch.equal(out["boxes"], boxes)
+        red = _colour_box(_unnormalize(out_image), RED)
+        assert torch.allclose(red, out["boxes"][0], atol=1.0)
+        seen.add(is_flipped)
+    assert seen == {True, False}
+
+
+@pytest.mark.parametrize(("size", "max_size", "expected"), [
+    ((100, 200), 1000, (128, 256)),  # shorter side -> test_scale
+    ((100, 200), 200, (100, 200)),  # longer side capped at max_size
+    ((300, 120), 1000, (320, 128)),
+])
+def test_val_resize_scales_image_and_boxes(size, max_size, expected):
+    cfg = DataConfig(test_scale=128, max_size=max_size)
+    h, w = size
+    image, target = _scene(h, w, [((w // 4, h // 4, w // 2, h // 2), RED)])
+    out_image, out = build_transforms(cfg, train=False)(image, target)
+    assert tuple(out_image.shape[-2:]) == expected
+    sy, sx = expected[0] / h, expected[1] / w
+    scale = torch.tensor([sx, sy, sx, sy])
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), target["boxes"] * scale)
+    assert torch.allclose(_colour_box(_unnormalize(out_image), RED), out["boxes"][0], atol=1.0)
+
+
+def test_val_output_is_imagenet_normalised():
+    image, target = _scene(50, 60, [])
+    out_image, _ = build_transforms(CFG, train=False)(image, target)
+    expected = (GREY / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(out_image[:, 10, 10], expected)
+
+
+def test_train_resize_respects_shorter_side_and_max_size():
+    transforms = build_transforms(CFG, train=True)
+    for trial in range(40):
+        torch.manual_seed(trial)
+        h, w = (90, 240) if trial % 2 else (150, 120)  # wide images hit max_size=200
+        image, _ = transforms(*_scene(h, w, [((5, 5, 40, 40), RED)]))
+        short, long = sorted(image.shape[-2:])
+        assert long <= CFG.max_size
+        assert short in CFG.train_scales or long >= CFG.max_size - 1, (trial, image.shape)
+
+
+def test_random_size_crop_draws_sizes_in_range_clipped_to_the_image():
+    crop = RandomSizeCrop(60, 110)
+    sizes = set()
+    for trial in range(50):
+        torch.manual_seed(trial)
+        image, target = _scene(100, 300, [((0, 0, 300, 100), RED)])
+        out_image, out = crop(image, target)
+        h, w = out_image.shape[-2:]
+        assert 60 <= h <= 100 and 60 <= w <= 110
+        # the full-image box becomes the whole crop
+        assert out["boxes"].tolist() == [[0.0, 0.0, float(w), float(h)]]
+        sizes.add((h, w))
+    assert len(sizes) > 10
+    with pytest.raises(ValueError, match="crop size"):
+        RandomSizeCrop(100, 50)
+
+
+def test_boxes_touching_the_border_survive_any_resize():
+    # float resize ratios can push x2/y2 a hair past the image edge; such boxes must be kept
+    image, target = _scene(60, 82, [((0, 0, 82, 60), RED), ((70, 50, 82, 60), BLUE)])
+    for scale in range(60, 150, 3):  # includes 72 and 87, where 82 * ratio > new width in float32
+        cfg = DataConfig(train_scales=[scale], max_size=1000, crop_resize_scales=[scale], crop_size=[999, 999])
+        torch.manual_seed(scale)
+        out_image, out = build_transforms(cfg, train=True)(image, dict(target))
+        h, w = out_image.shape[-2:]
+        assert out["labels"].tolist() == [0, 1], scale
+        torch.testing.assert_close(out["boxes"][0].as_subclass(torch.Tensor), torch.tensor([0.0, 0.0, w, h]))
