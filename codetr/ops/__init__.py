@@ -1,0 +1,6 @@
+"""Tensor operations: box helpers and multi-scale deformable attention."""
+
+from codetr.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from codetr.ops.deform_attn import multi_scale_deformable_attn
+
+__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "inverse_sigmoid", "multi_scale_deformable_attn"]
