@@ -1,0 +1,60 @@
+"""Backbones: torchvision ResNets with frozen batch norm, returning C3-C5."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.ops import FrozenBatchNorm2d
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def load_weights_file(path: str | Path) -> dict[str, Tensor]:
+    """A state_dict from a .safetensors file or a torch checkpoint (loaded with weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet stem and stages with torchvision's parameter names; returns the outputs of
+    layer2-layer4 (C3-C5, strides 8, 16, 32).
+
+    weights: None (random), "torchvision" (ImageNet weights, downloaded by torchvision), or a
+    file holding a torchvision-named ResNet state_dict. ``frozen_stages``: -1 trains everything,
+    0 freezes the stem, k freezes the stem and layer1..layerk. Batch norm is always frozen.
+    """
+
+    def __init__(self, name: str = "resnet50", weights: str | None = None, frozen_stages: int = 1) -> None:
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"unknown backbone {name!r}; choose from {RESNETS}")
+        net = getattr(torchvision.models, name)(weights="DEFAULT" if weights == "torchvision" else None,
+                                                 norm_layer=FrozenBatchNorm2d)
+        if weights not in (None, "torchvision"):
+            state = {k: v for k, v in load_weights_file(weights).items() if not k.startswith("fc.")}
+            net.load_state_dict(state, strict=False)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        expansion = 4 if name in ("resnet50", "resnet101") else 1
+        self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+        frozen = [] if frozen_stages < 0 else [self.conv1, *[getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1)]]
+        for module in frozen:
+            module.requires_grad_(False)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (.., H/16), C5 (.., H/32)]."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        return [c3, c4, self.layer4(c4)]

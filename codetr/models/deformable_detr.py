@@ -1,0 +1,282 @@
+"""Deformable-DETR as configured in Co-DETR: two-stage, iterative box refinement, mixed query
+selection and look-forward-twice, each a switch in ``TransformerConfig``.
+
+The transformer pass is split into named steps so variants (Co-DETR's positive queries,
+DINO) override or reuse one step:
+
+    extract_features -> encode -> select_queries -> decode
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from codetr.config import ModelConfig
+from codetr.models.backbones import ResNetBackbone
+from codetr.models.heads.detr_loss import DetrCriterion
+from codetr.models.neck import ChannelMapper
+from codetr.models.transformer.decoder import DeformableDecoderLayer
+from codetr.models.transformer.encoder import DeformableEncoder
+from codetr.models.transformer.position import proposal_pos_embed, sine_position_embedding
+from codetr.ops.boxes import inverse_sigmoid
+from codetr.structures import Batch, Detections, DetrOutput
+
+
+@dataclass
+class EncoderOutput:
+    """The encoder's memory and what the decoder needs to attend to it.
+
+    memory:         (B, S, d) encoded tokens of all levels, flattened row-major level by level.
+    spatial_shapes: (H_l, W_l) of each level.
+    valid_ratios:   (B, levels, 2) valid (unpadded) fraction of each level, as (w, h).
+    padding_mask:   (B, S) bool, True on padding tokens.
+    """
+
+    memory: Tensor
+    spatial_shapes: list[tuple[int, int]]
+    valid_ratios: Tensor
+    padding_mask: Tensor
+
+
+@dataclass
+class QuerySet:
+    """Decoder queries. query, query_pos (B, Q, d); reference (B, Q, 4) cxcywh or (B, Q, 2) xy,
+    normalised. enc_logits (B, S, C) / enc_boxes (B, S, 4) are the two-stage proposals, if any."""
+
+    query: Tensor
+    query_pos: Tensor
+    reference: Tensor
+    enc_logits: Tensor | None = None
+    enc_boxes: Tensor | None = None
+
+
+def box_branch(d_model: int) -> nn.Sequential:
+    """Linear-ReLU-Linear-ReLU-Linear(4): box deltas in logit space."""
+    return nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model), nn.ReLU(),
+                         nn.Linear(d_model, 4))
+
+
+def refine(delta: Tensor, reference: Tensor) -> Tensor:
+    """Box from deltas (B, Q, 4) relative to a reference (B, Q, 4 cxcywh, or 2 xy), both normalised."""
+    if reference.shape[-1] == 4:
+        return (delta + inverse_sigmoid(reference)).sigmoid()
+    return torch.cat([delta[..., :2] + inverse_sigmoid(reference), delta[..., 2:]], -1).sigmoid()
+
+
+def level_masks(masks: Tensor, feats: list[Tensor]) -> list[Tensor]:
+    """Padding mask (B, H, W) resized (nearest) to each feature map (B, C, H_l, W_l)."""
+    return [F.interpolate(masks[None].float(), size=f.shape[-2:])[0].bool() for f in feats]
+
+
+def valid_ratio(mask: Tensor) -> Tensor:
+    """(B, H, W) padding mask -> (B, 2) fraction of valid columns and rows, as (w, h)."""
+    _, h, w = mask.shape
+    valid_h = (~mask[:, :, 0]).sum(1).float() / h
+    valid_w = (~mask[:, 0, :]).sum(1).float() / w
+    return torch.stack([valid_w, valid_h], -1)
+
+
+class DeformableDETR(nn.Module):
+    """Backbone + channel mapper + deformable encoder/decoder + class/box branches + loss."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        t = cfg.transformer
+        if t.two_stage and not t.box_refine:
+            raise ValueError("model.transformer.two_stage needs model.transformer.box_refine")
+        self.backbone = ResNetBackbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.frozen_stages)
+        self.neck = ChannelMapper(self.backbone.out_channels, t.d_model, t.num_feature_levels)
+        self.level_embed = nn.Parameter(torch.empty(t.num_feature_levels, t.d_model))
+        self.encoder = DeformableEncoder(t.enc_layers, t.d_model, t.ffn_dim, t.num_feature_levels, t.n_heads,
+                                         t.n_points, t.dropout)
+        self.decoder_layers = nn.ModuleList(
+            DeformableDecoderLayer(t.d_model, t.ffn_dim, t.num_feature_levels, t.n_heads, t.n_points, t.dropout)
+            for _ in range(t.dec_layers))
+        # One class/box branch per decoder layer (+1 for the two-stage proposals); shared when
+        # there is no box refinement.
+        num_branches = t.dec_layers + (1 if t.two_stage else 0)
+        cls, box = nn.Linear(t.d_model, cfg.num_classes), box_branch(t.d_model)
+        copies = (lambda m: [copy.deepcopy(m) for _ in range(num_branches)]) if t.box_refine else \
+            (lambda m: [m] * num_branches)
+        self.class_branches = nn.ModuleList(copies(cls))
+        self.box_branches = nn.ModuleList(copies(box))
+        if t.two_stage:
+            self.enc_output = nn.Linear(t.d_model, t.d_model)
+            self.enc_output_norm = nn.LayerNorm(t.d_model)
+            self.pos_trans = nn.Linear(2 * t.d_model, 2 * t.d_model)
+            self.pos_trans_norm = nn.LayerNorm(2 * t.d_model)
+            if t.mixed_selection:
+                self.query_embedding = nn.Embedding(t.num_queries, t.d_model)
+        else:
+            self.query_embedding = nn.Embedding(t.num_queries, 2 * t.d_model)
+            self.reference_points = nn.Linear(t.d_model, 2)
+        self.criterion = DetrCriterion(cfg.num_classes, cfg.loss)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: xavier for the transformer, deformable-attention init, focal prior for
+        the class bias, zero last box layer (w/h bias -2 without two-stage)."""
+        t = self.cfg.transformer
+        transformer_parts = [self.encoder, self.decoder_layers]
+        if t.two_stage:
+            transformer_parts += [self.enc_output, self.pos_trans]
+        else:
+            transformer_parts += [self.reference_points]
+        for part in transformer_parts:
+            for p in part.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        if not t.two_stage:
+            nn.init.zeros_(self.reference_points.bias)
+        for m in self.modules():
+            if hasattr(m, "sampling_offsets"):
+                m.reset_parameters()
+        nn.init.normal_(self.level_embed)
+        prior_bias = -torch.log(torch.tensor((1 - 0.01) / 0.01)).item()
+        for cls in self.class_branches:
+            nn.init.constant_(cls.bias, prior_bias)
+        for box in self.box_branches:
+            nn.init.zeros_(box[-1].weight)
+            nn.init.zeros_(box[-1].bias)
+        if not t.two_stage:
+            nn.init.constant_(self.box_branches[0][-1].bias[2:], -2.0)
+
+    # ---- the transformer pass, step by step ----------------------------------------------
+
+    def extract_features(self, images: Tensor, masks: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """images (B, 3, H, W), masks (B, H, W) True on padding -> neck maps (B, d, H_l, W_l)
+        and their padding masks (B, H_l, W_l)."""
+        feats = self.neck(self.backbone(images))
+        return feats, level_masks(masks, feats)
+
+    def encode(self, feats: list[Tensor], masks: list[Tensor]) -> EncoderOutput:
+        """Flatten the levels, add sine + level position embeddings, run the encoder."""
+        d = self.cfg.transformer.d_model
+        pos = [sine_position_embedding(m, d // 2).flatten(2).transpose(1, 2) + self.level_embed[i]
+               for i, m in enumerate(masks)]
+        src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
+        padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
+        spatial_shapes = [(f.shape[-2], f.shape[-1]) for f in feats]
+        valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
+        memory = self.encoder(src, torch.cat(pos, 1), spatial_shapes, valid_ratios, padding_mask)
+        return EncoderOutput(memory, spatial_shapes, valid_ratios, padding_mask)
+
+    def encoder_proposals(self, enc: EncoderOutput) -> tuple[Tensor, Tensor]:
+        """Two-stage: one proposal per valid token (its pixel centre, size 0.05 * 2^level).
+
+        Returns the transformed memory (B, S, d) and proposal logits (B, S, 4) (inverse
+        sigmoid of cxcywh; +inf for padding and proposals too close to the border)."""
+        batch = enc.memory.shape[0]
+        proposals, start = [], 0
+        for level, (h, w) in enumerate(enc.spatial_shapes):
+            mask = enc.padding_mask[:, start:start + h * w].view(batch, h, w)
+            start += h * w
+            valid_h, valid_w = (~mask[:, :, 0]).sum(1), (~mask[:, 0, :]).sum(1)
+            ys, xs = torch.meshgrid(torch.arange(h, dtype=enc.memory.dtype, device=mask.device),
+                                    torch.arange(w, dtype=enc.memory.dtype, device=mask.device), indexing="ij")
+            grid = torch.stack([xs, ys], -1)[None] + 0.5
+            grid = grid / torch.stack([valid_w, valid_h], -1).view(batch, 1, 1, 2)
+            wh = torch.full_like(grid, 0.05 * 2.0**level)
+            proposals.append(torch.cat([grid, wh], -1).view(batch, -1, 4))
+        proposals = torch.cat(proposals, 1)
+        valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+        logits = torch.log(proposals / (1 - proposals))
+        invalid = enc.padding_mask.unsqueeze(-1) | ~valid
+        logits = logits.masked_fill(invalid, float("inf"))
+        memory = enc.memory.masked_fill(invalid, 0.0)
+        return self.enc_output_norm(self.enc_output(memory)), logits
+
+    def select_queries(self, enc: EncoderOutput) -> QuerySet:
+        """Initial decoder queries: the top-k encoder proposals (two-stage; content from the
+        learned query embedding with mixed selection) or learned queries with 2-d references."""
+        t = self.cfg.transformer
+        batch, d = enc.memory.shape[0], t.d_model
+        if not t.two_stage:
+            query_pos, query = self.query_embedding.weight.split(d, dim=1)
+            query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
+            query = query.unsqueeze(0).expand(batch, -1, -1)
+            return QuerySet(query, query_pos, self.reference_points(query_pos).sigmoid())
+        memory, proposals = self.encoder_proposals(enc)
+        enc_logits = self.class_branches[-1](memory)
+        enc_coords = self.box_branches[-1](memory) + proposals
+        k = min(t.num_queries, enc_logits.shape[1])
+        top = torch.topk(enc_logits[..., 0], k, dim=1)[1]
+        top_coords = torch.gather(enc_coords, 1, top.unsqueeze(-1).expand(-1, -1, 4)).detach()
+        pos_query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(top_coords, d // 2)))
+        query_pos, query = pos_query.split(d, dim=-1)
+        if t.mixed_selection:
+            query = self.query_embedding.weight[:k].unsqueeze(0).expand(batch, -1, -1)
+        return QuerySet(query, query_pos, top_coords.sigmoid(), enc_logits, enc_coords.sigmoid())
+
+    def decode(self, enc: EncoderOutput, query: Tensor, query_pos: Tensor, reference: Tensor,
+               self_attn_mask: Tensor | None = None) -> DetrOutput:
+        """Run the decoder from the given queries; predictions of every layer.
+
+        query, query_pos (B, Q, d); reference (B, Q, 4) cxcywh or (B, Q, 2) xy, normalised;
+        self_attn_mask (Q, Q) or (B * heads, Q, Q), True = blocked. With box refinement each
+        layer refines the previous layer's boxes (detached for sampling; with look-forward-twice
+        the next layer's prediction still back-propagates into this one).
+        """
+        t = self.cfg.transformer
+        ratios4 = torch.cat([enc.valid_ratios, enc.valid_ratios], -1)
+        sample_ref = head_ref = reference
+        hidden = query
+        logits, boxes = [], []
+        for i, layer in enumerate(self.decoder_layers):
+            ratios = ratios4 if sample_ref.shape[-1] == 4 else enc.valid_ratios
+            hidden = layer(hidden, query_pos, sample_ref[:, :, None] * ratios[:, None], enc.memory,
+                           enc.spatial_shapes, enc.padding_mask, self_attn_mask)
+            delta = self.box_branches[i](hidden)
+            logits.append(self.class_branches[i](hidden))
+            boxes.append(refine(delta, head_ref))
+            if t.box_refine:
+                new_ref = refine(delta, sample_ref)
+                sample_ref = new_ref.detach()
+                head_ref = new_ref if t.look_forward_twice else sample_ref
+        return DetrOutput(torch.stack(logits), torch.stack(boxes))
+
+    def forward(self, images: Tensor, masks: Tensor) -> tuple[DetrOutput, EncoderOutput]:
+        """images (B, 3, H, W), masks (B, H, W) True on padding -> predictions of every decoder
+        layer (with the two-stage proposals) and the encoder output."""
+        enc = self.encode(*self.extract_features(images, masks))
+        queries = self.select_queries(enc)
+        out = self.decode(enc, queries.query, queries.query_pos, queries.reference)
+        out.enc_logits, out.enc_boxes = queries.enc_logits, queries.enc_boxes
+        return out, enc
+
+    # ---- the detector API -------------------------------------------------------------------
+
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """Weighted loss terms of a training batch; the total is their sum."""
+        out, _ = self(batch.images, batch.masks)
+        return self.criterion(out, batch.targets, batch.image_sizes)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[Detections]:
+        """Top ``max_detections`` (query, class) pairs by sigmoid score, no NMS; boxes xyxy in
+        pixels of each unpadded input image."""
+        out, _ = self(batch.images, batch.masks)
+        return self.postprocess(out.logits[-1], out.boxes[-1], batch.image_sizes)
+
+    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor) -> list[Detections]:
+        """logits (B, Q, C), boxes (B, Q, 4) cxcywh normalised, image_sizes (B, 2) hw."""
+        batch, _, num_classes = logits.shape
+        scores = logits.sigmoid().flatten(1)
+        k = min(self.cfg.max_detections, scores.shape[1])
+        top_scores, top = scores.topk(k, dim=1)
+        query, label = top // num_classes, top % num_classes
+        xyxy = box_convert(torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4)), "cxcywh", "xyxy")
+        h, w = image_sizes[:, 0:1].to(xyxy), image_sizes[:, 1:2].to(xyxy)
+        xyxy = xyxy * torch.stack([w, h, w, h], -1)
+        return [Detections(xyxy[b], top_scores[b], label[b]) for b in range(batch)]
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        """Everything is needed at inference."""
+        return self.state_dict()

@@ -1,0 +1,50 @@
+"""Necks: the channel mapper before the encoder, and the pyramid adapter after it (Co-DETR)."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+def conv_gn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2),
+        nn.GroupNorm(32, out_channels),
+    )
+
+
+class ChannelMapper(nn.Module):
+    """1x1 conv + GroupNorm(32) per backbone level to ``out_channels``; extra levels by 3x3
+    stride-2 conv + GroupNorm, the first on the raw last backbone map, the next on the previous
+    extra level."""
+
+    def __init__(self, in_channels: list[int], out_channels: int, num_levels: int) -> None:
+        super().__init__()
+        if num_levels < len(in_channels):
+            raise ValueError(f"num_feature_levels {num_levels} < number of backbone outputs {len(in_channels)}")
+        convs = [conv_gn(c, out_channels, 1) for c in in_channels]
+        for i in range(num_levels - len(in_channels)):
+            convs.append(conv_gn(in_channels[-1] if i == 0 else out_channels, out_channels, 3, stride=2))
+        self.convs = nn.ModuleList(convs)
+        self.num_inputs = len(in_channels)
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        outs = [conv(f) for conv, f in zip(self.convs, feats)]
+        for i, conv in enumerate(self.convs[self.num_inputs:]):
+            outs.append(conv(feats[-1] if i == 0 else outs[-1]))
+        return outs
+
+
+class PyramidAdapter(nn.Module):
+    """Co-DETR's multi-scale adapter: encoder memory (B, S, d) back to per-level maps, plus one
+    extra level from a 3x3 stride-2 conv + GroupNorm(32) on the coarsest map (no activation)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.downsample = conv_gn(d_model, d_model, 3, stride=2)
+
+    def forward(self, memory: Tensor, spatial_shapes: list[tuple[int, int]]) -> list[Tensor]:
+        """memory (B, S, d) -> [(B, d, H_l, W_l) for each level] + [(B, d, ceil(H/2), ceil(W/2))]."""
+        batch, _, d = memory.shape
+        maps = [level.transpose(1, 2).reshape(batch, d, h, w)
+                for level, (h, w) in zip(memory.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)]
+        return maps + [self.downsample(maps[-1])]
