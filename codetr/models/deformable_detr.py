@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, clip_boxes_to_image
 
 from codetr.config import ModelConfig
 from codetr.models.backbones import ResNetBackbone
@@ -261,7 +261,7 @@ class DeformableDETR(nn.Module):
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[Detections]:
         """Top ``max_detections`` (query, class) pairs by sigmoid score, no NMS; boxes xyxy in
-        pixels of each unpadded input image."""
+        pixels of each unpadded input image, clipped to it."""
         out, _ = self(batch.images, batch.masks)
         return self.postprocess(out.logits[-1], out.boxes[-1], batch.image_sizes)
 
@@ -275,7 +275,8 @@ class DeformableDETR(nn.Module):
         xyxy = box_convert(torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4)), "cxcywh", "xyxy")
         h, w = image_sizes[:, 0:1].to(xyxy), image_sizes[:, 1:2].to(xyxy)
         xyxy = xyxy * torch.stack([w, h, w, h], -1)
-        return [Detections(xyxy[b], top_scores[b], label[b]) for b in range(batch)]
+        return [Detections(clip_boxes_to_image(xyxy[b], tuple(image_sizes[b].tolist())), top_scores[b], label[b])
+                for b in range(batch)]
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """Everything is needed at inference."""

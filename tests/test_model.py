@@ -1,0 +1,94 @@
+"""Deformable-DETR model: shapes, padding masks, look-forward-twice, gradients, prediction."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from codetr.config import load_config
+from codetr.models.deformable_detr import DeformableDETR
+from codetr.structures import Batch, Target
+
+
+def tiny_cfg(**transformer):
+    cfg = load_config("deformable_detr_tiny").model
+    cfg.transformer = dataclasses.replace(cfg.transformer, enc_layers=1, dec_layers=2, num_queries=20, **transformer)
+    return cfg
+
+
+def make_batch(seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 128, 160, generator=g)
+    masks = torch.zeros(2, 128, 160, dtype=torch.bool)
+    masks[1, 96:] = True
+    masks[1, :, 128:] = True
+    images[1][:, masks[1]] = 0
+    targets = [Target(torch.tensor([[10.0, 20, 60, 90], [70, 30, 150, 100]]), torch.tensor([0, 3])),
+               Target(torch.tensor([[5.0, 5, 40, 50]]), torch.tensor([5]))]
+    return Batch(images, masks, torch.tensor([[128, 160], [96, 128]]), targets)
+
+
+def test_output_shapes():
+    torch.manual_seed(0)
+    model = DeformableDETR(tiny_cfg()).eval()
+    out, enc = model(make_batch().images, make_batch().masks)
+    assert out.logits.shape == (2, 2, 20, 6) and out.boxes.shape == (2, 2, 20, 4)
+    assert enc.memory.shape[1] == out.enc_logits.shape[1] == sum(h * w for h, w in enc.spatial_shapes)
+    assert enc.spatial_shapes == [(16, 20), (8, 10), (4, 5), (2, 3)]
+    assert torch.all((out.boxes >= 0) & (out.boxes <= 1))
+
+
+def test_images_in_a_batch_do_not_interact():
+    """Each image's predictions are the same alone as in a batch (catches batch/head mixing in reshapes)."""
+    torch.manual_seed(0)
+    model = DeformableDETR(tiny_cfg()).eval()
+    batch = make_batch()
+    together, _ = model(batch.images, batch.masks)
+    for i in range(2):
+        alone, _ = model(batch.images[i:i + 1], batch.masks[i:i + 1])
+        torch.testing.assert_close(alone.logits[:, 0], together.logits[:, i], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(alone.boxes[:, 0], together.boxes[:, i], atol=1e-4, rtol=1e-4)
+
+
+def test_look_forward_twice_changes_gradients_not_values():
+    batch = make_batch()
+    grads, outs = [], []
+    for lft in (False, True):
+        torch.manual_seed(0)
+        model = DeformableDETR(tiny_cfg(look_forward_twice=lft))
+        with torch.no_grad():  # non-zero box deltas so layers interact
+            for branch in model.box_branches:
+                branch[-1].weight.normal_(std=0.1)
+        out, _ = model(batch.images, batch.masks)
+        outs.append(out.boxes.detach())
+        out.boxes[-1].sum().backward()
+        grads.append(model.box_branches[0][-1].weight.grad.clone())
+    torch.testing.assert_close(outs[0], outs[1])
+    assert grads[0].abs().sum() == 0  # without LFT, the last layer's boxes do not reach layer 0
+    assert grads[1].abs().sum() > 0
+
+
+def test_loss_backward_reaches_every_stage():
+    torch.manual_seed(0)
+    model = DeformableDETR(tiny_cfg())
+    losses = model.loss(make_batch())
+    assert {"loss_cls", "loss_bbox", "loss_giou", "d0.loss_cls", "enc.loss_cls"} <= set(losses)
+    sum(losses.values()).backward()
+    for name in ("backbone.layer4.0.conv1.weight", "neck.convs.0.0.weight",
+                 "encoder.layers.0.self_attn.value_proj.weight", "decoder_layers.1.cross_attn.value_proj.weight",
+                 "class_branches.1.weight", "pos_trans.weight"):
+        assert dict(model.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("two_stage", [True, False])
+def test_predict_returns_sorted_boxes_inside_the_image(two_stage):
+    torch.manual_seed(0)
+    model = DeformableDETR(tiny_cfg(two_stage=two_stage, mixed_selection=two_stage)).eval()
+    batch = make_batch()
+    dets = model.predict(batch)
+    for det, (h, w) in zip(dets, batch.image_sizes.tolist()):
+        assert len(det.scores) == model.cfg.max_detections
+        assert torch.all(det.scores[:-1] >= det.scores[1:])
+        assert torch.all(det.boxes[:, 0::2] >= -1e-4) and torch.all(det.boxes[:, 0::2] <= w + 1e-4)
+        assert torch.all(det.boxes[:, 1::2] >= -1e-4) and torch.all(det.boxes[:, 1::2] <= h + 1e-4)
+        assert torch.all((det.labels >= 0) & (det.labels < 6))
