@@ -1,0 +1,167 @@
+"""Faster R-CNN auxiliary head (one-to-many): RPN proposals, then a RoI box head, as Co-DETR's
+``CoStandardRoIHead`` with ``Shared2FCBBoxHead``. It exports its sampled proposals (ground
+truth added as proposals included) with their assignment and mean-pooled RoI features."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import batched_nms, generalized_box_iou_loss, roi_align
+
+from codetr.models.aux.base import DeltaXYWHCoder, PositiveSet
+from codetr.models.aux.rpn import RPNHead
+from codetr.models.assigners import MaxIoUAssigner, RandomSampler
+from codetr.structures import Detections, Target
+
+
+def roi_levels(boxes: Tensor, finest_scale: float, num_levels: int) -> Tensor:
+    """mmdet's level of each RoI (N, 4): floor(log2(sqrt(area) / finest_scale + 1e-6)), clamped."""
+    scale = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
+    return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
+
+
+class RoIHead(nn.Module):
+    """RoIAlign 7x7 on the first levels of the pyramid, two shared FC 1024, class scores
+    (num_classes + 1, softmax) and class-specific box deltas (stds 0.1, 0.1, 0.2, 0.2); CE and
+    GIoU (weight 10) on decoded boxes, both times ``loss_scale``."""
+
+    def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
+                 loss_scale: float = 1.0, finest_scale: float = 112.0, roi_size: int = 7, fc_dim: int = 1024) -> None:
+        super().__init__()
+        self.num_classes, self.loss_scale, self.finest_scale, self.roi_size = num_classes, loss_scale, finest_scale, roi_size
+        self.strides = (strides or [8, 16, 32, 64, 128])[:4]  # the official extractor uses 4 levels
+        self.shared_fcs = nn.Sequential(nn.Linear(channels * roi_size * roi_size, fc_dim), nn.ReLU(inplace=True),
+                                        nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True))
+        self.fc_cls = nn.Linear(fc_dim, num_classes + 1)
+        self.fc_reg = nn.Linear(fc_dim, 4 * num_classes)
+        nn.init.normal_(self.fc_cls.weight, std=0.01)
+        nn.init.normal_(self.fc_reg.weight, std=0.001)
+        nn.init.zeros_(self.fc_cls.bias)
+        nn.init.zeros_(self.fc_reg.bias)
+        for m in self.shared_fcs:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.coder = DeltaXYWHCoder((0.1, 0.1, 0.2, 0.2))
+        self.assigner = MaxIoUAssigner(0.5, 0.5, 0.5, match_low_quality=False)
+        self.sampler = RandomSampler(512, 0.25, add_gt_as_proposals=True)
+
+    def roi_features(self, feats: list[Tensor], rois: list[Tensor]) -> Tensor:
+        """(R, C, 7, 7) RoIAlign features of the boxes of every image (xyxy pixels), each from its level."""
+        boxes = torch.cat(rois)
+        image_index = torch.cat([torch.full((len(r),), i, dtype=boxes.dtype, device=boxes.device)
+                                 for i, r in enumerate(rois)])
+        levels = roi_levels(boxes, self.finest_scale, len(self.strides))
+        out = boxes.new_zeros((boxes.shape[0], feats[0].shape[1], self.roi_size, self.roi_size))
+        for level, stride in enumerate(self.strides):
+            sel = torch.nonzero(levels == level).squeeze(1)
+            if sel.numel():
+                out[sel] = roi_align(feats[level], torch.cat([image_index[sel, None], boxes[sel]], 1),
+                                     self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
+        return out
+
+    def forward(self, roi_feats: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, C, 7, 7) -> class logits (R, num_classes + 1), deltas (R, num_classes, 4)."""
+        h = self.shared_fcs(roi_feats.flatten(1))
+        return self.fc_cls(h), self.fc_reg(h).view(-1, self.num_classes, 4)
+
+    def forward_train(self, feats: list[Tensor], proposals: list[Tensor], image_sizes: Tensor,
+                      targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:
+        samples = []
+        for props, target in zip(proposals, targets):
+            samples.append(self.sampler(props, self.assigner(props, target.boxes), target.boxes))
+        rois = [s.boxes for s in samples]
+        roi_feats = self.roi_features(feats, rois)
+        logits, deltas = self(roi_feats)
+        labels = torch.cat([s.labels(t.labels, self.num_classes) for s, t in zip(samples, targets)])
+        gt_boxes = torch.cat([s.target_boxes(t.boxes) for s, t in zip(samples, targets)])
+        boxes = torch.cat(rois)
+        image_index = torch.cat([torch.full((len(r),), i, dtype=boxes.dtype, device=boxes.device)
+                                 for i, r in enumerate(rois)])
+        levels = roi_levels(boxes, self.finest_scale, len(self.strides))
+        out = boxes.new_zeros((boxes.shape[0], feats[0].shape[1], self.roi_size, self.roi_size))
+        for level, stride in enumerate(self.strides):
+            sel = torch.nonzero(levels == level).squeeze(1)
+            if sel.numel():
+                out[sel] = roi_align(feats[level], torch.cat([image_index[sel, None], boxes[sel]], 1),
+                                     self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
+        return out
+
+    def forward(self, roi_feats: Tensor) -> tuple[Tensor, Tensor]:
+        """(R, C, 7, 7) -> class logits (R, num_classes + 1), deltas (R, num_classes, 4)."""
+        h = self.shared_fcs(roi_feats.flatten(1))
+        return self.fc_cls(h), self.fc_reg(h).view(-1, self.num_classes, 4)
+
+    def forward_train(self, feats: list[Tensor], proposals: list[Tensor], image_sizes: Tensor,
+                      targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:
+        samples = []
+        for props, target in zip(proposals, targets):
+            samples.append(self.sampler(props, self.assigner(props, target.boxes), target.boxes))
+        rois = [s.boxes for s in samples]
+        roi_feats = self.roi_features(feats, rois)
+        logits, deltas = self(roi_feats)
+        labels = torch.cat([s.gt.clamp(min=0).new_tensor(0) + torch.where(
+            s.gt >= 0, t.labels[s.gt.clamp(min=0)] if len(t.labels) else s.gt, torch.full_like(s.gt, self.num_classes))
+            for s, t in zip(samples, targets)])
+        gt_boxes = torch.cat([torch.where((s.gt >= 0)[:, None], t.boxes[s.gt.clamp(min=0)] if len(t.boxes)
+                                          else torch.zeros_like(s.boxes), torch.zeros_like(s.boxes))
+                              for s, t in zip(samples, targets)])
+        boxes = torch.cat(rois)
+        num_rois = max(boxes.shape[0], 1)
+        loss_cls = F.cross_entropy(logits, labels, reduction="sum") / num_rois
+        pos = labels < self.num_classes
+        pos_deltas = deltas[pos, labels[pos]]
+        decoded = self.coder.decode(boxes[pos], pos_deltas)
+        loss_bbox = generalized_box_iou_loss(decoded, gt_boxes[pos], reduction="sum") / num_rois
+        losses = {"rcnn.loss_cls": loss_cls * self.loss_scale, "rcnn.loss_bbox": loss_bbox * 10.0 * self.loss_scale}
+        pooled = roi_feats.mean((2, 3))
+        exports, start = [], 0
+        for r in rois:
+            end = start + len(r)
+            exports.append(PositiveSet(r, labels[start:end], gt_boxes[start:end], pooled[start:end]))
+            start = end
+        return losses, exports
+
+    @torch.no_grad()
+    def predict(self, feats: list[Tensor], proposals: list[Tensor], image_sizes: Tensor, iou_thr: float = 0.5,
+                max_per_image: int = 100) -> list[Detections]:
+        logits, deltas = self(self.roi_features(feats, proposals))
+        scores = logits.softmax(-1)[:, :-1]
+        results, start = [], 0
+        for props, size in zip(proposals, image_sizes.tolist()):
+            end = start + len(props)
+            boxes = self.coder.decode(props[:, None].expand(-1, self.num_classes, -1), deltas[start:end], tuple(size))
+            s = scores[start:end]
+            labels = torch.arange(self.num_classes, device=s.device).expand_as(s)
+            boxes, s, labels = boxes.reshape(-1, 4), s.reshape(-1), labels.reshape(-1)
+            keep = batched_nms(boxes, s, labels, iou_thr)[:max_per_image]
+            results.append(Detections(boxes[keep], s[keep], labels[keep]))
+            start = end
+        return results
+
+
+class FasterRCNNAux(nn.Module):
+    """The "rcnn" auxiliary head: RPN (on every pyramid level) + RoI head (first 4 levels)."""
+
+    def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
+                 loss_scale: float = 1.0) -> None:
+        super().__init__()
+        strides = strides or [8, 16, 32, 64, 128]
+        self.rpn = RPNHead(channels, strides, loss_scale)
+        self.roi = RoIHead(num_classes, channels, strides, loss_scale)
+
+    def forward_train(self, feats: list[Tensor], image_sizes: Tensor,
+                      targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:
+        logits, deltas, anchors, counts = self.rpn(feats)
+        losses = self.rpn.loss(logits, deltas, anchors, feats, image_sizes, targets)
+        proposals = self.rpn.proposals(logits, deltas, anchors, counts, image_sizes, pre_nms=4000)
+        roi_losses, exports = self.roi.forward_train(feats, proposals, image_sizes, targets)
+        return {**losses, **roi_losses}, exports
+
+    @torch.no_grad()
+    def predict(self, feats: list[Tensor], image_sizes: Tensor) -> list[Detections]:
+        logits, deltas, anchors, counts = self.rpn(feats)
+        proposals = self.rpn.proposals(logits, deltas, anchors, counts, image_sizes, pre_nms=1000)
+        return self.roi.predict(feats, proposals, image_sizes)
+
