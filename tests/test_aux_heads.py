@@ -1,0 +1,118 @@
+"""Auxiliary heads: anchors, box coder, losses, exported positive sets, prediction."""
+
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from codetr.models.aux.atss import ATSSHead
+from codetr.models.aux.base import DeltaXYWHCoder, base_anchors, grid_anchors
+from codetr.models.aux.roi import FasterRCNNAux, roi_levels
+from codetr.structures import Target
+
+STRIDES = [8, 16, 32, 64, 128]
+
+
+def pyramid(seed=0, channels=32, size=128):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, channels, -(-size // s), -(-size // s), generator=g).requires_grad_() for s in STRIDES]
+
+
+SIZES = torch.tensor([[128, 128], [96, 112]])
+TARGETS = [Target(torch.tensor([[10.0, 12, 60, 70], [70, 20, 120, 100]]), torch.tensor([0, 2])),
+           Target(torch.tensor([[20.0, 30, 50, 80]]), torch.tensor([1]))]
+
+
+def test_anchor_geometry():
+    base = base_anchors(16, 4.0, 3, [0.5, 1.0, 2.0])
+    w, h = base[:, 2] - base[:, 0], base[:, 3] - base[:, 1]
+    expected_sizes = [16 * 4 * 2 ** (i / 3) for i in range(3)] * 3
+    torch.testing.assert_close(torch.sqrt(w * h), torch.tensor(expected_sizes))
+    torch.testing.assert_close(h / w, torch.tensor([0.5] * 3 + [1.0] * 3 + [2.0] * 3))
+    grid = grid_anchors(base, 16, 2, 3).view(2, 3, 9, 4)
+    centres = (grid[..., :2] + grid[..., 2:]) / 2
+    for i in range(2):
+        for j in range(3):
+            assert torch.allclose(centres[i, j], torch.tensor([j * 16.0, i * 16.0]).expand(9, 2))
+
+
+def test_box_coder_round_trip():
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(20, 2, generator=g) * 50
+    boxes = torch.cat([boxes, boxes + torch.rand(20, 2, generator=g) * 40 + 2], 1)
+    targets = boxes + torch.randn(20, 4, generator=g)
+    coder = DeltaXYWHCoder((0.1, 0.1, 0.2, 0.2))
+    torch.testing.assert_close(coder.decode(boxes, coder.encode(boxes, targets)), targets, atol=1e-4, rtol=1e-4)
+
+
+def test_roi_level_mapping():
+    boxes = torch.tensor([[0, 0, 50, 50], [0, 0, 224, 224], [0, 0, 448, 448], [0, 0, 2000, 2000.0]])
+    assert roi_levels(boxes, 112, 4).tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("head_cls", [ATSSHead, FasterRCNNAux])
+def test_training_step_losses_and_gradients(head_cls):
+    torch.manual_seed(0)
+    head = head_cls(4, 32, STRIDES, loss_scale=1.0)
+    feats = pyramid()
+    losses, _ = head.forward_train(feats, SIZES, TARGETS)
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values()), losses
+    sum(losses.values()).backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in feats[:4])
+    torch.manual_seed(0)
+    scaled = head_cls(4, 32, STRIDES, loss_scale=12.0)
+    scaled.load_state_dict(head.state_dict())
+    torch.manual_seed(1)
+    again, _ = head.forward_train(pyramid(), SIZES, TARGETS)
+    torch.manual_seed(1)
+    twelve, _ = scaled.forward_train(pyramid(), SIZES, TARGETS)
+    for k in again:
+        torch.testing.assert_close(twelve[k], again[k] * 12)
+
+
+def test_atss_exports_every_anchor_with_its_assignment():
+    torch.manual_seed(0)
+    head = ATSSHead(4, 32, STRIDES)
+    feats = pyramid()
+    _, exports = head.forward_train(feats, SIZES, TARGETS)
+    _, _, _, anchors, counts = head(feats)
+    for b, (ex, target) in enumerate(zip(exports, TARGETS)):
+        assert torch.equal(ex.boxes, anchors) and ex.boxes.shape[0] == sum(counts)
+        pos = ex.labels < 4
+        assert pos.any()
+        # each positive's target is one of the ground truths, with the matching label
+        ious = box_iou(ex.target_boxes[pos], target.boxes)
+        gt = ious.argmax(1)
+        assert torch.allclose(ious.max(1).values, torch.ones(int(pos.sum())))
+        assert torch.equal(target.labels[gt], ex.labels[pos])
+        # the content feature is the pyramid feature at the anchor's location
+        k = int(torch.nonzero(pos)[0])
+        level = next(i for i, c in enumerate(torch.tensor(counts).cumsum(0).tolist()) if k < c)
+        local = k - sum(counts[:level])
+        w = feats[level].shape[-1]
+        torch.testing.assert_close(ex.feats[k], feats[level][b, :, local // w, local % w])
+
+
+def test_rcnn_exports_samples_with_ground_truth_as_positives():
+    torch.manual_seed(0)
+    head = FasterRCNNAux(4, 32, STRIDES)
+    _, exports = head.forward_train(pyramid(), SIZES, TARGETS)
+    for ex, target in zip(exports, TARGETS):
+        assert ex.boxes.shape[0] <= 512 and ex.feats.shape == (ex.boxes.shape[0], 32)
+        for box, label in zip(target.boxes, target.labels):
+            hit = (ex.boxes == box).all(1).nonzero()
+            assert len(hit) >= 1
+            i = hit[0, 0]
+            assert ex.labels[i] == label and torch.equal(ex.target_boxes[i], box)
+        neg = ex.labels == 4
+        assert torch.all(ex.target_boxes[neg] == 0)
+
+
+@pytest.mark.parametrize("head_cls", [ATSSHead, FasterRCNNAux])
+def test_predict_inside_the_image(head_cls):
+    torch.manual_seed(0)
+    head = head_cls(4, 32, STRIDES).eval()
+    dets = head.predict(pyramid(), SIZES)
+    for det, (h, w) in zip(dets, SIZES.tolist()):
+        assert 0 < len(det.scores) <= 100
+        assert torch.all(det.boxes[:, 0::2] <= w) and torch.all(det.boxes[:, 1::2] <= h) and torch.all(det.boxes >= 0)
+        assert torch.all((det.labels >= 0) & (det.labels < 4))
