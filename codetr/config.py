@@ -90,6 +90,12 @@ class CoConfig:
     min_pos_queries: int = 9
     zero_padding: bool = False  # pad groups with masked zero boxes instead of random negatives
     eval_head: str = "detr"  # detr | atss | rcnn
+    # Sizes of the auxiliary heads (official values; the tiny configs scale them down).
+    atss_stacked_convs: int = 1
+    rpn_pre_nms: int = 4000  # proposals kept per level before NMS, in training
+    rpn_proposals: int = 1000  # proposals per image after NMS
+    roi_samples: int = 512  # sampled RoIs per image
+    roi_fc_dim: int = 1024
 
 
 @dataclass

@@ -31,11 +31,12 @@ AUX_HEADS = ("rcnn", "atss")
 
 
 def build_aux_head(name: str, cfg: ModelConfig, strides: list[int], loss_scale: float) -> nn.Module:
-    d = cfg.transformer.d_model
+    d, co = cfg.transformer.d_model, cfg.co
     if name == "atss":
-        return ATSSHead(cfg.num_classes, d, strides=strides, loss_scale=loss_scale)
+        return ATSSHead(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, stacked_convs=co.atss_stacked_convs)
     if name == "rcnn":
-        return FasterRCNNAux(cfg.num_classes, d, strides=strides, loss_scale=loss_scale)
+        return FasterRCNNAux(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, rpn_pre_nms=co.rpn_pre_nms,
+                             rpn_proposals=co.rpn_proposals, roi_samples=co.roi_samples, roi_fc_dim=co.roi_fc_dim)
     raise ValueError(f"unknown auxiliary head {name!r} in model.co.aux_heads; choose from {AUX_HEADS}")
 
 

@@ -27,7 +27,8 @@ class RoIHead(nn.Module):
     GIoU (weight 10) on decoded boxes, both times ``loss_scale``."""
 
     def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
-                 loss_scale: float = 1.0, finest_scale: float = 112.0, roi_size: int = 7, fc_dim: int = 1024) -> None:
+                 loss_scale: float = 1.0, finest_scale: float = 112.0, roi_size: int = 7, fc_dim: int = 1024,
+                 num_samples: int = 512) -> None:
         super().__init__()
         self.num_classes, self.loss_scale, self.finest_scale, self.roi_size = num_classes, loss_scale, finest_scale, roi_size
         self.strides = (strides or [8, 16, 32, 64, 128])[:4]  # the official extractor uses 4 levels
@@ -45,7 +46,7 @@ class RoIHead(nn.Module):
                 nn.init.zeros_(m.bias)
         self.coder = DeltaXYWHCoder((0.1, 0.1, 0.2, 0.2))
         self.assigner = MaxIoUAssigner(0.5, 0.5, 0.5, match_low_quality=False)
-        self.sampler = RandomSampler(512, 0.25, add_gt_as_proposals=True)
+        self.sampler = RandomSampler(num_samples, 0.25, add_gt_as_proposals=True)
 
     def roi_features(self, feats: list[Tensor], rois: list[Tensor]) -> Tensor:
         """(R, C, 7, 7) RoIAlign features of the boxes of every image (xyxy pixels), each from its level."""
@@ -142,26 +143,33 @@ class RoIHead(nn.Module):
 
 
 class FasterRCNNAux(nn.Module):
-    """The "rcnn" auxiliary head: RPN (on every pyramid level) + RoI head (first 4 levels)."""
+    """The "rcnn" auxiliary head: RPN (on every pyramid level) + RoI head (first 4 levels).
+
+    rpn_pre_nms: proposals per level before NMS in training (1000 at test); rpn_proposals:
+    per image after NMS; roi_samples / roi_fc_dim: sampled RoIs per image and FC width."""
 
     def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
-                 loss_scale: float = 1.0) -> None:
+                 loss_scale: float = 1.0, rpn_pre_nms: int = 4000, rpn_proposals: int = 1000,
+                 roi_samples: int = 512, roi_fc_dim: int = 1024) -> None:
         super().__init__()
         strides = strides or [8, 16, 32, 64, 128]
+        self.rpn_pre_nms, self.rpn_proposals = rpn_pre_nms, rpn_proposals
         self.rpn = RPNHead(channels, strides, loss_scale)
-        self.roi = RoIHead(num_classes, channels, strides, loss_scale)
+        self.roi = RoIHead(num_classes, channels, strides, loss_scale, fc_dim=roi_fc_dim, num_samples=roi_samples)
 
     def forward_train(self, feats: list[Tensor], image_sizes: Tensor,
                       targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:
         logits, deltas, anchors, counts = self.rpn(feats)
         losses = self.rpn.loss(logits, deltas, anchors, feats, image_sizes, targets)
-        proposals = self.rpn.proposals(logits, deltas, anchors, counts, image_sizes, pre_nms=4000)
+        proposals = self.rpn.proposals(logits, deltas, anchors, counts, image_sizes, self.rpn_pre_nms,
+                                        self.rpn_proposals)
         roi_losses, exports = self.roi.forward_train(feats, proposals, image_sizes, targets)
         return {**losses, **roi_losses}, exports
 
     @torch.no_grad()
     def predict(self, feats: list[Tensor], image_sizes: Tensor) -> list[Detections]:
         logits, deltas, anchors, counts = self.rpn(feats)
-        proposals = self.rpn.proposals(logits, deltas, anchors, counts, image_sizes, pre_nms=1000)
+        proposals = self.rpn.proposals(logits, deltas, anchors, counts, image_sizes, min(1000, self.rpn_pre_nms),
+                                        self.rpn_proposals)
         return self.roi.predict(feats, proposals, image_sizes)
 
