@@ -181,6 +181,11 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             if not isinstance(value, dict):
                 raise TypeError(f"{where}{key} must be a mapping")
             value = _build(hint, value, f"{where}{key}.")
+        elif hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+            try:  # YAML reads 1e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                raise TypeError(f"{where}{key} must be a number, got {value!r}") from None
         kwargs[key] = value
     return cls(**kwargs)
 

@@ -1,0 +1,223 @@
+"""The ``codetr`` command: train, eval, predict, demo, data, convert (export and bench are planned)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from codetr import __version__
+from codetr.config import CONFIG_DIR, Config, load_config
+
+DEMO_CONFIGS = ("co_deformable_detr_tiny", "deformable_detr_tiny")
+DEMO_PREDICTION_IMAGES = 4
+OVERRIDE_HELP = "config overrides, e.g. train.epochs=2 model.co.aux_heads=[atss]"
+
+
+class CliError(Exception):
+    """A user error: printed as ``codetr: error: ...`` with exit code 1, no traceback."""
+
+
+def _load_config(name: str, overrides: list[str]) -> Config:
+    try:
+        return load_config(name, overrides)
+    except (KeyError, TypeError, ValueError, yaml.YAMLError) as err:
+        raise CliError(f"config {name}: {err}") from err
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from codetr.engine import train
+
+    cfg = _load_config(args.config, args.overrides)
+    metrics = train(cfg, args.out, resume=args.resume)
+    print(f"done: {Path(args.out) / 'model.safetensors'}  AP {metrics.get('AP', float('nan')):.2f}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from codetr.data import build_dataloader
+    from codetr.engine import evaluate, load_model
+    from codetr.engine.predictor import resolve_device
+
+    cfg = _load_config(args.config, args.overrides)
+    loaded = load_model(args.weights, args.config, args.overrides, resolve_device(args.device))
+    loader = build_dataloader(cfg.data, "val", shuffle=False)
+    dataset = loader.dataset
+    if loaded.category_ids is not None and loaded.category_ids != list(dataset.category_ids):
+        raise CliError(f"{args.weights} was trained for category ids {loaded.category_ids}, but "
+                       f"{cfg.data.val_annotations} has {list(dataset.category_ids)}")
+    metrics = evaluate(loaded.model, dataset, loader)
+    out = Path(args.out) if args.out else Path(args.weights).parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"wrote {out / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from codetr.engine import load_model, predict_images
+    from codetr.engine.predictor import list_images, resolve_device
+
+    images = list_images(args.source)
+    loaded = load_model(args.weights, args.config, device=resolve_device(args.device))
+    records = predict_images(loaded, images, args.out, args.score_thr)
+    print(f"{len(records)} detections (score >= {args.score_thr}) in {len(images)} images; "
+          f"drawings and predictions.json in {args.out}")
+    return 0
+
+
+def default_demo_config() -> str:
+    """The first packaged tiny config that exists."""
+    for name in DEMO_CONFIGS:
+        if (CONFIG_DIR / f"{name}.yaml").is_file():
+            return name
+    raise CliError(f"no demo config: none of {', '.join(DEMO_CONFIGS)} is packaged in {CONFIG_DIR}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from codetr.engine import load_model, predict_images, train
+    from codetr.engine.predictor import list_images
+    from codetr.engine.trainer import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, WEIGHTS_NAME
+
+    name = args.config or default_demo_config()
+    overrides = ["data.synthetic=true", *args.overrides]
+    if args.iters is not None:
+        overrides.append(f"train.max_iters={args.iters}")
+    cfg = _load_config(name, overrides)
+    out = Path(args.out)
+    resume = (out / CHECKPOINT_NAME).is_file()
+    print(f"demo: config {name}, synthetic data in {Path(cfg.data.train_images).parent} (generated when missing), "
+          f"output in {out}" + (" (continuing the run there; delete the folder to start over)" if resume else ""))
+    metrics = train(cfg, out, resume=resume)
+
+    val_images = list_images(cfg.data.val_images)[:DEMO_PREDICTION_IMAGES]
+    loaded = load_model(out / WEIGHTS_NAME)
+    records = predict_images(loaded, val_images, out / "predictions", args.score_thr)
+    print("\ndemo finished:")
+    print(f"  validation AP {metrics.get('AP', float('nan')):.2f}  AP50 {metrics.get('AP50', float('nan')):.2f}")
+    print(f"  training curves   {out / PLOT_NAME}")
+    print(f"  metrics           {out / METRICS_NAME}")
+    print(f"  weights           {out / WEIGHTS_NAME} (+ config.yaml, checkpoint {out / CHECKPOINT_NAME})")
+    print(f"  predictions       {out / 'predictions'} ({len(records)} boxes with score >= {args.score_thr} "
+          f"on {len(val_images)} val images, predictions.json)")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from codetr.data.synthetic import run_synth
+
+    return run_synth(args)
+
+
+def cmd_convert_hf(args: argparse.Namespace) -> int:
+    from codetr.convert.hf_deformable_detr import run
+
+    run(args)
+    return 0
+
+
+def cmd_not_built(args: argparse.Namespace) -> int:
+    print(f"codetr {args.command}: not built yet ({args.planned}); nothing was done.", file=sys.stderr)
+    return 2
+
+
+# -------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codetr", description="Co-DETR detectors in pure PyTorch: train, evaluate and run them.")
+    parser.add_argument("--version", action="version", version=f"codetr {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config_help = "config file, or the name of a packaged config (e.g. deformable_detr_tiny)"
+    p = commands.add_parser("train", help="train a detector", description="Train a detector; outputs go to --out.")
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    p.add_argument("--out", required=True, help="output folder (checkpoint, metrics, plot, weights)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser("eval", help="COCO box AP of weights on the validation set",
+                            description="Evaluate weights on the config's validation data.")
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    p.add_argument("--weights", required=True, help="model.safetensors or a training checkpoint (last.pt)")
+    p.add_argument("--out", help="folder for metrics.json (default: the folder of --weights)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("predict", help="detect objects in images and draw them",
+                            description="Run weights on an image or a folder of images.")
+    p.add_argument("source", metavar="IMAGE_OR_DIR")
+    p.add_argument("--weights", required=True, help="model.safetensors or a training checkpoint (last.pt)")
+    p.add_argument("--out", required=True, help="folder for the drawn images and predictions.json")
+    p.add_argument("--config", help="config to build the model (default: config.yaml next to the weights, "
+                                    "else the one stored in them)")
+    p.add_argument("--score-thr", type=float, default=0.3, help="minimum score (default 0.3)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("demo", help="synthetic data -> tiny training -> evaluation -> drawn predictions",
+                            description="Train a tiny detector on the built-in synthetic data, evaluate it and "
+                                        "draw its predictions on a few validation images.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    p.add_argument("--config", help=f"default: the first packaged one of {', '.join(DEMO_CONFIGS)}")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--iters", type=int, help="stop after this many training iterations (shorter demo)")
+    p.add_argument("--score-thr", type=float, default=0.3, help="minimum score of drawn boxes (default 0.3)")
+    p.set_defaults(func=cmd_demo)
+
+    p = commands.add_parser("data", help="dataset tools", description="Dataset tools.")
+    data_commands = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    from codetr.data.synthetic import add_synth_arguments
+
+    synth = data_commands.add_parser("synth", help="write the built-in synthetic COCO-format dataset",
+                                     description="Write the synthetic COCO-format shapes dataset.")
+    add_synth_arguments(synth)
+    synth.set_defaults(func=cmd_data_synth)
+
+    p = commands.add_parser("convert", help="convert weights from other implementations",
+                            description="Convert weights from other implementations to codetr safetensors.")
+    convert_commands = p.add_subparsers(dest="convert_command", required=True, metavar="SOURCE_FORMAT")
+    from codetr.convert.hf_deformable_detr import add_arguments as add_convert_arguments
+
+    hf = convert_commands.add_parser("hf-deformable-detr", help="Hugging Face transformers Deformable-DETR",
+                                     description="Convert a Hugging Face transformers Deformable-DETR model "
+                                                 "folder to codetr safetensors.")
+    add_convert_arguments(hf)
+    hf.set_defaults(func=cmd_convert_hf)
+
+    for name, planned in (("export", "ONNX export of the inference model"),
+                          ("bench", "speed benchmarks against a reference implementation")):
+        p = commands.add_parser(name, help=f"(not built yet) {planned}", add_help=True,
+                                description=f"Not built yet: {planned}.")
+        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=cmd_not_built, planned=planned)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # ``train CONFIG --out DIR a=b``: overrides after options are left over by argparse.
+        if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except (CliError, FileNotFoundError, FileExistsError) as err:
+        print(f"codetr: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""COCO box evaluation with faster-coco-eval (pycocotools-compatible numbers).
+
+Metrics are returned in percent (0-100). A metric without any ground truth in its range
+(e.g. APl on a dataset of small objects) is -1, following the COCO convention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from faster_coco_eval import COCO, COCOeval_faster
+from torch import nn
+
+from codetr.engine import distributed as dist
+from codetr.structures import Batch, Detections
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def coco_results(
+    detections: Sequence[Detections], batch: Batch, category_ids: Sequence[int]
+) -> list[dict[str, Any]]:
+    """COCO result records of one batch.
+
+    Boxes are rescaled from the unpadded input image (``batch.image_sizes``) to the image as
+    stored (``Target.orig_size``), clipped to it and written as xywh; labels are mapped to the
+    dataset's category ids (``category_ids[label]``).
+    """
+    records = []
+    for det, size, target in zip(detections, batch.image_sizes.tolist(), batch.targets):
+        if det.boxes.numel() == 0:
+            continue
+        (h, w), (orig_h, orig_w) = size, target.orig_size
+        scale = det.boxes.new_tensor([orig_w / w, orig_h / h, orig_w / w, orig_h / h])
+        boxes = (det.boxes.detach().float().cpu() * scale.cpu())
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, orig_w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, orig_h)
+        boxes[:, 2:] -= boxes[:, :2]
+        for box, score, label in zip(boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
+            records.append({
+                "image_id": target.image_id,
+                "category_id": int(category_ids[label]),
+                "bbox": [round(v, 3) for v in box],
+                "score": round(float(score), 5),
+            })
+    return records
+
+
+def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Iterable[int]) -> dict[str, float]:
+    """Evaluate ``results`` on ``image_ids`` of ``coco_gt``; prints the 12-number table.
+
+    Returns AP, AP50, AP75, APs, APm, APl in percent.
+    """
+    lines: list[str] = []
+    coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
+    evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=lines.append)
+    evaluator.params.imgIds = sorted(image_ids)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    lines.clear()
+    evaluator.summarize()
+    table = [line for line in lines if line.lstrip().startswith("Average")]
+    print("\n".join(table[:12]))  # the standard COCO table (faster-coco-eval adds AR50, AR75)
+    return {name: _percent(value) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
+
+
+def _empty_results(coco_gt: COCO) -> COCO:
+    res = COCO()
+    res.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                   "categories": list(coco_gt.dataset["categories"])}
+    res.createIndex()
+    return res
+
+
+def _percent(value: float) -> float:
+    return -1.0 if value < 0 else round(float(value) * 100, 3)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Any, dataloader: Iterable[Batch]) -> dict[str, float]:
+    """Run ``model.predict`` over ``dataloader`` and evaluate on ``dataset`` (a CocoDetection).
+
+    The model runs on the device of its parameters in eval mode (its mode is restored after).
+    With torch.distributed, every process predicts its part and rank 0 evaluates; the other
+    ranks return an empty dict.
+    """
+    detector = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    device = next(detector.parameters()).device
+    was_training = detector.training
+    detector.eval()
+    per_image: list[tuple[int, list[dict[str, Any]]]] = []  # (image id, its records)
+    try:
+        for batch in dataloader:
+            batch = batch.to(device)
+            records = coco_results(detector.predict(batch), batch, dataset.category_ids)
+            per_image += [(t.image_id, [r for r in records if r["image_id"] == t.image_id])
+                          for t in batch.targets]
+    finally:
+        detector.train(was_training)
+    gathered = dist.gather_to_main(per_image)
+    if not dist.is_main_process():
+        return {}
+    unique = dict(gathered)  # a DistributedSampler may repeat images: keep one copy
+    return coco_metrics(dataset.coco, [r for records in unique.values() for r in records], unique)

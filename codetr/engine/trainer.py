@@ -1,0 +1,531 @@
+"""The training loop, extended through hooks (checkpointing, evaluation, logging, plots).
+
+Reproducibility: the order of training samples and the seed of each sample's augmentation
+are a pure function of ``(train.seed, epoch, position)`` (see :class:`TrainBatchSampler`), and
+each sample is loaded under its own torch seed without touching the main process' RNG. The
+checkpoint holds the model, optimizer, scheduler, position and the python / numpy / torch /
+CUDA RNG states, so a resumed run (after a kill, or after stopping at ``train.max_iters``)
+continues with exactly the batches and random draws of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from codetr.config import Config, ModelConfig, TrainConfig, config_to_dict, save_config
+from codetr.data import build_dataloader, build_dataset, collate
+from codetr.engine import distributed as dist
+from codetr.engine.checkpoint import (
+    CHECKPOINT_VERSION,
+    atomic_save,
+    atomic_write_text,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_inference_weights,
+)
+from codetr.engine.evaluator import METRIC_NAMES, evaluate
+from codetr.engine.plots import plot_training, read_metrics
+from codetr.engine.predictor import resolve_device
+from codetr.structures import Batch
+
+CHECKPOINT_NAME = "last.pt"
+WEIGHTS_NAME = "model.safetensors"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "training.png"
+
+
+def log(message: str) -> None:
+    """Print a log line on the main process (through tqdm, so progress bars stay intact)."""
+    if dist.is_main_process():
+        tqdm.write(message)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block without changing any RNG state (evaluation must not change training)."""
+    state = capture_rng_state()
+    try:
+        yield
+    finally:
+        restore_rng_state(state)
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Shuffled batches of ``(dataset index, sample seed)`` for this process.
+
+    Epoch ``e`` is a pure function of ``(seed, e)``: a permutation of the dataset and one seed
+    per position. With ``world_size > 1`` the permutation is padded by wrapping around to a
+    multiple of ``world_size`` and process ``rank`` takes every ``world_size``-th item.
+    ``set_epoch(e, start_batch=k)`` makes the next iteration start at batch ``k`` (resume).
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if size <= 0:
+            raise ValueError("the training set is empty")
+        if batch_size <= 0:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return math.ceil(math.ceil(self.size / self.world_size) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+        generator = torch.Generator().manual_seed(epoch_seed)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator).tolist()
+        total = math.ceil(self.size / self.world_size) * self.world_size
+        items = [(order[i % self.size], seeds[i % self.size]) for i in range(total)][self.rank::self.world_size]
+        for b in range(self.start_batch, len(self)):
+            yield items[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset: item ``(index, seed)`` is ``dataset[index]`` loaded under torch seed ``seed``.
+
+    The caller's torch RNG state is left untouched. (Training transforms must draw their
+    randomness from torch, as torchvision's transforms do.)
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def train_loader(dataset: Dataset, sampler: TrainBatchSampler, num_workers: int, seed: int) -> DataLoader:
+    """The training DataLoader: batches from ``sampler``, each sample under its own seed.
+
+    The loader has its own generator, so iterating it never draws from the global torch RNG.
+    """
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------ optimizer
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the first ``cfg.lr_mult`` key contained in a parameter's name
+    sets its learning rate to ``cfg.lr * multiplier``; frozen parameters are left out.
+
+    Each group has ``name`` (the matching key, or "default"), ``lr_mult`` and ``lr``.
+    """
+    grouped: dict[str, list[nn.Parameter]] = {key: [] for key in [*cfg.lr_mult, "default"]}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = next((k for k in cfg.lr_mult if k in name), "default")
+        grouped[key].append(param)
+    return [
+        {"params": params, "name": key, "lr_mult": float(cfg.lr_mult.get(key, 1.0)),
+         "lr": cfg.lr * float(cfg.lr_mult.get(key, 1.0))}
+        for key, params in grouped.items() if params
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    groups = param_groups(model, cfg)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class _LossForward(nn.Module):
+    """``forward(batch) = detector.loss(batch)``, so DistributedDataParallel can wrap the loss."""
+
+    def __init__(self, detector: nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        return self.detector.loss(batch)
+
+
+# --------------------------------------------------------------------------------- loop
+
+
+class Hook:
+    """Extension point of :class:`Trainer`; every method receives the trainer."""
+
+    def before_train(self, trainer: Trainer) -> None:
+        """Called once before the first step (after a resume has restored the state)."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """Called after every optimizer step."""
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        """Called after each complete epoch (``trainer.epoch`` already counts it)."""
+
+    def after_train(self, trainer: Trainer) -> None:
+        """Called once when training ends (all epochs done or ``max_iters`` reached)."""
+
+
+class Trainer:
+    """Runs ``detector.loss`` / backward / AdamW steps over epochs, calling hooks.
+
+    State: ``epoch`` (completed epochs), ``iter_in_epoch`` (steps done in the current epoch)
+    and ``iteration`` (steps done in all). After a step, ``losses`` holds the loss terms as
+    floats, ``loss`` their sum and ``step_time`` the seconds since the previous step.
+    """
+
+    def __init__(
+        self,
+        detector: nn.Module,
+        loss_module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        loader: DataLoader,
+        sampler: TrainBatchSampler,
+        device: torch.device,
+        epochs: int,
+        max_iters: int | None,
+        grad_clip: float | None,
+        hooks: list[Hook],
+    ) -> None:
+        self.detector, self.loss_module = detector, loss_module
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.loader, self.sampler, self.device = loader, sampler, device
+        self.epochs, self.max_iters, self.grad_clip = epochs, max_iters, grad_clip
+        self.hooks = hooks
+        self.epoch = self.iter_in_epoch = self.iteration = 0
+        self.losses: dict[str, float] = {}
+        self.loss = 0.0
+        self.step_time = 0.0
+        self._tick = time.perf_counter()
+
+    @property
+    def total_iters(self) -> int:
+        total = self.epochs * len(self.sampler)
+        return total if self.max_iters is None else min(total, self.max_iters)
+
+    @property
+    def lr(self) -> float:
+        """The current base learning rate (that of multiplier 1)."""
+        groups = self.optimizer.param_groups
+        group = next((g for g in groups if g.get("lr_mult", 1.0)), groups[0])
+        return group["lr"] / (group.get("lr_mult", 1.0) or 1.0)
+
+    def run(self) -> None:
+        for hook in self.hooks:
+            hook.before_train(self)
+        while self.epoch < self.epochs and self.iteration < self.total_iters:
+            self.sampler.set_epoch(self.epoch, start_batch=self.iter_in_epoch)
+            steps = min(len(self.sampler) - self.iter_in_epoch, self.total_iters - self.iteration)
+            self._tick = time.perf_counter()
+            for batch in islice(self.loader, steps):
+                self.step(batch)
+                for hook in self.hooks:
+                    hook.after_step(self)
+            if self.iter_in_epoch == len(self.sampler):
+                self.epoch += 1
+                self.iter_in_epoch = 0
+                self.scheduler.step()
+                for hook in self.hooks:
+                    hook.after_epoch(self)
+        for hook in self.hooks:
+            hook.after_train(self)
+
+    def step(self, batch: Batch) -> None:
+        batch = batch.to(self.device)
+        losses = self.loss_module(batch)
+        total = sum(losses.values())
+        if not torch.isfinite(total):
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise FloatingPointError(f"loss is not finite at iteration {self.iteration + 1}: {terms}")
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.grad_clip:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        self.iteration += 1
+        self.iter_in_epoch += 1
+        self.losses = {k: v.item() for k, v in losses.items()}
+        self.loss = total.item()
+        now = time.perf_counter()
+        self.step_time, self._tick = now - self._tick, now
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: weights, optimizer, scheduler, position, RNG."""
+        return {
+            "model": self.detector.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "iter_in_epoch": self.iter_in_epoch,
+            "iteration": self.iteration,
+            "batches_per_epoch": len(self.sampler),
+            "rng": capture_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["iter_in_epoch"] and state["batches_per_epoch"] != len(self.sampler):
+            raise ValueError(f"the checkpoint stopped mid-epoch with {state['batches_per_epoch']} batches per "
+                             f"epoch, but the data now gives {len(self.sampler)} (changed data or batch size?)")
+        self.detector.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.iter_in_epoch = state["epoch"], state["iter_in_epoch"]
+        self.iteration = state["iteration"]
+        restore_rng_state(state["rng"])
+
+
+# -------------------------------------------------------------------------------- hooks
+
+
+class MetricsFile:
+    """``metrics.jsonl``: one JSON record per line (``type`` "train" or "eval", ``iter``, ...)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def append(self, record: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        return read_metrics(self.path)
+
+    def keep_until(self, iteration: int) -> None:
+        """Drop records after ``iteration`` (written after the checkpoint a run resumes from)."""
+        kept = [r for r in self.records() if r["iter"] <= iteration]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+class LoggerHook(Hook):
+    """Progress bar, plus every ``every`` steps a metrics record and a log line with the means
+    of the loss terms, learning rate and seconds per iteration over those steps."""
+
+    def __init__(self, metrics: MetricsFile, every: int) -> None:
+        self.metrics, self.every = metrics, max(1, every)
+        self._window: list[tuple[float, dict[str, float], float]] = []
+        self._bar: tqdm | None = None
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.metrics.keep_until(trainer.iteration)
+        self._bar = tqdm(total=trainer.total_iters, initial=trainer.iteration, desc="train",
+                         dynamic_ncols=True, disable=None)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self._window.append((trainer.loss, trainer.losses, trainer.step_time))
+        assert self._bar is not None
+        self._bar.set_postfix(loss=f"{trainer.loss:.4f}", epoch=trainer.epoch + 1, refresh=False)
+        self._bar.update(1)
+        if trainer.iteration % self.every == 0:
+            self._flush(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if self._window:
+            self._flush(trainer)
+        if self._bar is not None:
+            self._bar.close()
+
+    def _flush(self, trainer: Trainer) -> None:
+        n = len(self._window)
+        loss = sum(w[0] for w in self._window) / n
+        terms = {k: sum(w[1][k] for w in self._window) / n for k in self._window[-1][1]}
+        seconds = sum(w[2] for w in self._window) / n
+        self._window.clear()
+        epoch = trainer.epoch + (trainer.iter_in_epoch > 0)  # 1-based epoch of the last step
+        self.metrics.append({"type": "train", "iter": trainer.iteration, "epoch": epoch, "lr": trainer.lr,
+                             "loss": loss, "losses": terms, "time": seconds})
+        shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k.startswith("loss_"))
+        eta = timedelta(seconds=round(seconds * (trainer.total_iters - trainer.iteration)))
+        log(f"epoch {epoch}/{trainer.epochs} iter {trainer.iteration}/{trainer.total_iters} "
+            f"lr {trainer.lr:.2e} loss {loss:.4f} ({shown}) {seconds:.3f} s/it eta {eta}")
+
+
+class CheckpointHook(Hook):
+    """Atomically writes ``last.pt`` after every epoch and when training ends."""
+
+    def __init__(self, path: Path, extra: dict[str, Any]) -> None:
+        self.path, self.extra = path, extra
+        self._saved_at = -1
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self.save(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if self._saved_at != trainer.iteration:
+            self.save(trainer)
+
+    def save(self, trainer: Trainer) -> None:
+        atomic_save({"format": "codetr-checkpoint", "version": CHECKPOINT_VERSION, **self.extra,
+                     **trainer.state_dict()}, self.path)
+        self._saved_at = trainer.iteration
+        log(f"saved checkpoint {self.path} (epoch {trainer.epoch}, iteration {trainer.iteration})")
+
+
+class EvalHook(Hook):
+    """COCO evaluation every ``every`` epochs and at the end; results go to metrics.jsonl.
+
+    Runs on every process (predictions are gathered; only ``write`` appends the results);
+    RNG states are left untouched. When a resumed run starts right after an epoch whose
+    evaluation is missing from the metrics (killed during evaluation), that evaluation is run first.
+    """
+
+    def __init__(self, dataset: Any, loader: DataLoader, every: int, metrics: MetricsFile, write: bool) -> None:
+        self.dataset, self.loader, self.every = dataset, loader, every
+        self.metrics, self.write = metrics, write
+        self.latest: dict[str, float] = {}
+        self._evaluated_at = -1
+
+    def before_train(self, trainer: Trainer) -> None:
+        if trainer.iteration == 0 or trainer.iter_in_epoch or not self._due(trainer):
+            return
+        if not any(r["type"] == "eval" and r["iter"] == trainer.iteration for r in self.metrics.records()):
+            self.run(trainer)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        if self._due(trainer):
+            self.run(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        if self._evaluated_at != trainer.iteration:
+            self.run(trainer)
+
+    def _due(self, trainer: Trainer) -> bool:
+        return self.every > 0 and trainer.epoch % self.every == 0
+
+    def run(self, trainer: Trainer) -> None:
+        log(f"evaluating on {len(self.dataset)} images (epoch {trainer.epoch}, iteration {trainer.iteration})")
+        with preserved_rng():
+            self.latest = evaluate(trainer.detector, self.dataset, self.loader)
+        self._evaluated_at = trainer.iteration
+        if self.write:
+            self.metrics.append({"type": "eval", "iter": trainer.iteration, "epoch": trainer.epoch, **self.latest})
+            log("eval " + " ".join(f"{k} {self.latest[k]:.2f}" for k in METRIC_NAMES))
+
+
+class PlotHook(Hook):
+    """Redraws the training plot after every epoch and at the end."""
+
+    def __init__(self, metrics: MetricsFile, png: Path) -> None:
+        self.metrics, self.png = metrics, png
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        plot_training(self.metrics.path, self.png)
+
+    def after_train(self, trainer: Trainer) -> None:
+        plot_training(self.metrics.path, self.png)
+
+
+# ---------------------------------------------------------------------------------- train
+
+
+def train(
+    cfg: Config,
+    out_dir: str | Path,
+    resume: bool = False,
+    build_model: Callable[[ModelConfig], nn.Module] | None = None,
+) -> dict[str, float]:
+    """Train ``cfg`` into ``out_dir``; returns the final COCO metrics (percent).
+
+    Writes ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every epoch and at the end),
+    ``training.png`` and the inference weights ``model.safetensors``. ``resume`` continues from
+    ``out_dir/last.pt``; without it, an existing checkpoint there is an error (nothing is
+    overwritten). ``build_model`` defaults to :func:`codetr.models.build.build_model`.
+    Launched by torchrun (WORLD_SIZE > 1), trains with DistributedDataParallel; only rank 0 writes.
+    """
+    if build_model is None:
+        from codetr.models.build import build_model
+    out = Path(out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path}")
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+
+    device = resolve_device(cfg.train.device)
+    if dist.init_distributed(device) and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank())
+    main = dist.is_main_process()
+    seed_everything(cfg.train.seed)
+
+    if not main:
+        dist.barrier()  # rank 0 first: it may generate the synthetic dataset
+    train_set = build_dataset(cfg.data, "train")
+    val_loader = build_dataloader(cfg.data, "val", shuffle=False, seed=cfg.train.seed)
+    if main:
+        dist.barrier()
+    val_set = val_loader.dataset
+    if train_set.num_classes != cfg.model.num_classes:
+        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {cfg.data.train_annotations} has "
+                         f"{train_set.num_classes} categories")
+    if val_set.category_ids != train_set.category_ids:
+        raise ValueError(f"category ids differ between {cfg.data.train_annotations} {train_set.category_ids} "
+                         f"and {cfg.data.val_annotations} {val_set.category_ids}")
+
+    detector = build_model(cfg.model).to(device)
+    optimizer = build_optimizer(detector, cfg.train)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.train.lr_steps), gamma=0.1)
+    loss_module: nn.Module = _LossForward(detector)
+    if dist.is_distributed():
+        loss_module = DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    sampler = TrainBatchSampler(len(train_set), cfg.data.batch_size, cfg.train.seed, dist.rank(), dist.world_size())
+    loader = train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed)
+
+    metrics = MetricsFile(out / METRICS_NAME)
+    names, ids = list(train_set.class_names), [int(i) for i in train_set.category_ids]
+    extra = {"config": config_to_dict(cfg), "class_names": names, "category_ids": ids}
+    eval_hook = EvalHook(val_set, val_loader, cfg.train.eval_every, metrics, write=main)
+    hooks: list[Hook] = [LoggerHook(metrics, cfg.train.log_every), CheckpointHook(ckpt_path, extra), eval_hook,
+                         PlotHook(metrics, out / PLOT_NAME)] if main else [eval_hook]
+
+    trainer = Trainer(detector, loss_module, optimizer, scheduler, loader, sampler, device,
+                      cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks)
+    if resume:
+        trainer.load_state_dict(load_checkpoint(ckpt_path))
+        log(f"resumed from {ckpt_path}: epoch {trainer.epoch}, iteration {trainer.iteration}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    trainer.run()
+
+    if main:
+        save_inference_weights(out / WEIGHTS_NAME, detector.inference_state_dict(), names, ids, config_to_dict(cfg))
+        log(f"inference weights: {out / WEIGHTS_NAME}")
+    dist.barrier()
+    return eval_hook.latest

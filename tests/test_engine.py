@@ -1,0 +1,455 @@
+"""Engine: optimizer groups, atomic checkpoints, exact resume, metrics, COCO evaluation, prediction."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from codetr.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
+from codetr.data import build_dataloader
+from codetr.engine import evaluate, load_model, predict_images, train
+from codetr.engine import trainer as trainer_module
+from codetr.engine.checkpoint import atomic_save, load_checkpoint
+from codetr.engine.evaluator import coco_results
+from codetr.engine.trainer import Trainer, param_groups
+from codetr.structures import Batch, Detections, Target
+
+CATEGORY_IDS = [3, 17, 90]  # sparse dataset ids: labels 0, 1, 2
+NAMES = ["cat_a", "cat_b", "cat_c"]
+
+
+# ------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_coco(root: Path, split: str, images: list[tuple[int, int, list[tuple[float, float, float, float, int]]]]) -> None:
+    """Write PNGs and ``annotations/instances_{split}.json``; each image is (width, height,
+    [(x, y, w, h, category_id), ...]) and shows its boxes as filled rectangles."""
+    (root / split).mkdir(parents=True, exist_ok=True)
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    records, anns = [], []
+    for i, (width, height, boxes) in enumerate(images, start=1):
+        img = Image.new("RGB", (width, height), (40, 40, 40))
+        draw = ImageDraw.Draw(img)
+        for x, y, w, h, cat in boxes:
+            draw.rectangle((x, y, x + w - 1, y + h - 1), fill=(80 * CATEGORY_IDS.index(cat) + 60, 200, 90))
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": cat, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+        img.save(root / split / f"{i:04d}.png")
+        records.append({"id": i, "file_name": f"{i:04d}.png", "width": width, "height": height})
+    cats = [{"id": c, "name": n} for c, n in zip(CATEGORY_IDS, NAMES)]
+    (root / "annotations" / f"instances_{split}.json").write_text(
+        json.dumps({"images": records, "annotations": anns, "categories": cats}))
+
+
+def data_config(root: Path, **kw: object) -> DataConfig:
+    base = dict(train_images=str(root / "train"), train_annotations=str(root / "annotations/instances_train.json"),
+                val_images=str(root / "val"), val_annotations=str(root / "annotations/instances_val.json"),
+                train_scales=[32, 40], max_size=64, crop_resize_scales=[32], crop_size=[16, 32], test_scale=32,
+                batch_size=2, num_workers=0)
+    base.update(kw)
+    return DataConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_coco")
+    train_images = [(48, 40, [(4, 6, 20, 16, 3), (26, 20, 18, 14, 90)]), (40, 48, [(10, 10, 16, 24, 17)]),
+                    (56, 40, [(2, 2, 30, 30, 90), (36, 8, 12, 20, 3)]), (40, 40, [])]
+    val_images = [(48, 40, [(6, 4, 24, 20, 17)]), (40, 40, [(12, 12, 20, 16, 3)])]
+    write_coco(root, "train", train_images)
+    write_coco(root, "val", val_images)
+    return root
+
+
+class FakeDetector(nn.Module):
+    """A tiny detector with the codetr interface: pooled conv features -> a few boxes.
+
+    Its loss draws random numbers (dropout and box jitter) so that RNG handling matters; the
+    ``aux`` part is training-only and left out of ``inference_state_dict``.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_queries: int = 3) -> None:
+        super().__init__()
+        self.num_classes, self.num_queries = cfg.num_classes, num_queries
+        self.backbone = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.frozen = nn.Parameter(torch.zeros(2), requires_grad=False)
+        self.dropout = nn.Dropout(0.2)
+        self.head = nn.Linear(8, num_queries * (4 + cfg.num_classes))
+        self.aux = nn.Linear(8, 1)
+
+    def _forward(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
+        feats = torch.relu(self.backbone(batch.images)).mean((2, 3))
+        out = self.head(self.dropout(feats)).view(len(feats), self.num_queries, 4 + self.num_classes)
+        return feats, out[..., :4].sigmoid(), out[..., 4:]
+
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        feats, boxes, logits = self._forward(batch)
+        l1, cls = [], []
+        for b, t in enumerate(batch.targets):
+            h, w = batch.image_sizes[b].tolist()
+            if len(t.boxes):
+                goal = t.boxes[0] / t.boxes.new_tensor([w, h, w, h])
+                onehot = nn.functional.one_hot(t.labels[0], self.num_classes).float()
+            else:
+                goal, onehot = boxes.new_full((4,), 0.5), boxes.new_zeros(self.num_classes)
+            l1.append((boxes[b, 0] - goal - 0.01 * torch.randn(4)).abs().mean())
+            cls.append(nn.functional.binary_cross_entropy_with_logits(logits[b, 0], onehot))
+        return {"loss_bbox": torch.stack(l1).mean(), "loss_cls": torch.stack(cls).mean(),
+                "d0.loss_bbox": 0.5 * torch.stack(l1).mean(), "aux.loss": self.aux(feats).pow(2).mean()}
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[Detections]:
+        _, boxes, logits = self._forward(batch)
+        scores, labels = logits.sigmoid().max(-1)
+        out = []
+        for b in range(len(boxes)):
+            h, w = batch.image_sizes[b].tolist()
+            cx, cy, bw, bh = boxes[b].unbind(-1)
+            xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1) * torch.tensor([w, h, w, h])
+            out.append(Detections(xyxy, scores[b], labels[b]))
+        return out
+
+    def inference_state_dict(self) -> dict[str, Tensor]:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("aux.")}
+
+
+def tiny_config(root: Path, **train: object) -> Config:
+    train_cfg = dict(epochs=3, lr=1e-2, lr_steps=[2], max_iters=None, eval_every=1, seed=7, device="cpu",
+                     log_every=1, grad_clip=1.0, lr_mult={"backbone": 0.1})
+    train_cfg.update(train)
+    return Config(model=ModelConfig(num_classes=3), data=data_config(root), train=TrainConfig(**train_cfg))  # type: ignore[arg-type]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def safetensors_of(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+# ------------------------------------------------------------------------ optimizer groups
+
+
+def test_param_groups_use_first_matching_multiplier_and_skip_frozen() -> None:
+    model = nn.Module()
+    model.backbone = nn.Module()
+    model.backbone.sampling_offsets = nn.Linear(2, 2)  # "backbone" is listed first: it wins
+    model.encoder = nn.Module()
+    model.encoder.sampling_offsets = nn.Linear(2, 2)
+    model.head = nn.Linear(2, 2)
+    model.frozen = nn.Linear(2, 2).requires_grad_(False)
+    cfg = TrainConfig(lr=1e-3, lr_mult={"backbone": 0.1, "sampling_offsets": 0.5, "unused": 3.0})
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert set(groups) == {"backbone", "sampling_offsets", "default"}
+    assert groups["backbone"]["lr"] == pytest.approx(1e-4)
+    assert groups["sampling_offsets"]["lr"] == pytest.approx(5e-4)
+    assert groups["default"]["lr"] == pytest.approx(1e-3)
+    ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
+    assert ids(groups["backbone"]) == {id(p) for p in model.backbone.parameters()}
+    assert ids(groups["sampling_offsets"]) == {id(p) for p in model.encoder.parameters()}
+    assert ids(groups["default"]) == {id(p) for p in model.head.parameters()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_failed_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pt"
+    atomic_save({"iteration": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def broken_save(obj: object, f: object) -> None:
+        real_save({"iteration": 2}, f)  # a partial write, then the disk fills up
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space"):
+        atomic_save({"iteration": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    kept = torch.load(path, weights_only=True)
+    assert kept["iteration"] == 1 and torch.equal(kept["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    final = train(tiny_config(tiny_data), out, build_model=FakeDetector)
+    records = read_jsonl(out / "metrics.jsonl")
+    steps = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    assert [r["iter"] for r in steps] == [1, 2, 3, 4, 5, 6]  # 4 images, batch 2, 3 epochs, log_every 1
+    assert [r["epoch"] for r in steps] == [1, 1, 2, 2, 3, 3]
+    for r in steps:
+        assert set(r) == {"type", "iter", "epoch", "lr", "loss", "losses", "time"}
+        assert set(r["losses"]) == {"loss_bbox", "loss_cls", "d0.loss_bbox", "aux.loss"}
+        assert r["loss"] == pytest.approx(sum(r["losses"].values()), rel=1e-5)
+        assert r["time"] > 0
+    assert [r["lr"] for r in steps] == pytest.approx([1e-2] * 4 + [1e-3] * 2)  # lr_steps=[2]
+    assert [r["iter"] for r in evals] == [2, 4, 6]
+    assert set(evals[-1]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert final == {k: evals[-1][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+
+    tensors, meta = safetensors_of(out / "model.safetensors")
+    assert "aux.weight" not in tensors and "head.weight" in tensors
+    assert json.loads(meta["class_names"]) == NAMES and json.loads(meta["category_ids"]) == CATEGORY_IDS
+    assert load_config(out / "config.yaml") == tiny_config(tiny_data)
+    assert (out / "training.png").stat().st_size > 1000
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("last.pt", "model.safetensors", "metrics.jsonl"):  # usual permissions, not mkstemp's 0600
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    ckpt = load_checkpoint(out / "last.pt")  # weights_only=True
+    assert (ckpt["epoch"], ckpt["iteration"], ckpt["iter_in_epoch"]) == (3, 6, 0)
+    assert ckpt["category_ids"] == CATEGORY_IDS
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(tiny_data), out, build_model=FakeDetector)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = tiny_config(tiny_data)
+    train(cfg, tmp_path / "straight", build_model=FakeDetector)
+    reference, _ = safetensors_of(tmp_path / "straight" / "model.safetensors")
+
+    # Stopped mid-epoch by max_iters, then resumed without the limit.
+    train(tiny_config(tiny_data, max_iters=3), tmp_path / "stopped", build_model=FakeDetector)
+    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["iter_in_epoch"] == 1
+    train(cfg, tmp_path / "stopped", resume=True, build_model=FakeDetector)
+    resumed, _ = safetensors_of(tmp_path / "stopped" / "model.safetensors")
+
+    # Killed during iteration 6 (after the epoch-2 checkpoint at iteration 4 and the log of 5).
+    real_step = Trainer.step
+
+    def dying_step(self: Trainer, batch: Batch) -> None:
+        if self.iteration == 5:
+            raise KeyboardInterrupt
+        real_step(self, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "killed", build_model=FakeDetector)
+    monkeypatch.undo()
+    train(cfg, tmp_path / "killed", resume=True, build_model=FakeDetector)
+    after_kill, _ = safetensors_of(tmp_path / "killed" / "model.safetensors")
+
+    # Killed while evaluating after epoch 2 (its checkpoint is written, its eval is not):
+    # the resumed run evaluates epoch 2 first.
+    real_evaluate = trainer_module.evaluate
+    calls = []
+
+    def dying_evaluate(*args: object) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args)
+
+    monkeypatch.setattr(trainer_module, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "killed_eval", build_model=FakeDetector)
+    monkeypatch.undo()
+    train(cfg, tmp_path / "killed_eval", resume=True, build_model=FakeDetector)
+    after_eval_kill, _ = safetensors_of(tmp_path / "killed_eval" / "model.safetensors")
+
+    assert not torch.equal(reference["head.weight"], FakeDetector(cfg.model).head.weight.detach())
+    for name, tensor in reference.items():
+        assert torch.equal(tensor, resumed[name]), name
+        assert torch.equal(tensor, after_kill[name]), name
+        assert torch.equal(tensor, after_eval_kill[name]), name
+    straight = read_jsonl(tmp_path / "straight" / "metrics.jsonl")
+    for run in ("killed", "killed_eval"):
+        records = read_jsonl(tmp_path / run / "metrics.jsonl")
+        assert [(r["type"], r["iter"]) for r in records] == [(r["type"], r["iter"]) for r in straight]
+        assert [r["loss"] for r in records if r["type"] == "train"] == pytest.approx(
+            [r["loss"] for r in straight if r["type"] == "train"], rel=1e-6)
+
+
+def test_resume_is_exact_with_the_real_co_detr(tmp_path: Path) -> None:
+    """The tiny Co-Deformable-DETR (random sampling in its RPN/RoI heads, augmentation):
+    stopped after 3 iterations and resumed, it ends with the weights of an uninterrupted run."""
+    synth = tmp_path / "synth"
+    overrides = [f"data.train_images={synth}/train", f"data.train_annotations={synth}/annotations/instances_train.json",
+                 f"data.val_images={synth}/val", f"data.val_annotations={synth}/annotations/instances_val.json",
+                 "data.synthetic_train=4", "data.synthetic_val=1", "data.synthetic_size=64", "data.train_scales=[56,64]",
+                 "data.max_size=80", "data.crop_resize_scales=[64]", "data.crop_size=[40,64]", "data.test_scale=64",
+                 "data.batch_size=2", "train.epochs=2", "train.device=cpu", "train.eval_every=0"]
+    cfg = load_config("co_deformable_detr_tiny", overrides)
+    train(cfg, tmp_path / "straight")
+    train(load_config("co_deformable_detr_tiny", [*overrides, "train.max_iters=3"]), tmp_path / "resumed")
+    train(cfg, tmp_path / "resumed", resume=True)
+    straight, _ = safetensors_of(tmp_path / "straight" / "model.safetensors")
+    resumed, _ = safetensors_of(tmp_path / "resumed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_training_batches_do_not_depend_on_workers(tiny_data: Path) -> None:
+    """Sample order and augmentation are a pure function of (seed, epoch, position)."""
+    def batches(workers: int) -> list[Tensor]:
+        sampler = trainer_module.TrainBatchSampler(4, 2, seed=3)
+        dataset = build_dataloader(data_config(tiny_data), "train").dataset
+        loader = trainer_module.train_loader(dataset, sampler, num_workers=workers, seed=3)
+        out = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            out += [b.images for b in loader]
+        sampler.set_epoch(1, start_batch=1)
+        return out + [b.images for b in loader]
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    serial = batches(0)
+    assert torch.equal(torch.get_rng_state(), state)  # loading does not touch the caller's RNG
+    assert all(torch.equal(a, b) for a, b in zip(serial, batches(1)))
+    assert torch.equal(serial[-1], serial[3])  # epoch 1 resumed at batch 1 == epoch 1's batch 1
+    assert not torch.equal(serial[0], serial[2]) or not torch.equal(serial[1], serial[3])
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+class OracleDetector(nn.Module):
+    """Answers with detections computed from each image's target (input-image coordinates)."""
+
+    def __init__(self, answer: Callable[[Target], Detections]) -> None:
+        super().__init__()
+        self.answer = answer
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def predict(self, batch: Batch) -> list[Detections]:
+        return [self.answer(t) for t in batch.targets]
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """200x160 images (resized to 100x80 for the model) with small, medium and large boxes."""
+    root = tmp_path_factory.mktemp("eval_coco")
+    images = [
+        (200, 160, [(10, 10, 20, 20, 3), (40, 30, 50, 40, 17), (60, 50, 120, 100, 90)]),  # 400, 2000, 12000 px²
+        (200, 160, [(100, 20, 40, 40, 17), (20, 90, 40, 40, 17)]),
+        (200, 160, []),
+        (200, 160, [(100, 20, 40, 40, 17)]),
+    ]
+    write_coco(root, "val", images)
+    write_coco(root, "train", images)
+    return root
+
+
+def run_eval(root: Path, answer: Callable[[Target], Detections], image_ids: list[int] | None = None
+             ) -> dict[str, float]:
+    loader = build_dataloader(data_config(root, test_scale=80, max_size=1000, batch_size=1), "val", shuffle=False)
+    batches = [b for b in loader if image_ids is None or b.targets[0].image_id in image_ids]
+    return evaluate(OracleDetector(answer), loader.dataset, batches)
+
+
+def ground_truth(t: Target) -> Detections:
+    return Detections(t.boxes.clone(), torch.ones(len(t.boxes)), t.labels.clone())
+
+
+def test_ground_truth_as_detections_scores_100(eval_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    metrics = run_eval(eval_data, ground_truth)
+    assert metrics == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "APs": 100.0, "APm": 100.0, "APl": 100.0}
+    table = capsys.readouterr().out
+    assert table.count("Average Precision") == 6 and table.count("Average Recall") == 6
+
+
+def test_shifted_box_ap_matches_hand_computation(eval_data: Path) -> None:
+    # Image 4, one medium box (100, 20, 40, 40), detected 8 px to the right in the stored image
+    # (4 px in the half-size model input): IoU = 32*40 / (2*1600 - 32*40) = 0.667, a match at
+    # the IoU thresholds 0.50, 0.55, 0.60, 0.65 and a miss at 0.70..0.95: AP = 4/10.
+    def shifted(t: Target) -> Detections:
+        return Detections(t.boxes + torch.tensor([4.0, 0.0, 4.0, 0.0]), torch.ones(1), t.labels)
+
+    metrics = run_eval(eval_data, shifted, image_ids=[4])
+    assert metrics == {"AP": 40.0, "AP50": 100.0, "AP75": 0.0, "APs": -1.0, "APm": 40.0, "APl": -1.0}
+
+
+def test_false_positive_ranked_first_gives_two_thirds(eval_data: Path) -> None:
+    # Image 2 (two GT boxes of category 17): a false positive scored 0.9, then both boxes.
+    # Precision after each detection: 0, 1/2, 2/3 at recall 0, 1/2, 1; the interpolated
+    # precision is 2/3 at every recall point, at every IoU threshold: AP = 66.667.
+    def answer(t: Target) -> Detections:
+        boxes = torch.cat([torch.tensor([[0.0, 0.0, 3.0, 3.0]]), t.boxes])
+        return Detections(boxes, torch.tensor([0.9, 0.8, 0.7]), torch.cat([t.labels[:1], t.labels]))
+
+    metrics = run_eval(eval_data, answer, image_ids=[2])
+    assert metrics["AP"] == pytest.approx(66.667, abs=1e-3)
+    assert metrics["AP50"] == pytest.approx(66.667, abs=1e-3)
+
+
+def test_sparse_category_ids_are_mapped(eval_data: Path) -> None:
+    target = Target(torch.tensor([[0.0, 0.0, 10.0, 20.0]] * 3), torch.tensor([0, 1, 2]), image_id=7, orig_size=(40, 60))
+    batch = Batch(torch.zeros(1, 3, 20, 30), torch.zeros(1, 20, 30, dtype=torch.bool), torch.tensor([[20, 30]]),
+                  [target])
+    records = coco_results([Detections(target.boxes, torch.tensor([0.5, 0.6, 0.7]), target.labels)], batch,
+                           CATEGORY_IDS)
+    assert [r["category_id"] for r in records] == [3, 17, 90]
+    assert records[0]["bbox"] == [0.0, 0.0, 20.0, 40.0]  # xywh, scaled by 2 to the stored image
+    assert all(r["image_id"] == 7 for r in records)
+
+    def wrong_label(t: Target) -> Detections:  # every box labelled one class off
+        return Detections(t.boxes.clone(), torch.ones(len(t.boxes)), (t.labels + 1) % 3)
+
+    assert run_eval(eval_data, wrong_label)["AP"] == 0.0
+
+
+def test_no_detections_gives_zero_ap(eval_data: Path) -> None:
+    def nothing(t: Target) -> Detections:
+        return Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
+
+    assert run_eval(eval_data, nothing) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0}
+
+
+# ------------------------------------------------------------------------------ prediction
+
+
+def test_predict_from_weights_and_from_checkpoint(tiny_data: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, epochs=1), out, build_model=FakeDetector)
+    monkeypatch.setitem(sys.modules, "codetr.models.build", types.SimpleNamespace(build_model=FakeDetector))
+    images = sorted((tiny_data / "val").iterdir())
+    for weights in (out / "model.safetensors", out / "last.pt"):
+        loaded = load_model(weights)
+        assert loaded.class_names == NAMES and loaded.category_ids == CATEGORY_IDS
+        records = predict_images(loaded, images, tmp_path / weights.stem, score_thr=0.0)
+        assert json.loads((tmp_path / weights.stem / "predictions.json").read_text()) == records
+        assert len(records) == 3 * len(images)  # 3 queries per image, no score threshold
+        assert {r["file_name"] for r in records} == {p.name for p in images}
+        sizes = {p.name: Image.open(p).size for p in images}
+        for r in records:
+            assert NAMES[CATEGORY_IDS.index(r["category_id"])] == r["category_name"]
+            x, y, w, h = r["bbox"]  # xywh within the stored image
+            width, height = sizes[r["file_name"]]
+            assert 0 <= x <= x + w <= width + 1e-3 and 0 <= y <= y + h <= height + 1e-3
+        drawn = Image.open(tmp_path / weights.stem / images[0].name)
+        assert drawn.size == Image.open(images[0]).size
+        assert not np.array_equal(np.asarray(drawn), np.asarray(Image.open(images[0]).convert("RGB")))
+    weights_records = json.loads((tmp_path / "model" / "predictions.json").read_text())
+    assert weights_records == json.loads((tmp_path / "last" / "predictions.json").read_text())
