@@ -128,9 +128,8 @@ def test_convert_hf_deformable_detr_then_predict(tmp_path: Path) -> None:
         encoder_n_points=2, decoder_n_points=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10,
         two_stage_num_proposals=10, two_stage=True, with_box_refine=True,
         id2label={0: "N/A", 1: "person", 2: "bicycle"}, label2id={"N/A": 0, "person": 1, "bicycle": 2})
-    # A model folder as on the hub: config.json and the full state dict in pytorch_model.bin.
-    hf_config.save_pretrained(tmp_path / "hf")
-    torch.save(transformers.DeformableDetrForObjectDetection(hf_config).state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    # A model folder as on the hub, written by transformers itself (config.json + model.safetensors).
+    transformers.DeformableDetrForObjectDetection(hf_config).save_pretrained(tmp_path / "hf")
 
     weights = tmp_path / "converted" / "model.safetensors"
     assert main(["convert", "hf-deformable-detr", str(tmp_path / "hf"), str(weights)]) == 0

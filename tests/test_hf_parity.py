@@ -59,3 +59,14 @@ def test_unknown_parameter_is_named():
     state["model.surprise.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="model.surprise.weight"):
         convert_hf_deformable_detr(state)
+
+
+def test_file_with_only_the_decoder_copies_of_the_branches():
+    """transformers 5 ``save_pretrained`` keeps one of the tied copies: ``model.decoder.*_embed``."""
+    hf, hf_config = hf_model(True)
+    full = convert_hf_deformable_detr(hf.state_dict())
+    state = {k: v for k, v in hf.state_dict().items() if not k.startswith(("class_embed.", "bbox_embed."))}
+    assert any(k.startswith("model.decoder.class_embed.") for k in state)
+    converted = convert_hf_deformable_detr(state)
+    assert converted.keys() == full.keys()
+    assert all(torch.equal(converted[k], full[k]) for k in full)

@@ -2,8 +2,9 @@
 
 Works on the state_dict alone (transformers is not needed): parameter names of transformers
 4.x and 5.x are both understood. ``codetr convert hf-deformable-detr SRC DST`` reads a model
-folder (config.json + model.safetensors or pytorch_model.bin) and writes DST (.safetensors)
-with a ``config.yaml`` beside it, so ``codetr predict --weights DST`` works directly.
+folder (config.json + model.safetensors or pytorch_model.bin) and writes DST (.safetensors,
+with the class names and config in its metadata) and a ``config.yaml`` beside it, so
+``codetr predict --weights DST`` works directly.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def _rename(name: str) -> str | None:
 def convert_hf_deformable_detr(hf_state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Map a transformers Deformable-DETR state_dict onto codetr names.
 
-    Decoder self-attention q/k/v projections are packed into ``in_proj_weight``/``in_proj_bias``;
-    the decoder's tied copies of the branches are checked against the head's and dropped.
+    Decoder self-attention q/k/v projections are packed into ``in_proj_weight``/``in_proj_bias``.
+    With box refinement / two-stage, transformers ties ``model.decoder.{class,bbox}_embed`` to the
+    head's ``{class,bbox}_embed``: the copies are checked equal and one is kept (files written by
+    ``save_pretrained`` may hold only the decoder's copy).
     Raises KeyError naming every parameter it cannot place.
     """
     out: dict[str, Tensor] = {}
@@ -75,7 +78,9 @@ def convert_hf_deformable_detr(hf_state_dict: dict[str, Tensor]) -> dict[str, Te
             continue
         if _TIED.match(name):
             head_name = name.removeprefix("model.decoder.")
-            if head_name in hf_state_dict and not torch.equal(hf_state_dict[head_name], value):
+            if head_name not in hf_state_dict:
+                out[_rename(head_name)] = value
+            elif not torch.equal(hf_state_dict[head_name], value):
                 raise ValueError(f"{name} differs from {head_name}; untied branches are not supported")
             continue
         match = _QKV.match(name)
@@ -139,8 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from safetensors.torch import save_file
-
+    from codetr.config import config_to_dict
+    from codetr.engine.checkpoint import save_inference_weights
     from codetr.models.deformable_detr import DeformableDETR
 
     config_path = (args.src if args.src.is_dir() else args.src.parent) / "config.json"
@@ -150,14 +155,12 @@ def run(args: argparse.Namespace) -> None:
     model_cfg = config_from_hf(hf_config)
     state = convert_hf_deformable_detr(_load_state_dict(args.src))
     DeformableDETR(model_cfg).load_state_dict(state, strict=True)  # fails loudly on any mismatch
-    args.dst.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(args.dst))
     cfg = Config(model=model_cfg)
-    labels = hf_config.get("id2label") or {}
     cfg.data.synthetic = False
+    labels = {int(k): v for k, v in (hf_config.get("id2label") or {}).items()}
+    ids = sorted(labels) if len(labels) == model_cfg.num_classes else list(range(model_cfg.num_classes))
+    names = [labels.get(i, f"class_{i}") for i in ids]
+    args.dst.parent.mkdir(parents=True, exist_ok=True)
+    save_inference_weights(args.dst, state, names, ids, config_to_dict(cfg))
     save_config(cfg, args.dst.parent / "config.yaml")
-    if labels:
-        (args.dst.parent / "classes.json").write_text(json.dumps(
-            {"class_names": [labels[k] for k in sorted(labels, key=int)],
-             "category_ids": [int(k) for k in sorted(labels, key=int)]}))
     print(f"wrote {args.dst} ({len(state)} tensors) and {args.dst.parent / 'config.yaml'}")

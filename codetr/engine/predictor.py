@@ -72,8 +72,7 @@ def load_model(
     ``weights`` is either inference weights (``.safetensors``, as written by training or the
     converters) or a training checkpoint (``last.pt``). The config is ``config`` when given,
     else ``config.yaml`` next to the weights, else the one stored in the weights. Class names
-    and dataset category ids come from the weights, else from ``classes.json`` next to them
-    (written by the converters); None when neither has them.
+    and dataset category ids come from the weights; None when they hold none.
     """
     from codetr.models.build import build_model  # heavy import, only when a model is needed
 
@@ -88,10 +87,6 @@ def load_model(
         state, names, ids = ckpt["model"], ckpt["class_names"], ckpt["category_ids"]
         stored_config = yaml.safe_dump(ckpt["config"], sort_keys=False)
 
-    classes = weights.parent / "classes.json"
-    if (names is None or ids is None) and classes.is_file():
-        stored = json.loads(classes.read_text())
-        names, ids = stored["class_names"], stored["category_ids"]
     beside = weights.parent / "config.yaml"
     if config is not None:
         cfg = load_config(config, overrides)
