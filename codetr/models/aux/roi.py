@@ -78,37 +78,6 @@ class RoIHead(nn.Module):
         labels = torch.cat([s.labels(t.labels, self.num_classes) for s, t in zip(samples, targets)])
         gt_boxes = torch.cat([s.target_boxes(t.boxes) for s, t in zip(samples, targets)])
         boxes = torch.cat(rois)
-        image_index = torch.cat([torch.full((len(r),), i, dtype=boxes.dtype, device=boxes.device)
-                                 for i, r in enumerate(rois)])
-        levels = roi_levels(boxes, self.finest_scale, len(self.strides))
-        out = boxes.new_zeros((boxes.shape[0], feats[0].shape[1], self.roi_size, self.roi_size))
-        for level, stride in enumerate(self.strides):
-            sel = torch.nonzero(levels == level).squeeze(1)
-            if sel.numel():
-                out[sel] = roi_align(feats[level], torch.cat([image_index[sel, None], boxes[sel]], 1),
-                                     self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
-        return out
-
-    def forward(self, roi_feats: Tensor) -> tuple[Tensor, Tensor]:
-        """(R, C, 7, 7) -> class logits (R, num_classes + 1), deltas (R, num_classes, 4)."""
-        h = self.shared_fcs(roi_feats.flatten(1))
-        return self.fc_cls(h), self.fc_reg(h).view(-1, self.num_classes, 4)
-
-    def forward_train(self, feats: list[Tensor], proposals: list[Tensor], image_sizes: Tensor,
-                      targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:
-        samples = []
-        for props, target in zip(proposals, targets):
-            samples.append(self.sampler(props, self.assigner(props, target.boxes), target.boxes))
-        rois = [s.boxes for s in samples]
-        roi_feats = self.roi_features(feats, rois)
-        logits, deltas = self(roi_feats)
-        labels = torch.cat([s.gt.clamp(min=0).new_tensor(0) + torch.where(
-            s.gt >= 0, t.labels[s.gt.clamp(min=0)] if len(t.labels) else s.gt, torch.full_like(s.gt, self.num_classes))
-            for s, t in zip(samples, targets)])
-        gt_boxes = torch.cat([torch.where((s.gt >= 0)[:, None], t.boxes[s.gt.clamp(min=0)] if len(t.boxes)
-                                          else torch.zeros_like(s.boxes), torch.zeros_like(s.boxes))
-                              for s, t in zip(samples, targets)])
-        boxes = torch.cat(rois)
         num_rois = max(boxes.shape[0], 1)
         loss_cls = F.cross_entropy(logits, labels, reduction="sum") / num_rois
         pos = labels < self.num_classes
