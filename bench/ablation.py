@@ -2,7 +2,7 @@
 positive queries only / both. Same protocol as convergence.py (it runs that script's loop with
 all four variants); the paper's 12-epoch COCO numbers are 37.1 / 41.6 / 40.5 / 42.3 AP.
 
-    python bench/ablation.py --iters 480 --seeds 0
+    python bench/ablation.py --seeds 0 --jobs 2
 """
 
 import sys

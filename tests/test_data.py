@@ -197,6 +197,18 @@ def test_build_dataset_generates_synthetic_data_once(tmp_path):
         build_dataset(cfg, "test")
 
 
+def test_build_dataset_regenerates_synthetic_data_when_its_settings_change(tmp_path):
+    cfg = _synthetic_cfg(tmp_path / "synth")
+    assert len(build_dataset(cfg, "train")) == 6
+    cfg.synthetic_train, cfg.synthetic_size = 9, 48
+    train = build_dataset(cfg, "train")
+    assert len(train) == 9
+    with Image.open(Path(cfg.train_images) / "000009.png") as image:
+        assert image.size == (48, 48)
+    (Path(cfg.val_annotations)).write_text("{not json")  # a damaged file is rewritten too
+    assert len(build_dataset(cfg, "val")) == 2
+
+
 def test_build_dataset_rejects_synthetic_paths_off_layout(tmp_path):
     cfg = _synthetic_cfg(tmp_path)
     cfg.val_images = str(tmp_path / "elsewhere")

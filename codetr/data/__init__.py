@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from codetr.config import DataConfig
 from codetr.data.batch import collate
 from codetr.data.coco import CocoDetection
-from codetr.data.synthetic import generate_synthetic_coco
+from codetr.data.synthetic import generate_synthetic_coco, synthetic_is_current
 from codetr.data.transforms import build_transforms
 
 __all__ = [
@@ -57,11 +57,13 @@ def _ensure_synthetic(cfg: DataConfig) -> None:
 def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     """The dataset of ``split`` ("train" | "val") with its transforms.
 
-    With ``cfg.synthetic`` and a missing annotation file, the synthetic dataset is generated
-    first (both splits) at the configured paths.
+    With ``cfg.synthetic``, the synthetic dataset is generated first (both splits) at the
+    configured paths when its annotation file is missing or was written with other
+    ``synthetic_*`` settings (image count, size, seed).
     """
     images, annotations = _split_paths(cfg, split)
-    if cfg.synthetic and not annotations.is_file():
+    count = cfg.synthetic_train if split == "train" else cfg.synthetic_val
+    if cfg.synthetic and not synthetic_is_current(annotations, split, count, cfg.synthetic_size, cfg.synthetic_seed):
         _ensure_synthetic(cfg)
     return CocoDetection(images, annotations, build_transforms(cfg, train=split == "train"))
 

@@ -204,6 +204,22 @@ def render_sample(seed: int, split: str, index: int, size: int) -> SyntheticImag
     return render_image(rng, size, empty=index % EMPTY_EVERY == EMPTY_EVERY - 1)
 
 
+def _parameters(split: str, num: int, size: int, seed: int) -> dict[str, int | str]:
+    return {"split": split, "num_images": num, "size": size, "seed": seed}
+
+
+def synthetic_is_current(ann_file: str | Path, split: str, num: int, size: int, seed: int) -> bool:
+    """Whether ``ann_file`` exists and was written by the generator with these parameters."""
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        return False
+    try:
+        info = json.loads(ann_file.read_text()).get("info", {})
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return isinstance(info, dict) and info.get("codetr_synthetic") == _parameters(split, num, size, seed)
+
+
 def _write_split(out_dir: Path, split: str, num: int, size: int, seed: int) -> Path:
     """Write the images of one split and its annotation file; returns the annotation path."""
     image_dir = out_dir / split
@@ -225,7 +241,8 @@ def _write_split(out_dir: Path, split: str, num: int, size: int, seed: int) -> P
                 "iscrowd": 0,
             })
     data = {
-        "info": {"description": f"codetr synthetic shapes ({split}, seed {seed}, size {size})", "version": "1"},
+        "info": {"description": f"codetr synthetic shapes ({split}, seed {seed}, size {size})", "version": "1",
+                 "codetr_synthetic": _parameters(split, num, size, seed)},
         "images": images,
         "annotations": annotations,
         "categories": [
