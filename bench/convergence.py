@@ -9,6 +9,8 @@ rate divided by 10 after epoch 7, like the paper's 12-epoch schedule: every imag
 few times, so the comparison is about how fast each model learns, not how well it memorises.
 
     python bench/convergence.py --seeds 0 1 --jobs 2
+
+Training runs go to runs/bench/<epochs>ep/<variant>_seed<k> and are resumed when present.
 """
 
 from __future__ import annotations
@@ -67,13 +69,33 @@ def run(variant: str, seed: int, epochs: int, data_root: Path, out: Path, thread
     return [evals[k] for k in sorted(evals)]
 
 
+def plot(results: dict[str, dict[int, list[dict]]], png: Path, title: str) -> None:
+    """AP versus iteration: one colour per variant, one line style per seed."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = ["-", "--", ":", "-."]
+    for colour, (name, per_seed) in enumerate(results.items()):
+        for k, (seed, evals) in enumerate(sorted(per_seed.items())):
+            ax.plot([e["iter"] for e in evals], [e["AP"] for e in evals], marker="o", markersize=3,
+                    color=f"C{colour}", linestyle=styles[k % len(styles)], label=f"{name} seed {seed}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("box AP (synthetic val)")
+    ax.set_title(title)
+    ax.legend(loc="upper left", fontsize="small", ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"{TRAIN_IMAGES // 4} iterations each")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=["plain", "co"], help=f"from {list(VARIANTS)}")
-    parser.add_argument("--out", type=Path, default=Path("bench/results/convergence"), help="JSON and plot")
-    parser.add_argument("--work", type=Path, default=Path("runs/bench"), help="training runs (checkpoints)")
+    parser.add_argument("--out", type=Path, help="JSON and plot (default: bench/results/convergence, "
+                        "with an _<N>ep suffix for a non-default --epochs)")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench"),
+                        help="data and training runs (in <N>ep/<variant>_seed<k>)")
     parser.add_argument("--jobs", type=int, default=1, help="trainings run in parallel processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per training (default: cores / jobs)")
     args = parser.parse_args()
@@ -81,13 +103,16 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     threads = args.threads or max(1, torch.get_num_threads() // args.jobs)
+    if args.out is None:
+        suffix = "" if args.epochs == EPOCHS else f"_{args.epochs}ep"
+        args.out = Path(f"bench/results/convergence{suffix}")
     data_root = args.work / "synth"
     # generate the data once, before parallel trainings could race to write it
     build_dataset(load_config(VARIANTS["plain"][0], protocol_overrides(data_root, args.epochs, 0)).data, "train")
     runs = [(name, seed) for seed in args.seeds for name in args.variants]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {key: pool.submit(run, key[0], key[1], args.epochs, data_root,
-                                    args.work / f"{key[0]}_seed{key[1]}", threads) for key in runs}
+                                    args.work / f"{args.epochs}ep" / f"{key[0]}_seed{key[1]}", threads) for key in runs}
         results: dict[str, dict[int, list[dict]]] = {}
         for (name, seed), future in futures.items():
             results.setdefault(name, {})[seed] = future.result()
@@ -95,18 +120,7 @@ def main() -> None:
     final = {name: {seed: evals[-1]["AP"] for seed, evals in per_seed.items()} for name, per_seed in results.items()}
     write_json(args.out.with_suffix(".json"), {"iters": iters, "epochs": args.epochs, "results": results,
                                                "final_AP": final})
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, per_seed in results.items():
-        for seed, evals in per_seed.items():
-            ax.plot([e["iter"] for e in evals], [e["AP"] for e in evals], marker="o",
-                    linestyle="-" if name == "co" else "--", label=f"{name} seed {seed}")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("box AP (synthetic val)")
-    ax.set_title("Co-Deformable-DETR vs Deformable-DETR (tiny, CPU)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.out.with_suffix(".png"), dpi=100)
+    plot(results, args.out.with_suffix(".png"), f"{Path(sys.argv[0]).stem}: tiny configs, {args.epochs} epochs, CPU")
     summary = "; ".join(f"seed {s}: " + ", ".join(f"{n} {final[n][s]:.1f}" for n in final) for s in args.seeds)
     if "plain" in final and "co" in final:
         summary += "; Co- minus plain: " + ", ".join(f"{final['co'][s] - final['plain'][s]:+.1f}" for s in args.seeds)

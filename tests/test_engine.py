@@ -224,6 +224,10 @@ def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path)
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny_config(tiny_data), out, build_model=FakeDetector)
 
+    # resuming a finished run trains and evaluates nothing more and returns the recorded metrics
+    assert train(tiny_config(tiny_data), out, resume=True, build_model=FakeDetector) == final
+    assert read_jsonl(out / "metrics.jsonl") == records
+
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -411,9 +411,14 @@ class EvalHook(Hook):
         self._evaluated_at = -1
 
     def before_train(self, trainer: Trainer) -> None:
-        if trainer.iteration == 0 or trainer.iter_in_epoch or not self._due(trainer):
+        """On resume at an epoch end: reuse that iteration's recorded evaluation, or run a due one."""
+        if trainer.iteration == 0 or trainer.iter_in_epoch:
             return
-        if not any(r["type"] == "eval" and r["iter"] == trainer.iteration for r in self.metrics.records()):
+        recorded = [r for r in self.metrics.records() if r["type"] == "eval" and r["iter"] == trainer.iteration]
+        if recorded:
+            self.latest = {k: recorded[-1][k] for k in METRIC_NAMES}
+            self._evaluated_at = trainer.iteration
+        elif self._due(trainer):
             self.run(trainer)
 
     def after_epoch(self, trainer: Trainer) -> None:
