@@ -103,3 +103,17 @@ def test_embedding_depends_on_head_box_and_feature():
     assert torch.allclose(p0b, p0) and not torch.allclose(q0b, q0)  # features feed the content only
     q0c, p0c = emb(0, ref.flip(1), feats.flip(1))
     assert torch.allclose(q0c, q0.flip(1), atol=1e-6)  # per-query, order-equivariant
+
+
+def test_embedding_weights_use_the_official_xavier_init():
+    # xavier-uniform bound sqrt(6 / (fan_in + fan_out)) is wider than PyTorch's default Linear
+    # bound 1 / sqrt(fan_in): the largest weight lands between the two only under xavier
+    torch.manual_seed(0)
+    emb = PositiveQueryEmbedding(d_model=64, num_heads=2)
+    for w in [*(m.weight for m in emb.box_proj), *(m.weight for m in emb.feat_proj), emb.head_embed.weight]:
+        fan_out, fan_in = w.shape
+        xavier = (6 / (fan_in + fan_out)) ** 0.5
+        assert w.abs().max() <= xavier
+        if w is not emb.head_embed.weight:
+            assert w.abs().max() > 1.2 / fan_in**0.5
+    assert emb.head_embed.weight.abs().max() < 1.0  # not the N(0, 1) default of nn.Embedding

@@ -144,6 +144,14 @@ class PositiveQueryEmbedding(nn.Module):
         self.feat_proj = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(num_heads))
         self.feat_norm = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_heads))
         self.head_embed = nn.Embedding(num_heads, d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As the official transformer init: xavier-uniform for every weight matrix (Linear weights
+        and the head embedding); biases and LayerNorms keep PyTorch's defaults."""
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
 
     def forward(self, head: int, reference: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
         """reference (B, G, 4) cxcywh normalised, feats (B, G, d) -> (query, query_pos), each (B, G, d)."""
