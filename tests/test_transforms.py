@@ -90,6 +90,7 @@ def test_flip_maps_x_to_width_minus_x():
     ((100, 200), 1000, (128, 256)),  # shorter side -> test_scale
     ((100, 200), 200, (100, 200)),  # longer side capped at max_size
     ((300, 120), 1000, (320, 128)),
+    ((100, 100), 128, (128, 128)),  # square images with max_size == test_scale are allowed
 ])
 def test_val_resize_scales_image_and_boxes(size, max_size, expected):
     cfg = DataConfig(test_scale=128, max_size=max_size)

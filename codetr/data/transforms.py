@@ -61,7 +61,8 @@ def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
     if not train:
         return v2.Compose([
             v2.ToImage(),
-            v2.Resize(cfg.test_scale, max_size=cfg.max_size),
+            # one size to choose from: deterministic; unlike v2.Resize it accepts max_size == test_scale
+            v2.RandomShortestSize([cfg.test_scale], max_size=cfg.max_size),
             v2.ClampBoundingBoxes(),
             *normalize,
         ])
