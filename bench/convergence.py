@@ -1,8 +1,10 @@
 """Plain versus Co- tiny Deformable-DETR on the built-in synthetic dataset: AP versus iteration.
 
 Both models are trained with the same seed, data, schedule and number of iterations; each is
-evaluated (COCO box AP on a 64-image synthetic val split) after every epoch. Writes JSON, a
-plot of AP versus iteration and a row in bench/RESULTS.md.
+evaluated (COCO box AP on a 64-image synthetic val split) after every epoch, and the final
+weights once more on a larger held-out synthetic split (another generator seed, so no image is
+shared with training or the 64-image split). Writes JSON, a plot of AP versus iteration and a
+row in bench/RESULTS.md.
 
 Protocol: 256 synthetic training images, batch 4, 8 epochs (512 iterations) with the learning
 rate divided by 10 after epoch 7, like the paper's 12-epoch schedule: every image is seen only a
@@ -31,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_result, machine, write_json  # noqa: E402
 
 from codetr.config import load_config  # noqa: E402
-from codetr.data import build_dataset  # noqa: E402
-from codetr.engine import train  # noqa: E402
+from codetr.data import build_dataloader, build_dataset, generate_synthetic_coco, synthetic_is_current  # noqa: E402
+from codetr.engine import evaluate, load_model, train  # noqa: E402
 
 EPOCHS, LR_STEP, TRAIN_IMAGES, VAL_IMAGES = 8, 7, 256, 64
+HELDOUT_SEED = 1  # generator seed of the held-out split (the training data use the config's)
 
 VARIANTS = {
     "plain": ("deformable_detr_tiny", []),
@@ -58,25 +61,50 @@ def protocol_overrides(data_root: Path, epochs: int, seed: int) -> list[str]:
     ]
 
 
-def run(variant: str, seed: int, epochs: int, data_root: Path, out: Path, threads: int) -> list[dict]:
-    """Train one variant (resuming a finished or interrupted run); its evaluations [{iter, AP, ...}]."""
+def heldout_overrides(heldout_root: Path) -> list[str]:
+    """Point the val split at the held-out data (already generated)."""
+    return [f"data.val_images={heldout_root / 'val'}", "data.synthetic=false",
+            f"data.val_annotations={heldout_root / 'annotations/instances_val.json'}"]
+
+
+def ensure_heldout(heldout_root: Path, count: int, size: int) -> None:
+    """Generate the held-out split of ``size``-px images unless it is there with these settings."""
+    ann = heldout_root / "annotations/instances_val.json"
+    if not synthetic_is_current(ann, "val", count, size, HELDOUT_SEED):
+        generate_synthetic_coco(heldout_root, 0, count, size, HELDOUT_SEED)
+
+
+def run(variant: str, seed: int, epochs: int, data_root: Path, heldout_root: Path, out: Path,
+        threads: int) -> tuple[list[dict], dict]:
+    """Train one variant (resuming a finished or interrupted run).
+
+    Returns its per-epoch evaluations [{iter, AP, ...}] and the metrics of its final weights on
+    the held-out split.
+    """
     torch.set_num_threads(threads)
     config, overrides = VARIANTS[variant]
     cfg = load_config(config, [*overrides, *protocol_overrides(data_root, epochs, seed)])
     train(cfg, out, resume=(out / "last.pt").exists())
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = {e["iter"]: e for e in lines if e.get("type") == "eval"}
-    return [evals[k] for k in sorted(evals)]
+    final = load_model(out / "model.safetensors", out / "config.yaml", heldout_overrides(heldout_root))
+    loader = build_dataloader(final.cfg.data, "val", shuffle=False)
+    return [evals[k] for k in sorted(evals)], evaluate(final.model, loader.dataset, loader)
 
 
-def plot(results: dict[str, dict[int, list[dict]]], png: Path, title: str) -> None:
-    """AP versus iteration: one colour per variant, one line style per seed."""
+def plot(results: dict[str, dict[int, list[dict]]], heldout: dict[str, dict[int, float]], png: Path,
+         title: str) -> None:
+    """AP versus iteration: one colour per variant, one line style per seed; the final held-out
+    AP of each run as a star just right of its last point."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = ["-", "--", ":", "-."]
     for colour, (name, per_seed) in enumerate(results.items()):
         for k, (seed, evals) in enumerate(sorted(per_seed.items())):
             ax.plot([e["iter"] for e in evals], [e["AP"] for e in evals], marker="o", markersize=3,
                     color=f"C{colour}", linestyle=styles[k % len(styles)], label=f"{name} seed {seed}")
+            ax.plot([evals[-1]["iter"] * 1.03], [heldout[name][seed]], marker="*", markersize=9,
+                    color=f"C{colour}", markeredgecolor="black", markeredgewidth=0.5)
+    ax.plot([], [], "*", color="gray", markeredgecolor="black", markeredgewidth=0.5, label="final, held-out split")
     ax.set_xlabel("iteration")
     ax.set_ylabel("box AP (synthetic val)")
     ax.set_title(title)
@@ -96,6 +124,7 @@ def main() -> None:
                         "with an _<N>ep suffix for a non-default --epochs)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench"),
                         help="data and training runs (in <N>ep/<variant>_seed<k>)")
+    parser.add_argument("--heldout", type=int, default=500, help="images of the held-out split for the final AP")
     parser.add_argument("--jobs", type=int, default=1, help="trainings run in parallel processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per training (default: cores / jobs)")
     args = parser.parse_args()
@@ -108,26 +137,39 @@ def main() -> None:
         args.out = Path(f"bench/results/convergence{suffix}")
     data_root = args.work / "synth"
     # generate the data once, before parallel trainings could race to write it
-    build_dataset(load_config(VARIANTS["plain"][0], protocol_overrides(data_root, args.epochs, 0)).data, "train")
+    data_cfg = load_config(VARIANTS["plain"][0], protocol_overrides(data_root, args.epochs, 0)).data
+    build_dataset(data_cfg, "train")
+    heldout_root = args.work / f"heldout{args.heldout}"
+    ensure_heldout(heldout_root, args.heldout, data_cfg.synthetic_size)
     runs = [(name, seed) for seed in args.seeds for name in args.variants]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {key: pool.submit(run, key[0], key[1], args.epochs, data_root,
+        futures = {key: pool.submit(run, key[0], key[1], args.epochs, data_root, heldout_root,
                                     args.work / f"{args.epochs}ep" / f"{key[0]}_seed{key[1]}", threads) for key in runs}
         results: dict[str, dict[int, list[dict]]] = {}
+        heldout: dict[str, dict[int, dict]] = {}
         for (name, seed), future in futures.items():
-            results.setdefault(name, {})[seed] = future.result()
+            results.setdefault(name, {})[seed], heldout.setdefault(name, {})[seed] = future.result()
     iters = results[args.variants[0]][args.seeds[0]][-1]["iter"]
     final = {name: {seed: evals[-1]["AP"] for seed, evals in per_seed.items()} for name, per_seed in results.items()}
+    final_heldout = {name: {seed: m["AP"] for seed, m in per_seed.items()} for name, per_seed in heldout.items()}
     write_json(args.out.with_suffix(".json"), {"iters": iters, "epochs": args.epochs, "results": results,
-                                               "final_AP": final})
-    plot(results, args.out.with_suffix(".png"), f"{Path(sys.argv[0]).stem}: tiny configs, {args.epochs} epochs, CPU")
-    summary = "; ".join(f"seed {s}: " + ", ".join(f"{n} {final[n][s]:.1f}" for n in final) for s in args.seeds)
-    if "plain" in final and "co" in final:
-        summary += "; Co- minus plain: " + ", ".join(f"{final['co'][s] - final['plain'][s]:+.1f}" for s in args.seeds)
+                                               "final_AP": final, "heldout_images": args.heldout,
+                                               "heldout": heldout, "final_heldout_AP": final_heldout})
+    plot(results, final_heldout, args.out.with_suffix(".png"),
+         f"{Path(sys.argv[0]).stem}: tiny configs, {args.epochs} epochs, CPU")
+
+    def describe(aps: dict[str, dict[int, float]]) -> str:
+        text = "; ".join(f"seed {s}: " + ", ".join(f"{n} {aps[n][s]:.1f}" for n in aps) for s in args.seeds)
+        if "plain" in aps and "co" in aps:
+            text += "; Co- minus plain: " + ", ".join(f"{aps['co'][s] - aps['plain'][s]:+.1f}" for s in args.seeds)
+        return text
+
+    summary = (f"{VAL_IMAGES} val images: {describe(final)}. "
+               f"{args.heldout} held-out images: {describe(final_heldout)}")
     protocol = (f"tiny configs, {TRAIN_IMAGES} synthetic train images, batch 4, {args.epochs} epochs = {iters} "
                 f"iterations (lr /10 after epoch {min(LR_STEP, args.epochs - 1)}), same seed/data/schedule per "
-                f"pair, final COCO box AP on {VAL_IMAGES} val images, {args.jobs} jobs x {threads} threads; "
-                f"{machine()}")
+                f"pair, final COCO box AP on {VAL_IMAGES} val images and on {args.heldout} held-out images "
+                f"(generator seed {HELDOUT_SEED}), {args.jobs} jobs x {threads} threads; {machine()}")
     append_result(Path(sys.argv[0]).stem, protocol, summary)
     print(summary)
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
