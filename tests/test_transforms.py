@@ -1,6 +1,7 @@
 import pytest
 import torch
 from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from codetr.config import DataConfig
 from codetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, build_transforms
@@ -149,3 +150,14 @@ def test_boxes_touching_the_border_survive_any_resize():
         h, w = out_image.shape[-2:]
         assert out["labels"].tolist() == [0, 1], scale
         torch.testing.assert_close(out["boxes"][0].as_subclass(torch.Tensor), torch.tensor([0.0, 0.0, w, h]))
+
+
+@pytest.mark.parametrize(("size", "test_scale", "max_size"), [
+    ((289, 289), 800, 1333), ((232, 290), 800, 1333), ((201, 335), 800, 1333), ((200, 596), 800, 1333),
+])
+def test_val_resize_matches_torchvision_resize(size, test_scale, max_size):
+    # sizes where float rounding in other formulas lands one pixel off
+    image, target = _scene(*size, [((10, 10, 40, 40), RED)])
+    out_image, _ = build_transforms(DataConfig(test_scale=test_scale, max_size=max_size), train=False)(image, target)
+    expected = v2.Resize(test_scale, max_size=max_size)(tv_tensors.Image(torch.zeros(3, *size)))
+    assert out_image.shape[-2:] == expected.shape[-2:]

@@ -54,15 +54,18 @@ def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
     side to one of ``cfg.crop_resize_scales`` (uncapped), a random crop of size in
     ``cfg.crop_size`` and the same multi-scale resize; boxes are clipped to the image and those
     made degenerate (width or height < 1 px) are removed with their labels.
-    val: shorter side resized to ``cfg.test_scale``, longer side capped at ``cfg.max_size``.
+    val: shorter side resized to ``cfg.test_scale``, longer side capped at ``cfg.max_size`` (as
+    ``v2.Resize``; a cap at or below ``test_scale`` resizes the longer side to it).
     Output image: (3, H, W) float32, normalised with ImageNet mean/std.
     """
     normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if not train:
+        # v2.Resize needs max_size > size; a cap at or below test_scale sets the longer side alone
+        resize = (v2.Resize(cfg.test_scale, max_size=cfg.max_size) if cfg.max_size > cfg.test_scale
+                  else v2.RandomShortestSize([cfg.test_scale], max_size=cfg.max_size))
         return v2.Compose([
             v2.ToImage(),
-            # one size to choose from: deterministic; unlike v2.Resize it accepts max_size == test_scale
-            v2.RandomShortestSize([cfg.test_scale], max_size=cfg.max_size),
+            resize,
             v2.ClampBoundingBoxes(),
             *normalize,
         ])
