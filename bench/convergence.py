@@ -138,9 +138,9 @@ def main() -> None:
     data_root = args.work / "synth"
     # generate the data once, before parallel trainings could race to write it
     data_cfg = load_config(VARIANTS["plain"][0], protocol_overrides(data_root, args.epochs, 0)).data
-    build_dataset(data_cfg, "train")
     if data_cfg.synthetic_seed == HELDOUT_SEED:
         parser.error(f"the training data use generator seed {HELDOUT_SEED}, the held-out split's: no longer held out")
+    build_dataset(data_cfg, "train")
     heldout_root = args.work / f"heldout{args.heldout}"
     ensure_heldout(heldout_root, args.heldout, data_cfg.synthetic_size)
     runs = [(name, seed) for seed in args.seeds for name in args.variants]
