@@ -47,6 +47,10 @@ class BackboneConfig:
     # None: random init; "torchvision": ImageNet weights downloaded by torchvision; or a file path.
     weights: str | None = None
     frozen_stages: int = 1
+    # "frozen_bn" for pretrained weights (their batch-norm statistics, fixed); "group_norm"
+    # (32 groups, trained) for a backbone trained from scratch, which frozen identity batch
+    # norm would leave without any normalisation.
+    norm: str = "frozen_bn"
 
 
 @dataclass

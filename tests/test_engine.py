@@ -190,9 +190,12 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatch: pyt
 # ----------------------------------------------------------------------------- training
 
 
-def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path) -> None:
+def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     final = train(tiny_config(tiny_data), out, build_model=FakeDetector)
+    # the config's backbone is random with frozen batch norm (the defaults): the user is told
+    assert "model.backbone.norm=group_norm" in capsys.readouterr().out
     records = read_jsonl(out / "metrics.jsonl")
     steps = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
@@ -227,6 +230,14 @@ def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path)
     # resuming a finished run trains and evaluates nothing more and returns the recorded metrics
     assert train(tiny_config(tiny_data), out, resume=True, build_model=FakeDetector) == final
     assert read_jsonl(out / "metrics.jsonl") == records
+
+
+def test_no_backbone_warning_for_a_group_norm_backbone(tiny_data: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(tiny_data, epochs=1)
+    cfg.model.backbone.norm = "group_norm"
+    train(cfg, tmp_path / "run", build_model=FakeDetector)
+    assert "model.backbone.norm" not in capsys.readouterr().out
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(

@@ -5,7 +5,10 @@ import dataclasses
 import pytest
 import torch
 
+from torchvision.ops import FrozenBatchNorm2d
+
 from codetr.config import load_config
+from codetr.models.backbones import ResNetBackbone
 from codetr.models.deformable_detr import DeformableDETR
 from codetr.structures import Batch, Target
 
@@ -36,6 +39,27 @@ def test_output_shapes():
     assert enc.memory.shape[1] == out.enc_logits.shape[1] == sum(h * w for h, w in enc.spatial_shapes)
     assert enc.spatial_shapes == [(16, 20), (8, 10), (4, 5), (2, 3)]
     assert torch.all((out.boxes >= 0) & (out.boxes <= 1))
+
+
+def test_group_norm_backbone_normalises_what_frozen_batch_norm_leaves_raw():
+    """Trained from scratch, frozen batch norm is the identity: the ResNet is positively homogeneous
+    (C3-C5 scale with the image). The group-norm variant has a trained norm after every conv
+    in its place, so its features do not depend on the image's scale."""
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 64, 96)
+    raw = ResNetBackbone("resnet18", None, -1, "frozen_bn").eval()
+    normed = ResNetBackbone("resnet18", None, -1, "group_norm").eval()
+    with torch.no_grad():
+        for small, large in zip(raw(image), raw(10 * image)):
+            torch.testing.assert_close(large, 10 * small, rtol=1e-4, atol=1e-4)
+        for small, large in zip(normed(image), normed(10 * image)):
+            torch.testing.assert_close(large, small, rtol=1e-3, atol=1e-3)
+    frozen = [m for m in raw.modules() if isinstance(m, FrozenBatchNorm2d)]
+    groups = [m for m in normed.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(groups) == len(frozen) > 0 and all(m.num_groups == 32 for m in groups)
+    assert all(p.requires_grad for m in groups for p in m.parameters())
+    with pytest.raises(ValueError, match="batch_norm"):
+        ResNetBackbone("resnet18", None, -1, "batch_norm")
 
 
 def test_images_in_a_batch_do_not_interact():

@@ -501,6 +501,9 @@ def train(
         raise ValueError(f"category ids differ between {cfg.data.train_annotations} {train_set.category_ids} "
                          f"and {cfg.data.val_annotations} {val_set.category_ids}")
 
+    if cfg.model.backbone.weights is None and cfg.model.backbone.norm == "frozen_bn":
+        log("warning: the backbone starts from random weights (model.backbone.weights: null) with frozen batch "
+            "norm, i.e. no normalisation at all; to train it from scratch set model.backbone.norm=group_norm")
     detector = build_model(cfg.model).to(device)
     optimizer = build_optimizer(detector, cfg.train)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.train.lr_steps), gamma=0.1)

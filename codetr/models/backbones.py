@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+NORMS = {"frozen_bn": FrozenBatchNorm2d, "group_norm": lambda channels: nn.GroupNorm(32, channels)}
 
 
 def load_weights_file(path: str | Path) -> dict[str, Tensor]:
@@ -31,15 +32,21 @@ class ResNetBackbone(nn.Module):
 
     weights: None (random), "torchvision" (ImageNet weights, downloaded by torchvision), or a
     file holding a torchvision-named ResNet state_dict. ``frozen_stages``: -1 trains everything,
-    0 freezes the stem, k freezes the stem and layer1..layerk. Batch norm is always frozen.
+    0 freezes the stem, k freezes the stem and layer1..layerk. ``norm``: "frozen_bn" (batch norm
+    with fixed statistics, for pretrained weights) or "group_norm" (GroupNorm(32), trained: for a
+    backbone trained from scratch; frozen batch norm at its initial identity would leave it
+    unnormalised, and its C5 activations grow to a std of hundreds within a few epochs).
     """
 
-    def __init__(self, name: str = "resnet50", weights: str | None = None, frozen_stages: int = 1) -> None:
+    def __init__(self, name: str = "resnet50", weights: str | None = None, frozen_stages: int = 1,
+                 norm: str = "frozen_bn") -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; choose from {RESNETS}")
+        if norm not in NORMS:
+            raise ValueError(f"unknown backbone norm {norm!r}; choose from {list(NORMS)}")
         net = getattr(torchvision.models, name)(weights="DEFAULT" if weights == "torchvision" else None,
-                                                 norm_layer=FrozenBatchNorm2d)
+                                                 norm_layer=NORMS[norm])
         if weights not in (None, "torchvision"):
             state = {k: v for k, v in load_weights_file(weights).items() if not k.startswith("fc.")}
             net.load_state_dict(state, strict=False)

@@ -91,7 +91,8 @@ class DeformableDETR(nn.Module):
         t = cfg.transformer
         if t.two_stage and not t.box_refine:
             raise ValueError("model.transformer.two_stage needs model.transformer.box_refine")
-        self.backbone = ResNetBackbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.frozen_stages)
+        self.backbone = ResNetBackbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.frozen_stages,
+                                       cfg.backbone.norm)
         self.neck = ChannelMapper(self.backbone.out_channels, t.d_model, t.num_feature_levels)
         self.level_embed = nn.Parameter(torch.empty(t.num_feature_levels, t.d_model))
         self.encoder = DeformableEncoder(t.enc_layers, t.d_model, t.ffn_dim, t.num_feature_levels, t.n_heads,
