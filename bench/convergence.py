@@ -139,7 +139,8 @@ def main() -> None:
         args.out = Path(f"bench/results/convergence{suffix}")
     data_root = args.work / "synth"
     # generate the data once, before parallel trainings could race to write it
-    data_cfg = load_config(VARIANTS["plain"][0], protocol_overrides(data_root, args.epochs, 0)).data
+    plain_cfg = load_config(VARIANTS["plain"][0], protocol_overrides(data_root, args.epochs, 0))
+    data_cfg = plain_cfg.data
     if data_cfg.synthetic_seed == HELDOUT_SEED:
         parser.error(f"the training data use generator seed {HELDOUT_SEED}, the held-out split's: no longer held out")
     build_dataset(data_cfg, "train")
@@ -170,7 +171,7 @@ def main() -> None:
 
     summary = (f"{VAL_IMAGES} val images: {describe(final)}. "
                f"{args.heldout} held-out images: {describe(final_heldout)}")
-    protocol = (f"tiny configs, {TRAIN_IMAGES} synthetic train images, batch 4, {args.epochs} epochs = {iters} "
+    protocol = (f"tiny configs ({plain_cfg.model.backbone.name}, {plain_cfg.model.backbone.norm}), {TRAIN_IMAGES} synthetic train images, batch 4, {args.epochs} epochs = {iters} "
                 f"iterations (lr /10 after epoch {min(LR_STEP, args.epochs - 1)}), same seed/data/schedule per "
                 f"pair, final COCO box AP on {VAL_IMAGES} val images and on {args.heldout} held-out images "
                 f"(generator seed {HELDOUT_SEED}), {args.jobs} jobs x {threads} threads; {machine()}")
