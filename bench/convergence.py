@@ -171,9 +171,10 @@ def main() -> None:
 
     summary = (f"{VAL_IMAGES} val images: {describe(final)}. "
                f"{args.heldout} held-out images: {describe(final_heldout)}")
-    protocol = (f"tiny configs ({plain_cfg.model.backbone.name}, {plain_cfg.model.backbone.norm}), {TRAIN_IMAGES} synthetic train images, batch 4, {args.epochs} epochs = {iters} "
-                f"iterations (lr /10 after epoch {min(LR_STEP, args.epochs - 1)}), same seed/data/schedule per "
-                f"pair, final COCO box AP on {VAL_IMAGES} val images and on {args.heldout} held-out images "
+    backbone = plain_cfg.model.backbone
+    protocol = (f"tiny configs ({backbone.name}, {backbone.norm}), {TRAIN_IMAGES} synthetic train images, batch 4, "
+                f"{args.epochs} epochs = {iters} iterations (lr /10 after epoch {min(LR_STEP, args.epochs - 1)}), "
+                f"same seed/data/schedule per pair, final COCO box AP on {VAL_IMAGES} val images and on {args.heldout} held-out images "
                 f"(generator seed {HELDOUT_SEED}), {args.jobs} jobs x {threads} threads; {machine()}")
     append_result(Path(sys.argv[0]).stem, protocol, summary)
     print(summary)

@@ -4,7 +4,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from torchvision.ops import FrozenBatchNorm2d
 
 from codetr.config import load_config
