@@ -18,7 +18,6 @@ Training runs go to runs/bench/<epochs>ep/<variant>_seed<k> and are resumed when
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_result, machine, write_json  # noqa: E402
@@ -35,6 +35,8 @@ from common import append_result, machine, write_json  # noqa: E402
 from codetr.config import load_config  # noqa: E402
 from codetr.data import build_dataloader, build_dataset, generate_synthetic_coco, synthetic_is_current  # noqa: E402
 from codetr.engine import evaluate, load_model, train  # noqa: E402
+from codetr.engine.plots import read_metrics  # noqa: E402
+from codetr.engine.predictor import LoadedModel  # noqa: E402
 
 EPOCHS, LR_STEP, TRAIN_IMAGES, VAL_IMAGES = 8, 7, 256, 64
 HELDOUT_SEED = 1  # generator seed of the held-out split (the training data use the config's)
@@ -69,6 +71,12 @@ def heldout_overrides(heldout_root: Path) -> list[str]:
             f"data.val_annotations={heldout_root / 'annotations/instances_val.json'}"]
 
 
+def load_on_heldout(run_dir: Path, heldout_root: Path) -> tuple[LoadedModel, DataLoader]:
+    """A finished run's inference weights, with a loader over the held-out split."""
+    loaded = load_model(run_dir / "model.safetensors", run_dir / "config.yaml", heldout_overrides(heldout_root))
+    return loaded, build_dataloader(loaded.cfg.data, "val", shuffle=False)
+
+
 def ensure_heldout(heldout_root: Path, count: int, size: int) -> None:
     """Generate the held-out split of ``size``-px images unless it is there with these settings."""
     ann = heldout_root / "annotations/instances_val.json"
@@ -87,10 +95,8 @@ def run(variant: str, seed: int, epochs: int, data_root: Path, heldout_root: Pat
     config, overrides = VARIANTS[variant]
     cfg = load_config(config, [*overrides, *protocol_overrides(data_root, epochs, seed)])
     train(cfg, out, resume=(out / "last.pt").exists())
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = {e["iter"]: e for e in lines if e.get("type") == "eval"}
-    final = load_model(out / "model.safetensors", out / "config.yaml", heldout_overrides(heldout_root))
-    loader = build_dataloader(final.cfg.data, "val", shuffle=False)
+    evals = {e["iter"]: e for e in read_metrics(out / "metrics.jsonl") if e.get("type") == "eval"}
+    final, loader = load_on_heldout(out, heldout_root)
     return [evals[k] for k in sorted(evals)], evaluate(final.model, loader.dataset, loader)
 
 
@@ -174,8 +180,8 @@ def main() -> None:
     backbone = plain_cfg.model.backbone
     protocol = (f"tiny configs ({backbone.name}, {backbone.norm}), {TRAIN_IMAGES} synthetic train images, batch 4, "
                 f"{args.epochs} epochs = {iters} iterations (lr /10 after epoch {min(LR_STEP, args.epochs - 1)}), "
-                f"same seed/data/schedule per pair, final COCO box AP on {VAL_IMAGES} val images and on {args.heldout} held-out images "
-                f"(generator seed {HELDOUT_SEED}), {args.jobs} jobs x {threads} threads; {machine()}")
+                f"same seed/data/schedule per pair, final COCO box AP on {VAL_IMAGES} val images and on "
+                f"{args.heldout} held-out images (generator seed {HELDOUT_SEED}), {args.jobs} jobs x {threads} threads; {machine()}")
     append_result(Path(sys.argv[0]).stem, protocol, summary)
     print(summary)
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")

@@ -9,7 +9,8 @@ of the DETR head (every query, no score threshold):
   boxes at IoU > 0.5 (0 if none); the median, and the fraction above 0.3;
 - duplicates: among the top-100 detections scored above 0.3, those with a same-class detection
   of higher score at IoU > 0.7 (what the one-to-one head should have suppressed);
-- the final epoch's mean one-to-one classification loss (last decoder layer) from metrics.jsonl.
+- the final epoch's mean one-to-one classification loss (last decoder layer) from metrics.jsonl;
+- the std of the backbone's C5 activations on the first batch (an unnormalised backbone's grow).
 
     python bench/detection_quality.py --epochs 8 --seeds 0 1 2 3
 
@@ -19,7 +20,6 @@ Writes JSON and a plot to bench/results/detection_quality.{json,png} and a row i
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -32,10 +32,9 @@ from torchvision.ops import box_convert, box_iou  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_result, machine, write_json  # noqa: E402
-from convergence import heldout_overrides  # noqa: E402
+from convergence import load_on_heldout  # noqa: E402
 
-from codetr.data import build_dataloader  # noqa: E402
-from codetr.engine import load_model  # noqa: E402
+from codetr.engine.plots import read_metrics  # noqa: E402
 
 
 def duplicates(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> int:
@@ -48,13 +47,15 @@ def duplicates(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) 
 @torch.no_grad()
 def quality(run: Path, heldout_root: Path, images: int) -> dict[str, float]:
     """The statistics above for one run directory."""
-    loaded = load_model(run / "model.safetensors", run / "config.yaml", heldout_overrides(heldout_root))
-    model = loaded.model.eval()
-    loader = build_dataloader(loaded.cfg.data, "val", shuffle=False)
+    loaded, loader = load_on_heldout(run, heldout_root)
+    model = loaded.model
     best_iou, right_score, found, dup, kept, seen = [], [], 0, 0, 0, 0
     for batch in loader:
+        if not seen:
+            c5_std = float(model.backbone(batch.images)[-1].std())
         output, _ = model(batch.images, batch.masks)
-        for b, (target, det) in enumerate(zip(batch.targets, model.predict(batch))):
+        detections = model.postprocess(output.logits[-1], output.boxes[-1], batch.image_sizes)  # as predict()
+        for b, (target, det) in enumerate(zip(batch.targets, detections)):
             h, w = batch.image_sizes[b].tolist()
             keep = det.scores > 0.3
             kept += int(keep.sum())
@@ -71,14 +72,13 @@ def quality(run: Path, heldout_root: Path, images: int) -> dict[str, float]:
         if seen >= images:
             break
     ious, right = torch.cat(best_iou), torch.cat(right_score)
-    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in last if r.get("type") == "train"]
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if r.get("type") == "train"]
     final_epoch = [r["losses"]["loss_cls"] for r in steps if r["epoch"] == steps[-1]["epoch"]]
     return {"images": seen, "gt_boxes": len(ious), "box_recall": found / len(ious),
             "mean_best_iou": float(ious.mean()), "median_right_class_score": float(right.median()),
             "right_class_score_above_0.3": float((right > 0.3).float().mean()),
             "detections_above_0.3": kept, "duplicates": dup,
-            "final_epoch_loss_cls": sum(final_epoch) / len(final_epoch)}
+            "final_epoch_loss_cls": sum(final_epoch) / len(final_epoch), "c5_std": c5_std}
 
 
 def main() -> None:
@@ -122,7 +122,7 @@ def main() -> None:
     summary = "; ".join(
         f"{name} seed {s}: box recall {m['box_recall']:.2f}, best IoU {m['mean_best_iou']:.3f}, right-class score "
         f"median {m['median_right_class_score']:.2f} (>0.3: {m['right_class_score_above_0.3']:.2f}), duplicates "
-        f"{m['duplicates']}/{m['detections_above_0.3']}, last-epoch loss_cls {m['final_epoch_loss_cls']:.3f}"
+        f"{m['duplicates']}/{m['detections_above_0.3']}, last-epoch loss_cls {m['final_epoch_loss_cls']:.3f}, C5 std {m['c5_std']:.3g}"
         for s in args.seeds for name, per_seed in results.items() for m in [per_seed[s]])
     protocol = (f"final weights of the {args.epochs}-epoch convergence runs, first {args.images} held-out images, "
                 f"DETR head's last decoder layer; {machine()}")
