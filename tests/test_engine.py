@@ -227,6 +227,12 @@ def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path,
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny_config(tiny_data), out, build_model=FakeDetector)
 
+    # resuming with other model settings (here a Co-DETR loss weight) is refused, naming them
+    changed = tiny_config(tiny_data)
+    changed.model.co.lambda1 = 0.5
+    with pytest.raises(ValueError, match=r"model\.co\.lambda1: 1\.0 -> 0\.5\)"):
+        train(changed, out, resume=True, build_model=FakeDetector)
+
     # resuming a finished run trains and evaluates nothing more and returns the recorded metrics
     assert train(tiny_config(tiny_data), out, resume=True, build_model=FakeDetector) == final
     assert read_jsonl(out / "metrics.jsonl") == records

@@ -458,6 +458,14 @@ class PlotHook(Hook):
 # ---------------------------------------------------------------------------------- train
 
 
+def _changed_keys(before: Any, after: Any, prefix: str) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts, as ``key: old -> new``."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [change for key in sorted(before.keys() | after.keys())
+                for change in _changed_keys(before.get(key), after.get(key), f"{prefix}.{key}")]
+    return [] if before == after else [f"{prefix}: {before!r} -> {after!r}"]
+
+
 def train(
     cfg: Config,
     out_dir: str | Path,
@@ -525,7 +533,12 @@ def train(
     trainer = Trainer(detector, loss_module, optimizer, scheduler, loader, sampler, device,
                       cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks)
     if resume:
-        trainer.load_state_dict(load_checkpoint(ckpt_path))
+        state = load_checkpoint(ckpt_path)
+        changed = _changed_keys(state["config"]["model"], extra["config"]["model"], "model")
+        if changed:
+            raise ValueError(f"{ckpt_path} was trained with other model settings ({', '.join(changed)}); resume "
+                             "with the run's own config (its config.yaml), or start a new run with another --out")
+        trainer.load_state_dict(state)
         log(f"resumed from {ckpt_path}: epoch {trainer.epoch}, iteration {trainer.iteration}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
