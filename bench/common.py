@@ -16,8 +16,19 @@ import torch
 RESULTS = Path(__file__).parent / "RESULTS.md"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
-    return (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
+    return (f"{platform.machine()} {os.cpu_count()} cores ({cpu_model()}), torch {torch.__version__}, "
             f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
 
 
