@@ -51,6 +51,9 @@ VARIANTS = {
     # the official positive-query weight (the tiny config uses 0.25; the paper's Table 13 tries
     # lambda1 in {0.25, 0.5, 1, 2})
     "co_lambda1_1": ("co_deformable_detr_tiny", ["model.co.lambda1=1.0"]),
+    # the official cap of a positive-query group (the tiny config caps at its 50 queries, like the
+    # official 300 queries and cap 300)
+    "co_cap300": ("co_deformable_detr_tiny", ["model.co.max_pos_queries=300"]),
 }
 
 
