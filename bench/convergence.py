@@ -18,6 +18,7 @@ Training runs go to runs/bench/<epochs>ep/<variant>_seed<k> and are resumed when
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import scipy.stats  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -54,6 +56,10 @@ VARIANTS = {
     # the official cap of a positive-query group (the tiny config caps at its 50 queries, like the
     # official 300 queries and cap 300)
     "co_cap300": ("co_deformable_detr_tiny", ["model.co.max_pos_queries=300"]),
+    # both tiny models at half the tiny learning rate: is the per-seed spread of the comparison
+    # the noise of a high learning rate?
+    "plain_lr_half": ("deformable_detr_tiny", ["train.lr=2.5e-4"]),
+    "co_lr_half": ("co_deformable_detr_tiny", ["train.lr=2.5e-4"]),
 }
 
 
@@ -102,6 +108,22 @@ def run(variant: str, seed: int, epochs: int, data_root: Path, heldout_root: Pat
     evals = {e["iter"]: e for e in read_metrics(out / "metrics.jsonl") if e.get("type") == "eval"}
     final, loader = load_on_heldout(out, heldout_root)
     return [evals[k] for k in sorted(evals)], evaluate(final.model, loader.dataset, loader)
+
+
+def paired_variants(names: list[str]) -> list[tuple[str, str]]:
+    """(Co- variant, plain variant) pairs that differ only in the Co- parts: co<x> with plain<x>."""
+    return [(name, "plain" + name[2:]) for name in names if name.startswith("co") and "plain" + name[2:] in names]
+
+
+def paired_summary(diffs: list[float], target: float = 3.0) -> str:
+    """Per-seed differences, then (from 3 seeds) their mean, std, 95% t-interval and how many reach ``target``."""
+    text = ", ".join(f"{d:+.1f}" for d in diffs)
+    if len(diffs) >= 3:
+        ci = scipy.stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+        reached = sum(d >= target for d in diffs)
+        text += (f" (mean {statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):.1f}, "
+                 f"95% CI [{ci.low:+.1f}, {ci.high:+.1f}], >= {target:+.0f} on {reached} of {len(diffs)})")
+    return text
 
 
 def plot(results: dict[str, dict[int, list[dict]]], heldout: dict[str, dict[int, float]], png: Path,
@@ -175,8 +197,8 @@ def main() -> None:
 
     def describe(aps: dict[str, dict[int, float]]) -> str:
         text = "; ".join(f"seed {s}: " + ", ".join(f"{n} {aps[n][s]:.1f}" for n in aps) for s in args.seeds)
-        if "plain" in aps and "co" in aps:
-            text += "; Co- minus plain: " + ", ".join(f"{aps['co'][s] - aps['plain'][s]:+.1f}" for s in args.seeds)
+        for co, plain in paired_variants(list(aps)):
+            text += f"; {co} minus {plain}: " + paired_summary([aps[co][s] - aps[plain][s] for s in args.seeds])
         return text
 
     summary = (f"{VAL_IMAGES} val images: {describe(final)}. "
