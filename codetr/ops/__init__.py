@@ -1,4 +1,4 @@
-"""Tensor operations: box helpers and multi-scale deformable attention."""
+"""Tensor operations: box helpers, multi-scale deformable attention and RoIAlign."""
 
 from codetr.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from codetr.ops.deform_attn import multi_scale_deformable_attn

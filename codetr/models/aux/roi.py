@@ -7,11 +7,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, generalized_box_iou_loss, roi_align
+from torchvision.ops import batched_nms, generalized_box_iou_loss
 
 from codetr.models.aux.base import DeltaXYWHCoder, PositiveSet
 from codetr.models.aux.rpn import RPNHead
 from codetr.models.assigners import MaxIoUAssigner, RandomSampler
+from codetr.ops.roi_align import roi_align
 from codetr.structures import Detections, Target
 
 
