@@ -62,7 +62,7 @@ def roi_align_matrix(rois: Tensor, feature_shape: tuple[int, int, int], output_s
     scale = ((grid_h > 0) & (grid_w > 0)).to(rois.dtype) / (grid_h * grid_w).clamp(min=1)
     grid_h, grid_w = grid_h.clamp(min=1), grid_w.clamp(min=1)
     image_start = rois[:, 0].long() * height * width
-    groups, per_bin = [], torch.empty_like(grid_h)
+    groups, bin_entries = [], torch.empty_like(grid_h)
     grids = grid_h * (grid_w.max() + 1) + grid_w
     for key in grids.unique().tolist():  # RoIs with the same sampling grid are built together
         sel = torch.nonzero(grids == key).squeeze(1)
@@ -77,11 +77,11 @@ def roi_align_matrix(rois: Tensor, feature_shape: tuple[int, int, int], output_s
             + (first_x[..., None] + window_x)[:, None, :, None, :]
         values = weight_y[:, :, None, :, None] * weight_x[:, None, :, None, :] * scale[sel, None, None, None, None]
         groups.append((sel, cols.flatten(1), values.flatten(1)))
-        per_bin[sel] = len(window_y) * len(window_x)
+        bin_entries[sel] = len(window_y) * len(window_x)
     bins = out_h * out_w
-    start = torch.cumsum(per_bin * bins, 0) - per_bin * bins  # first entry of each RoI
-    total = int((per_bin * bins).sum())
-    crow = torch.cat([(start[:, None] + torch.arange(bins, device=rois.device) * per_bin[:, None]).reshape(-1),
+    start = torch.cumsum(bin_entries * bins, 0) - bin_entries * bins  # first entry of each RoI
+    total = int((bin_entries * bins).sum())
+    crow = torch.cat([(start[:, None] + torch.arange(bins, device=rois.device) * bin_entries[:, None]).reshape(-1),
                       torch.tensor([total], device=rois.device)])
     col_indices = torch.empty(total, dtype=torch.long, device=rois.device)
     values = torch.empty(total, dtype=rois.dtype, device=rois.device)
