@@ -1,5 +1,5 @@
 """codetr's CPU RoIAlign (a sparse matrix, codetr/ops/roi_align.py) against torchvision's kernel:
-forward + backward time on the shapes the Faster R-CNN auxiliary head sees, outputs and
+forward and backward times on the shapes the Faster R-CNN auxiliary head sees, outputs and
 gradients checked equal in the same run.
 
 RoIs are drawn as the RoI head's finest level receives them (mmdet level mapping with finest
@@ -44,15 +44,19 @@ def random_rois(generator: torch.Generator, count: int, images: int, height: int
     return torch.cat([torch.randint(0, images, (count, 1), generator=generator).float(), boxes], 1)
 
 
-def time_op(op, features: torch.Tensor, rois: torch.Tensor, grad: torch.Tensor, warmup: int, repeats: int) -> float:
-    """Median seconds of one forward + backward."""
-    times = []
+def time_op(op, features: torch.Tensor, rois: torch.Tensor, grad: torch.Tensor, warmup: int,
+            repeats: int) -> tuple[float, float]:
+    """Median seconds of the forward and of the backward."""
+    forward, backward = [], []
     for i in range(warmup + repeats):
         start = time.perf_counter()
-        torch.autograd.grad(op(features, rois, 7, 1 / 8, 0, True), features, grad)
+        pooled = op(features, rois, 7, 1 / 8, 0, True)
+        middle = time.perf_counter()
+        torch.autograd.grad(pooled, features, grad)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            forward.append(middle - start)
+            backward.append(time.perf_counter() - middle)
+    return statistics.median(forward), statistics.median(backward)
 
 
 def main() -> None:
@@ -76,15 +80,18 @@ def main() -> None:
         torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.autograd.grad(ours, features, grad)[0],
                                    torch.autograd.grad(reference, features, grad)[0], rtol=1e-4, atol=1e-4)
-        results[name] = {"torchvision_s": time_op(torchvision.ops.roi_align, features, rois, grad, args.warmup,
-                                                  args.repeats),
-                         "codetr_s": time_op(roi_align, features, rois, grad, args.warmup, args.repeats),
-                         "features": list(features.shape), "rois": count}
+        results[name] = {"features": list(features.shape), "rois": count}
+        for op_name, op in (("torchvision", torchvision.ops.roi_align), ("codetr", roi_align)):
+            forward, backward = time_op(op, features, rois, grad, args.warmup, args.repeats)
+            results[name][op_name] = {"forward_s": forward, "backward_s": backward, "total_s": forward + backward}
         print(name, results[name], flush=True)
     write_json(args.out, {"results": results})
     summary = "; ".join(
-        f"{name} ({r['rois']} RoIs on {r['features']}): torchvision {r['torchvision_s'] * 1000:.0f} ms, codetr "
-        f"{r['codetr_s'] * 1000:.0f} ms (x{r['torchvision_s'] / r['codetr_s']:.1f} faster)"
+        f"{name} ({r['rois']} RoIs on {r['features']}): forward + backward torchvision "
+        f"{r['torchvision']['total_s'] * 1000:.0f} ms (forward {r['torchvision']['forward_s'] * 1000:.0f}, backward "
+        f"{r['torchvision']['backward_s'] * 1000:.0f}), codetr {r['codetr']['total_s'] * 1000:.0f} ms (forward "
+        f"{r['codetr']['forward_s'] * 1000:.0f}, backward {r['codetr']['backward_s'] * 1000:.0f}; "
+        f"x{r['torchvision']['total_s'] / r['codetr']['total_s']:.1f} faster)"
         for name, r in results.items())
     protocol = (f"forward + backward of RoIAlign 7x7, aligned, sampling_ratio=0, stride 8, float32, {args.threads} "
                 f"threads, warm-up {args.warmup}, median of {args.repeats}, outputs and gradients checked equal; "
