@@ -32,7 +32,7 @@ from torchvision.ops import box_convert, box_iou  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_result, machine, write_json  # noqa: E402
-from convergence import load_on_heldout  # noqa: E402
+from convergence import LR, load_on_heldout, run_dir  # noqa: E402
 
 from codetr.engine.plots import read_metrics  # noqa: E402
 
@@ -83,7 +83,8 @@ def quality(run: Path, heldout_root: Path, images: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=8, help="which convergence runs (runs/bench/<N>ep)")
+    parser.add_argument("--epochs", type=int, default=8, help="which convergence runs (<work>/<N>ep_lr<lr>)")
+    parser.add_argument("--lr", type=float, default=LR, help="which convergence runs (their learning rate)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=["plain", "co"])
     parser.add_argument("--images", type=int, default=200, help="held-out images to use")
@@ -92,14 +93,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/detection_quality"))
     args = parser.parse_args()
     heldout_root = args.work / f"heldout{args.heldout}"
-    runs = {name: {seed: args.work / f"{args.epochs}ep" / f"{name}_seed{seed}" for seed in args.seeds}
+    runs = {name: {seed: run_dir(args.work, args.epochs, args.lr, name, seed) for seed in args.seeds}
             for name in args.variants}
     missing = [str(r) for per_seed in runs.values() for r in per_seed.values() if not (r / "model.safetensors").exists()]
     if missing or not heldout_root.exists():
         parser.error(f"run bench/convergence.py first: missing {missing or [str(heldout_root)]}")
     results = {name: {seed: quality(run, heldout_root, args.images) for seed, run in per_seed.items()}
                for name, per_seed in runs.items()}
-    write_json(args.out.with_suffix(".json"), {"epochs": args.epochs, "results": results})
+    write_json(args.out.with_suffix(".json"), {"epochs": args.epochs, "lr": args.lr, "results": results})
 
     shown = [("mean_best_iou", "mean best IoU per GT box"), ("median_right_class_score", "median right-class score"),
              ("duplicates", "duplicates among detections > 0.3")]
@@ -114,7 +115,7 @@ def main() -> None:
         ax.set_title(title, fontsize="medium")
     axes[0].set_ylim(0.6, 0.8)
     axes[0].legend(fontsize="small")
-    fig.suptitle(f"{args.epochs}-epoch tiny runs, {args.images} held-out images, DETR head")
+    fig.suptitle(f"{args.epochs}-epoch tiny runs at lr {args.lr:g}, {args.images} held-out images, DETR head")
     fig.tight_layout()
     fig.savefig(args.out.with_suffix(".png"), dpi=100)
     plt.close(fig)
@@ -124,7 +125,7 @@ def main() -> None:
         f"median {m['median_right_class_score']:.2f} (>0.3: {m['right_class_score_above_0.3']:.2f}), duplicates "
         f"{m['duplicates']}/{m['detections_above_0.3']}, last-epoch loss_cls {m['final_epoch_loss_cls']:.3f}, C5 std {m['c5_std']:.3g}"
         for s in args.seeds for name, per_seed in results.items() for m in [per_seed[s]])
-    protocol = (f"final weights of the {args.epochs}-epoch convergence runs, first {args.images} held-out images, "
+    protocol = (f"final weights of the {args.epochs}-epoch lr {args.lr:g} convergence runs, first {args.images} held-out images, "
                 f"DETR head's last decoder layer; {machine()}")
     append_result(Path(sys.argv[0]).stem, protocol, summary)
     print(summary.replace("; ", "\n"))
