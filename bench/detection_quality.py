@@ -32,7 +32,7 @@ from torchvision.ops import box_convert, box_iou  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_result, machine, write_json  # noqa: E402
-from convergence import LR, load_on_heldout, run_dir  # noqa: E402
+from convergence import EPOCHS, LR, load_on_heldout, run_dir  # noqa: E402
 
 from codetr.engine.plots import read_metrics  # noqa: E402
 
@@ -83,7 +83,7 @@ def quality(run: Path, heldout_root: Path, images: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=8, help="which convergence runs (<work>/<N>ep_lr<lr>)")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="which convergence runs (<work>/<N>ep_lr<lr>)")
     parser.add_argument("--lr", type=float, default=LR, help="which convergence runs (their learning rate)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=["plain", "co"])
