@@ -51,6 +51,9 @@ class BackboneConfig:
     # (32 groups, trained) for a backbone trained from scratch, which frozen identity batch
     # norm would leave without any normalisation.
     norm: str = "frozen_bn"
+    # ResNet stages returned (0 = layer1 / C2 at stride 4 ... 3 = layer4 / C5 at stride 32):
+    # Deformable-DETR uses C3-C5, DINO C2-C5.
+    out_indices: list[int] = field(default_factory=lambda: [1, 2, 3])
 
 
 @dataclass
@@ -107,6 +110,9 @@ class ModelConfig:
     arch: str = "deformable_detr"
     num_classes: int = 80
     max_detections: int = 100
+    # Bias in the channel mapper's convolutions: none as released; transformers' Deformable-DETR
+    # input projections have one (set by its converter).
+    neck_bias: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -105,7 +105,7 @@ def convert_hf_deformable_detr(hf_state_dict: dict[str, Tensor]) -> dict[str, Te
 
 def config_from_hf(hf_config: dict) -> ModelConfig:
     """codetr ModelConfig of the architecture described by a transformers config.json."""
-    cfg = ModelConfig()
+    cfg = ModelConfig(neck_bias=True)
     backbone = (hf_config.get("backbone_config") or {}).get("backbone") or hf_config.get("backbone") or "resnet50"
     cfg.backbone.name, cfg.backbone.weights = backbone, None
     cfg.num_classes = len(hf_config.get("id2label") or {}) or int(hf_config.get("num_labels", 91))

@@ -1,4 +1,4 @@
-"""Backbones: torchvision ResNets with frozen batch norm, returning C3-C5."""
+"""Backbones: torchvision ResNets with frozen batch norm, returning the chosen stages (C2-C5)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
+
+from codetr.config import BackboneConfig
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "group_norm": lambda channels: nn.GroupNorm(32, channels)}
@@ -27,8 +29,8 @@ def load_weights_file(path: str | Path) -> dict[str, Tensor]:
 
 
 class ResNetBackbone(nn.Module):
-    """ResNet stem and stages with torchvision's parameter names; returns the outputs of
-    layer2-layer4 (C3-C5, strides 8, 16, 32).
+    """ResNet stem and stages with torchvision's parameter names; returns the outputs of the
+    stages in ``out_indices`` (0 = layer1 / C2 at stride 4, ..., 3 = layer4 / C5 at stride 32).
 
     weights: None (random), "torchvision" (ImageNet weights, downloaded by torchvision), or a
     file holding a torchvision-named ResNet state_dict. ``frozen_stages``: -1 trains everything,
@@ -39,8 +41,10 @@ class ResNetBackbone(nn.Module):
     """
 
     def __init__(self, name: str = "resnet50", weights: str | None = None, frozen_stages: int = 1,
-                 norm: str = "frozen_bn") -> None:
+                 norm: str = "frozen_bn", out_indices: tuple[int, ...] = (1, 2, 3)) -> None:
         super().__init__()
+        if not out_indices or sorted(set(out_indices)) != list(out_indices) or not set(out_indices) <= {0, 1, 2, 3}:
+            raise ValueError(f"backbone out_indices must be increasing stage indices in 0..3, got {list(out_indices)}")
         if name not in RESNETS:
             raise ValueError(f"unknown backbone {name!r}; choose from {RESNETS}")
         if norm not in NORMS:
@@ -53,15 +57,25 @@ class ResNetBackbone(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         expansion = 4 if name in ("resnet50", "resnet101") else 1
-        self.out_channels = [128 * expansion, 256 * expansion, 512 * expansion]
+        self.out_indices = list(out_indices)
+        self.out_channels = [64 * 2**i * expansion for i in self.out_indices]
         frozen = [] if frozen_stages < 0 else [self.conv1, *[getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1)]]
         for module in frozen:
             module.requires_grad_(False)
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        """images (B, 3, H, W) -> [C3 (B, c3, H/8, W/8), C4 (.., H/16), C5 (.., H/32)]."""
+        """images (B, 3, H, W) -> the maps of ``out_indices``, C_{i+2} of shape (B, c, H / 2^(i+2), W / 2^(i+2))."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
-        c2 = self.layer1(x)
-        c3 = self.layer2(c2)
-        c4 = self.layer3(c3)
-        return [c3, c4, self.layer4(c4)]
+        outs = []
+        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
+            if i > self.out_indices[-1]:
+                break
+            x = layer(x)
+            if i in self.out_indices:
+                outs.append(x)
+        return outs
+
+
+def build_backbone(cfg: BackboneConfig) -> nn.Module:
+    """The backbone of a config; it has ``out_channels`` (one per returned map)."""
+    return ResNetBackbone(cfg.name, cfg.weights, cfg.frozen_stages, cfg.norm, tuple(cfg.out_indices))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert, clip_boxes_to_image
 
 from codetr.config import ModelConfig
-from codetr.models.backbones import ResNetBackbone
+from codetr.models.backbones import build_backbone
 from codetr.models.heads.detr_loss import DetrCriterion
 from codetr.models.neck import ChannelMapper
 from codetr.models.transformer.decoder import DeformableDecoderLayer
@@ -91,9 +91,8 @@ class DeformableDETR(nn.Module):
         t = cfg.transformer
         if t.two_stage and not t.box_refine:
             raise ValueError("model.transformer.two_stage needs model.transformer.box_refine")
-        self.backbone = ResNetBackbone(cfg.backbone.name, cfg.backbone.weights, cfg.backbone.frozen_stages,
-                                       cfg.backbone.norm)
-        self.neck = ChannelMapper(self.backbone.out_channels, t.d_model, t.num_feature_levels)
+        self.backbone = build_backbone(cfg.backbone)
+        self.neck = ChannelMapper(self.backbone.out_channels, t.d_model, t.num_feature_levels, cfg.neck_bias)
         self.level_embed = nn.Parameter(torch.empty(t.num_feature_levels, t.d_model))
         self.encoder = DeformableEncoder(t.enc_layers, t.d_model, t.ffn_dim, t.num_feature_levels, t.n_heads,
                                          t.n_points, t.dropout)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 
-def conv_gn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
+def conv_gn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2),
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias),
         nn.GroupNorm(32, out_channels),
     )
 
@@ -15,17 +15,23 @@ def conv_gn(in_channels: int, out_channels: int, kernel_size: int, stride: int =
 class ChannelMapper(nn.Module):
     """1x1 conv + GroupNorm(32) per backbone level to ``out_channels``; extra levels by 3x3
     stride-2 conv + GroupNorm, the first on the raw last backbone map, the next on the previous
-    extra level."""
+    extra level. As released (mmdet ``ChannelMapper``): the convolutions have no bias (a norm
+    follows; ``bias=True`` for transformers' Deformable-DETR input projections) and
+    xavier-uniform weights."""
 
-    def __init__(self, in_channels: list[int], out_channels: int, num_levels: int) -> None:
+    def __init__(self, in_channels: list[int], out_channels: int, num_levels: int, bias: bool = False) -> None:
         super().__init__()
         if num_levels < len(in_channels):
             raise ValueError(f"num_feature_levels {num_levels} < number of backbone outputs {len(in_channels)}")
-        convs = [conv_gn(c, out_channels, 1) for c in in_channels]
+        convs = [conv_gn(c, out_channels, 1, bias=bias) for c in in_channels]
         for i in range(num_levels - len(in_channels)):
-            convs.append(conv_gn(in_channels[-1] if i == 0 else out_channels, out_channels, 3, stride=2))
+            convs.append(conv_gn(in_channels[-1] if i == 0 else out_channels, out_channels, 3, stride=2, bias=bias))
         self.convs = nn.ModuleList(convs)
         self.num_inputs = len(in_channels)
+        for conv in self.convs:
+            nn.init.xavier_uniform_(conv[0].weight)
+            if bias:
+                nn.init.zeros_(conv[0].bias)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
         outs = [conv(f) for conv, f in zip(self.convs, feats)]
