@@ -43,17 +43,29 @@ class DataConfig:
 
 @dataclass
 class BackboneConfig:
+    # resnet18/34/50/101 (torchvision) or a timm Swin: swin_{tiny,small}_patch4_window7_224,
+    # swin_{base,large}_patch4_window12_384 (as released; window7_224 variants of base/large too).
     name: str = "resnet50"
-    # None: random init; "torchvision": ImageNet weights downloaded by torchvision; or a file path.
+    # None: random init; "torchvision": torchvision's ImageNet V1 ResNet weights (= mmdet's
+    # torchvision://resnet50 of the released configs); "torchvision_v2": its IMAGENET1K_V2 weights
+    # (ResNet-50/101); "timm": timm's pretrained Swin weights; or a file path.
     weights: str | None = None
+    # ResNet: -1 none, 0 the stem, k the stem and layer1..layerk. Swin: -1 none, 0 the patch
+    # embedding, k also the first k stages (mmdet's convention; the released Swin configs use -1).
     frozen_stages: int = 1
-    # "frozen_bn" for pretrained weights (their batch-norm statistics, fixed); "group_norm"
-    # (32 groups, trained) for a backbone trained from scratch, which frozen identity batch
-    # norm would leave without any normalisation.
+    # ResNet only: "frozen_bn" for pretrained weights (their batch-norm statistics, fixed);
+    # "group_norm" (32 groups, trained) for a backbone trained from scratch, which frozen
+    # identity batch norm would leave without any normalisation.
     norm: str = "frozen_bn"
-    # ResNet stages returned (0 = layer1 / C2 at stride 4 ... 3 = layer4 / C5 at stride 32):
-    # Deformable-DETR uses C3-C5, DINO C2-C5.
+    # Stages returned (0 = stride 4 ... 3 = stride 32; ResNet layer1..layer4 / C2-C5):
+    # Deformable-DETR uses 1-3, DINO 0-3.
     out_indices: list[int] = field(default_factory=lambda: [1, 2, 3])
+    # Swin only: stochastic depth, rising linearly over the blocks to this rate (released: 0.2-0.6).
+    drop_path_rate: float = 0.0
+    # Activation checkpointing of every residual / Swin block (less memory, slower backward).
+    with_cp: bool = False
+    # Swin only: architecture overrides for timm.create_model (embed_dim, depths, num_heads, ...).
+    timm_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,6 +147,11 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     log_every: int = 10
+    # Start from these weights (.safetensors, e.g. converted official weights, or a codetr
+    # checkpoint): every tensor loads except the class-dependent layers when the number of
+    # classes differs (those keep their fresh initialisation). The backbone's ImageNet weights
+    # are then not loaded.
+    init: str | None = None
 
 
 @dataclass
