@@ -35,6 +35,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from codetr.engine import train
 
     cfg = _load_config(args.config, args.overrides)
+    if args.init:
+        cfg.train.init = args.init
     metrics = train(cfg, args.out, resume=args.resume)
     print(f"done: {Path(args.out) / 'model.safetensors'}  AP {metrics.get('AP', float('nan')):.2f}")
     return 0
@@ -122,6 +124,16 @@ def cmd_convert_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_mmdet(args: argparse.Namespace) -> int:
+    from codetr.convert.mmdet import CheckpointError, run
+
+    try:
+        run(args)
+    except (CheckpointError, KeyError, TypeError, ValueError, yaml.YAMLError) as err:
+        raise CliError(str(err)) from err
+    return 0
+
+
 def cmd_not_built(args: argparse.Namespace) -> int:
     print(f"codetr {args.command}: not built yet ({args.planned}); nothing was done.", file=sys.stderr)
     return 2
@@ -142,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     p.add_argument("--out", required=True, help="output folder (checkpoint, metrics, plot, weights)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--init", help="start from these weights (.safetensors, e.g. converted official weights); "
+                                  "class layers are re-initialised when the number of classes differs (train.init)")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="COCO box AP of weights on the validation set",
@@ -193,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "folder to codetr safetensors.")
     add_convert_arguments(hf)
     hf.set_defaults(func=cmd_convert_hf)
+    from codetr.convert.mmdet import add_arguments as add_mmdet_arguments
+
+    mmdet = convert_commands.add_parser(
+        "mmdet", help="official Co-DETR checkpoints (Sense-X/Co-DETR, mmdet)",
+        description="Convert an official Co-DETR checkpoint (Sense-X/Co-DETR release, mmdet 2.x names; ResNet or "
+                    "Swin backbone) to codetr safetensors for the config of its model-zoo row.")
+    add_mmdet_arguments(mmdet)
+    mmdet.set_defaults(func=cmd_convert_mmdet)
 
     for name, planned in (("export", "ONNX export of the inference model"),
                           ("bench", "speed benchmarks against a reference implementation")):

@@ -87,24 +87,28 @@ def load_mmdet_checkpoint(path: str | Path) -> OfficialCheckpoint:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            unsafe = _unsafe_globals(path)
-            allowed = {name for _, name in _numpy_globals()}
-            refused = [name for name in unsafe if name not in allowed]
-            if not unsafe or refused:
+            unsafe = _unsafe_globals(path, err)
+            if not unsafe:
+                raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch "
+                                      f"file ({_unpickler_error(err)})") from err
+            refused = [name for name in unsafe if name not in {name for _, name in _numpy_globals()}]
+            try:
+                if refused:
+                    raise err
+                with torch.serialization.safe_globals(_numpy_globals()):
+                    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as again:
                 raise CheckpointError(
                     f"{path} holds Python objects that torch.load(weights_only=True) refuses to rebuild, since "
-                    f"unpickling them could run code: {refused or str(err).splitlines()[0]}. Re-save its tensors "
+                    f"unpickling them could run code: {refused or _unsafe_globals(path, again)}. Re-save its tensors "
                     "alone where that code is installed and trusted, e.g. "
-                    "torch.save(torch.load(PATH)['state_dict'], 'clean.pth')") from err
-            with torch.serialization.safe_globals(_numpy_globals()):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
+                    "torch.save(torch.load(PATH)['state_dict'], 'clean.pth')") from again
             numpy_globals = sorted(unsafe)
-    except CheckpointError:
-        raise
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-        first = str(err).splitlines()[0] if str(err) else ""
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch file "
-                              f"({type(err).__name__}: {first})") from err
+                              f"({type(err).__name__}: {_unpickler_error(err)})") from err
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a state_dict or an mmdet checkpoint")
     state, meta = (ckpt["state_dict"], ckpt.get("meta") or {}) if "state_dict" in ckpt else (ckpt, {})
@@ -116,16 +120,28 @@ def load_mmdet_checkpoint(path: str | Path) -> OfficialCheckpoint:
     return OfficialCheckpoint(dict(state), meta if isinstance(meta, dict) else {}, numpy_globals)
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _unsafe_globals(path: Path, err: Exception) -> list[str]:
+    """The Python globals a checkpoint needs beyond weights_only: all of them for a zip checkpoint,
+    else the one named by the unpickler's error; [] when the file is not a readable pickle."""
     try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # not a zip checkpoint: the caller reports the original error
-        return []
+        found = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # a legacy (non-zip) or unreadable file
+        found = []
+    return found or re.findall(r"Unsupported global: GLOBAL (\S+)", str(err))
+
+
+def _unpickler_error(err: Exception) -> str:
+    """The informative line of a torch.load error."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if "WeightsUnpickler error" in line or line.startswith("Unsupported")), None)
+    if detail and detail.endswith("error:"):
+        detail = lines[lines.index(detail) + 1] if lines.index(detail) + 1 < len(lines) else detail
+    return detail or (lines[0] if lines else type(err).__name__)
 
 
 # ------------------------------------------------------------------------------- rule tables
 
-Transform = Callable[[Tensor, tuple[int, ...]], Tensor]  # (source tensor, target shape) -> target tensor
+Transform = Callable[[Tensor, tuple[int, ...], "Layout"], Tensor]  # (source tensor, target shape, layout) -> target
 
 
 @dataclass(frozen=True)
@@ -178,7 +194,7 @@ class Rule:
 
     part: "inference" (kept), "aux" (auxiliary heads and positive-query layers: kept only with
     --keep-aux), "derived" (a buffer codetr recomputes: verified with ``check``, then dropped).
-    transform: (tensor, target shape) -> tensor, for layouts that differ. stack: sources with the
+    transform: (tensor, target shape, layout) -> tensor, for tensor layouts that differ. stack: sources with the
     same target are 0-d entries stacked by their ``idx`` group into one vector.
     """
 
@@ -217,7 +233,7 @@ def relative_index_check(index: Tensor) -> str | None:
     return None if torch.equal(index.long(), expected) else f"differs from Swin's relative-position index for window {window}"
 
 
-def unfold_to_concat(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
+def unfold_to_concat(tensor: Tensor, shape: tuple[int, ...], layout: Layout | None = None) -> Tensor:
     """mmdet's PatchMerging (nn.Unfold) orders the 4C merged features channel-major, (c, dy, dx) at
     c * 4 + dy * 2 + dx; Swin's and timm's concatenation orders them (dx, dy, c) at dx * 2C + dy * C + c.
     Permutes the last dimension (reduction.weight columns, norm weight and bias) from the first
@@ -228,14 +244,19 @@ def unfold_to_concat(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
     return tensor.index_select(-1, order.to(tensor.device))
 
 
-def head_pos_embed_per_channel(tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
+def head_pos_embed_per_channel(tensor: Tensor, shape: tuple[int, ...], layout: Layout) -> Tensor:
     """Released Co-Deformable-DETR: ``head_pos_embed`` is an (heads, 1) table, and row ``h`` is added
     to every channel of head h's positional queries (its padding_idx never acts: the transformer's
-    xavier init overwrites it, and the row is indexed directly). codetr keeps (heads, d): the scalar
-    broadcast to every channel gives the same sum."""
-    if tensor.shape != (shape[0], 1):
-        raise CheckpointError(f"head_pos_embed.weight is {tuple(tensor.shape)}; expected ({shape[0]}, 1)")
-    return tensor.expand(shape).clone()
+    xavier init overwrites it, and the row is indexed directly). codetr keeps (heads, d), one row per
+    entry of model.co.aux_heads: the scalar broadcast to every channel gives the same sum."""
+    heads = len(layout.checkpoint_heads)
+    if tensor.shape != (heads, 1):
+        raise CheckpointError(f"head_pos_embed.weight is {tuple(tensor.shape)}; expected ({heads}, 1), one row per "
+                              "auxiliary head of the checkpoint")
+    rows = [layout.positive_index(i) for i in range(heads)]
+    out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
+    out[rows] = tensor.expand(-1, shape[1])
+    return out
 
 
 RESNET = [
@@ -437,7 +458,7 @@ def convert_state_dict(source: dict[str, Tensor], rules: list[Rule], layout: Lay
             out.problems.append(f"{target} is filled by both {out.sources[target][0]} and {name}")
             continue
         if target in expected and rule.transform is not None:
-            tensor = rule.transform(tensor, expected[target])
+            tensor = rule.transform(tensor, expected[target], layout)
         out.state_dict[target] = tensor
         out.sources[target] = [name]
     for target, parts in stacks.items():
@@ -500,6 +521,9 @@ def convert_checkpoint(state: dict[str, Tensor], cfg: ModelConfig, keep_aux: boo
         tensors = model.state_dict() if keep_aux else model.inference_state_dict()
         expected = {k: tuple(v.shape) for k, v in tensors.items()}
     layout = Layout(len(cfg.backbone.out_indices), tuple(cfg.co.aux_heads), checkpoint_heads(state))
+    if keep_aux:
+        for kind, k in layout.checkpoint_heads:
+            layout.aux_index(kind, k)  # every auxiliary head of the checkpoint has a place in the config
     return convert_state_dict(state, rules, layout, expected, keep_aux)
 
 

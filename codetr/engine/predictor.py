@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,8 @@ def load_model(
             raise ValueError(f"{weights} names {len(names)} classes but model.num_classes is {num_classes}")
         names, ids = list(names), [int(i) for i in ids]
 
-    model = build_model(cfg.model)
+    # The weights file replaces the backbone's ImageNet initialisation: not downloaded or read.
+    model = build_model(replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)))
     load_weights(model, state, str(weights))
     return LoadedModel(model.to(device).eval(), cfg, names, ids)
 

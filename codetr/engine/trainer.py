@@ -14,8 +14,10 @@ import contextlib
 import json
 import math
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
@@ -458,6 +460,53 @@ class PlotHook(Hook):
 # ---------------------------------------------------------------------------------- train
 
 
+# Parameters whose shape follows the number of classes: when fine-tuning on another class count
+# (train.init) they keep their fresh initialisation. The DETR class branches, the RoI head's
+# classifier and class-wise box regression, the ATSS classifier, a denoising label embedding.
+CLASS_LAYERS = (r"^class_branches\.", r"\.roi\.fc_(cls|reg)\.", r"\.atss_cls\.", r"label_embedding\.")
+TRAINING_ONLY = ("adapter.", "aux_heads.", "positive_queries.")  # parts a plain detector does not have
+
+
+def load_init_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Start fine-tuning from the weights in ``path`` (.safetensors, or a codetr checkpoint ``.pt``).
+
+    Every tensor of the file loads into the model, except tensors of :data:`CLASS_LAYERS` whose
+    shape differs (another number of classes): those keep the model's fresh initialisation.
+    Training-only parts missing from the file (an inference-weights file has no auxiliary heads)
+    keep theirs too, and the file's training-only parts a plain detector lacks are skipped. Any
+    other difference (a missing inference tensor, an unknown tensor, a shape) is an error naming it.
+    Returns the report lines.
+    """
+    from codetr.engine.checkpoint import load_checkpoint, read_safetensors
+
+    path = Path(path)
+    state = read_safetensors(path)[0] if path.suffix == ".safetensors" else load_checkpoint(path)["model"]
+    own = model.state_dict()
+    needed = set(model.inference_state_dict()) if hasattr(model, "inference_state_dict") else set(own)
+    reinit = [k for k in state if k in own and state[k].shape != own[k].shape and any(re.search(p, k) for p in CLASS_LAYERS)]
+    wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})" for k in state
+             if k in own and state[k].shape != own[k].shape and k not in reinit]
+    unknown = [k for k in state if k not in own and not k.startswith(TRAINING_ONLY)]
+    missing = [k for k in own if k not in state and k in needed]
+    if wrong or unknown or missing:
+        parts = [f"{title} ({len(keys)}): {keys[:8]}" for title, keys in
+                 (("shapes differ", wrong), ("tensors the model does not have", unknown), ("missing tensors", missing)) if keys]
+        raise ValueError(f"train.init {path} does not fit the model built from the config: {'; '.join(parts)}")
+    loaded = {k: v for k, v in state.items() if k in own and k not in reinit}
+    model.load_state_dict(loaded, strict=False)
+    fresh = sorted(k for k in own if k not in state)
+    lines = [f"init from {path}: loaded {len(loaded)} of the model's {len(own)} tensors"]
+    if reinit:
+        lines.append(f"re-initialised (the number of classes differs): {', '.join(sorted(reinit))}")
+    if fresh:
+        lines.append(f"not in the file, freshly initialised: {len(fresh)} tensors under "
+                     f"{', '.join(sorted({k.split('.')[0] for k in fresh}))}")
+    skipped = sorted(k for k in state if k not in own)
+    if skipped:
+        lines.append(f"skipped (training-only parts this model does not have): {len(skipped)} tensors")
+    return lines
+
+
 def _changed_keys(before: Any, after: Any, prefix: str) -> list[str]:
     """Dotted keys whose values differ between two nested config dicts, as ``key: old -> new``."""
     if isinstance(before, dict) and isinstance(after, dict):
@@ -509,10 +558,17 @@ def train(
         raise ValueError(f"category ids differ between {cfg.data.train_annotations} {train_set.category_ids} "
                          f"and {cfg.data.val_annotations} {val_set.category_ids}")
 
-    if cfg.model.backbone.weights is None and cfg.model.backbone.norm == "frozen_bn":
+    init = cfg.train.init if not resume else None
+    if cfg.model.backbone.weights is None and cfg.model.backbone.norm == "frozen_bn" and init is None:
         log("warning: the backbone starts from random weights (model.backbone.weights: null) with frozen batch "
             "norm, i.e. no normalisation at all; to train it from scratch set model.backbone.norm=group_norm")
-    detector = build_model(cfg.model).to(device)
+    # With train.init the ImageNet backbone weights would be overwritten: not loaded.
+    model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)) if init else cfg.model
+    detector = build_model(model_cfg)
+    if init:
+        for line in load_init_weights(detector, init):
+            log(line)
+    detector = detector.to(device)
     optimizer = build_optimizer(detector, cfg.train)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.train.lr_steps), gamma=0.1)
     loss_module: nn.Module = _LossForward(detector)

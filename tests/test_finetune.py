@@ -1,0 +1,102 @@
+"""Fine-tuning from converted weights (``train.init`` / ``codetr train --init``): everything loads but
+the class layers when the number of classes differs, and training runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from codetr.cli import main
+from codetr.config import load_config
+from codetr.engine.trainer import CLASS_LAYERS, load_init_weights
+from codetr.models.build import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CLASS_DEPENDENT = {"class_branches", "fc_cls", "fc_reg", "atss_cls"}
+
+
+def tiny(num_classes: int, *overrides: str) -> torch.nn.Module:
+    torch.manual_seed(num_classes)
+    return build_model(load_config("co_deformable_detr_tiny", [f"model.num_classes={num_classes}", *overrides]).model)
+
+
+def is_class_layer(name: str) -> bool:
+    return any(part in name.split(".") for part in CLASS_DEPENDENT)
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Full weights of a 4-class tiny Co-DETR (as --keep-aux conversion writes them)."""
+    state = {k: v.clone() for k, v in tiny(4).state_dict().items()}
+    path = tmp_path_factory.mktemp("init") / "published.safetensors"
+    save_file(state, str(path))
+    return path, state
+
+
+def test_another_class_count_reinitialises_only_the_class_layers(published: tuple[Path, dict]) -> None:
+    path, state = published
+    model = tiny(3)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = "\n".join(load_init_weights(model, path))
+    reinit = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
+    assert reinit == {k for k in fresh if is_class_layer(k)}  # the class branches, RoI fc_cls / fc_reg, ATSS classifier
+    assert len(reinit) == 14 and all(any(re.search(p, k) for p in CLASS_LAYERS) for k in reinit)
+    assert all(torch.equal(model.state_dict()[k], fresh[k]) for k in reinit)  # their fresh init, untouched
+    assert f"re-initialised (the number of classes differs): {', '.join(sorted(reinit))}" in report
+    assert "freshly initialised" not in report
+
+
+def test_same_class_count_loads_everything(published: tuple[Path, dict]) -> None:
+    path, state = published
+    model = tiny(4)
+    report = load_init_weights(model, path)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not any("re-initialised" in line for line in report)
+
+
+def test_inference_weights_leave_the_training_parts_fresh(published: tuple[Path, dict], tmp_path: Path) -> None:
+    _, state = published
+    inference = {k: v for k, v in state.items() if not k.startswith(("adapter.", "aux_heads.", "positive_queries."))}
+    save_file(inference, str(tmp_path / "inference.safetensors"))
+    model = tiny(4)
+    report = load_init_weights(model, tmp_path / "inference.safetensors")
+    assert any(line.startswith("not in the file, freshly initialised") and "adapter, aux_heads, positive_queries" in line
+               for line in report)
+    plain = tiny(4, "model.co.aux_heads=[]")  # a plain detector skips the file's training-only parts
+    assert any("skipped (training-only parts" in line for line in load_init_weights(plain, published[0]))
+
+
+def test_other_mismatches_are_errors_naming_the_tensor(published: tuple[Path, dict]) -> None:
+    with pytest.raises(ValueError, match=r"shapes differ \(\d+\): .*'decoder_layers.0.ffn.0.weight \(256, 64\) \(model \(128, 64\)\)'"):
+        load_init_weights(tiny(4, "model.transformer.ffn_dim=128"), published[0])
+    with pytest.raises(ValueError, match=r"missing tensors \(\d+\): \['decoder_layers.3"):
+        load_init_weights(tiny(4, "model.transformer.dec_layers=4"), published[0])
+
+
+def test_train_init_fine_tunes_on_another_class_count(published: tuple[Path, dict], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    synth = tmp_path / "synth"
+    cfg = {
+        "base": "co_deformable_detr_tiny",
+        "data": {"train_images": str(synth / "train"), "train_annotations": str(synth / "annotations/instances_train.json"),
+                 "val_images": str(synth / "val"), "val_annotations": str(synth / "annotations/instances_val.json"),
+                 "synthetic": True, "synthetic_train": 4, "synthetic_val": 2, "synthetic_size": 64,
+                 "train_scales": [64], "max_size": 80, "crop_resize_scales": [64], "crop_size": [48, 64],
+                 "test_scale": 64, "batch_size": 2, "num_workers": 0},
+        "train": {"epochs": 1, "device": "cpu", "log_every": 1, "eval_every": 1, "max_iters": 2},
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["train", str(tmp_path / "c.yaml"), "--out", str(out), "--init", str(published[0])]) == 0
+    printed = capsys.readouterr().out
+    assert f"init from {published[0]}" in printed and "re-initialised (the number of classes differs)" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if r["type"] == "train"] == [1, 2]
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["init"] == str(published[0])
