@@ -250,9 +250,9 @@ def head_pos_embed_per_channel(tensor: Tensor, shape: tuple[int, ...], layout: L
     xavier init overwrites it, and the row is indexed directly). codetr keeps (heads, d), one row per
     entry of model.co.aux_heads: the scalar broadcast to every channel gives the same sum."""
     heads = len(layout.checkpoint_heads)
-    if tensor.shape != (heads, 1):
+    if tensor.shape != (heads, 1) or shape[0] != heads:
         raise CheckpointError(f"head_pos_embed.weight is {tuple(tensor.shape)}; expected ({heads}, 1), one row per "
-                              "auxiliary head of the checkpoint")
+                              f"auxiliary head of the checkpoint, for a model with {shape[0]}")
     rows = [layout.positive_index(i) for i in range(heads)]
     out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
     out[rows] = tensor.expand(-1, shape[1])
