@@ -3,5 +3,9 @@
 from codetr.ops.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
 from codetr.ops.deform_attn import multi_scale_deformable_attn
 from codetr.ops.roi_align import roi_align
+from codetr.ops.soft_nms import batched_soft_nms
 
-__all__ = ["box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "inverse_sigmoid", "multi_scale_deformable_attn", "roi_align"]
+__all__ = [
+    "batched_soft_nms", "box_cxcywh_to_xyxy", "box_xyxy_to_cxcywh", "inverse_sigmoid", "multi_scale_deformable_attn",
+    "roi_align",
+]
