@@ -52,7 +52,7 @@ def quality(run: Path, heldout_root: Path, images: int) -> dict[str, float]:
     best_iou, right_score, found, dup, kept, seen = [], [], 0, 0, 0, 0
     for batch in loader:
         if not seen:
-            c5_std = float(model.backbone(batch.images)[-1].std())
+            c5_std = float(getattr(model, "detector", model).backbone(batch.images)[-1].std())
         output, _ = model(batch.images, batch.masks)
         detections = model.postprocess(output.logits[-1], output.boxes[-1], batch.image_sizes)  # as predict()
         for b, (target, det) in enumerate(zip(batch.targets, detections)):

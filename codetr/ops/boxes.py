@@ -1,5 +1,6 @@
 """Box helpers not provided by torchvision.ops (use box_convert, box_iou, generalized_box_iou there)."""
 
+import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
@@ -18,3 +19,14 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x) with x clamped to [0, 1] and both x and 1 - x clamped to at least ``eps``."""
     x = x.clamp(0.0, 1.0)
     return (x.clamp(min=eps) / (1 - x).clamp(min=eps)).log()
+
+
+def aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of each pair (boxes1[i], boxes2[i]), (N, 4) xyxy each -> (N,); the union is clamped to
+    at least ``eps`` (as mmdet's ``bbox_overlaps(..., is_aligned=True)``)."""
+    lt = torch.max(boxes1[:, :2], boxes2[:, :2])
+    rb = torch.min(boxes1[:, 2:], boxes2[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(-1)
+    area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(-1)
+    return inter / (area1 + area2 - inter).clamp(min=eps)
