@@ -37,7 +37,10 @@ class DataConfig:
     crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     test_scale: int = 800
-    batch_size: int = 2
+    batch_size: int = 2  # training images per process and step
+    # Evaluation images per forward. 1, as released: in a padded batch an image's detections would
+    # depend on the size of its batch partners (zero padding at the convolutions' borders).
+    eval_batch_size: int = 1
     num_workers: int = 2
 
 

@@ -441,6 +441,35 @@ def test_no_detections_gives_zero_ap(eval_data: Path) -> None:
     assert run_eval(eval_data, nothing) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0}
 
 
+def test_an_images_detections_do_not_depend_on_the_rest_of_the_evaluation_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A random tiny Deformable-DETR evaluated (through ``evaluate`` and the "val" loader, as
+    ``codetr eval`` and training do) on one small image alone, then with larger images after it:
+    that image's COCO records are identical, whatever ``data.batch_size`` (training) is."""
+    from codetr.models.build import build_model
+
+    small = (40, 32, [(4, 4, 20, 16, 3)])
+    others = [(64, 40, [(10, 10, 30, 20, 17)]), (36, 64, [(6, 20, 20, 30, 90)])]
+    write_coco(tmp_path / "alone", "val", [small])
+    write_coco(tmp_path / "mixed", "val", [small, *others])
+    cfg = load_config("deformable_detr_tiny", ["model.num_classes=3", "data.synthetic=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    captured: list[list[dict]] = []
+    monkeypatch.setattr("codetr.engine.evaluator.coco_metrics", lambda gt, results, ids: captured.append(results))
+
+    def records_of_image_1(root: Path) -> list[dict]:
+        data = data_config(root, test_scale=64, max_size=96, batch_size=3)
+        loader = build_dataloader(data, "val", shuffle=False)
+        evaluate(model, loader.dataset, loader)
+        return [r for r in captured[-1] if r["image_id"] == 1]
+
+    alone = records_of_image_1(tmp_path / "alone")
+    assert len(alone) == 100  # model.max_detections
+    assert records_of_image_1(tmp_path / "mixed") == alone
+
+
 # ------------------------------------------------------------------------------ prediction
 
 
