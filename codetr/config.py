@@ -35,6 +35,7 @@ class DataConfig:
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = 1333
     crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_max_size: int = 4200  # cap of the longer side in the crop branch's first resize (as released)
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     test_scale: int = 800
     batch_size: int = 2  # training images per process and step
