@@ -69,14 +69,24 @@ def test_training_step_losses_and_gradients(head_cls):
         torch.testing.assert_close(twelve[k], again[k] * 12)
 
 
-def test_atss_exports_every_anchor_with_its_assignment():
+def test_atss_exports_every_anchor_with_its_assignment_and_zero_boxes_in_the_padding():
     torch.manual_seed(0)
     head = ATSSHead(4, 32, STRIDES)
     feats = pyramid()
     _, exports = head.forward_train(feats, SIZES, TARGETS)
     _, _, _, anchors, counts = head(feats)
     for b, (ex, target) in enumerate(zip(exports, TARGETS)):
-        assert torch.equal(ex.boxes, anchors) and ex.boxes.shape[0] == sum(counts)
+        assert ex.boxes.shape[0] == sum(counts)
+        # anchors centred inside the unpadded image (h, w) as they are; those of the padding
+        # region (image 1 is 96 x 112 in a 128 x 128 batch) as zero boxes, background (as released)
+        h, w = SIZES[b].tolist()
+        centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+        inside = (centres[:, 0] < w) & (centres[:, 1] < h)
+        assert torch.equal(ex.boxes[inside], anchors[inside])
+        assert torch.all(ex.boxes[~inside] == 0) and torch.all(ex.labels[~inside] == 4)
+        assert torch.all(ex.target_boxes[~inside] == 0)
+        assert int((~inside).sum()) == (0 if b == 0 else sum(c - -(-96 // s) * -(-112 // s)
+                                                             for c, s in zip(counts, STRIDES)))
         pos = ex.labels < 4
         assert pos.any()
         # each positive's target is one of the ground truths, with the matching label

@@ -83,7 +83,8 @@ class ATSSHead(nn.Module):
     def forward_train(self, feats: list[Tensor], image_sizes: Tensor,
                       targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:
         """Losses ``atss.loss_cls``, ``atss.loss_bbox``, ``atss.loss_centerness`` and, per image,
-        every anchor with its assignment (feats: the pyramid feature at the anchor)."""
+        every anchor with its assignment (feats: the pyramid feature at the anchor). Anchors at
+        locations outside the unpadded image are exported as zero boxes, background, zero target."""
         logits, deltas, centerness, anchors, counts = self(feats)
         batch = logits.shape[0]
         pyramid = torch.cat([x.flatten(2) for x in feats], 2).transpose(1, 2)  # (B, A, C)
@@ -101,7 +102,9 @@ class ATSSHead(nn.Module):
             labels[b, idx] = assignment.labels(targets[b].labels, self.num_classes)
             target_boxes[b, idx[pos]] = targets[b].boxes[assignment.gt[pos]]
             label_weights[b, idx] = 1.0
-            exports.append(PositiveSet(anchors, labels[b], target_boxes[b], pyramid[b]))
+            # as released (``unmap`` of the valid anchors): anchors of the padding region are zero boxes
+            exports.append(PositiveSet(torch.where(valid[:, None], anchors, 0.0), labels[b], target_boxes[b],
+                                       pyramid[b]))
         positive = labels < self.num_classes
         num_pos = mean_across_processes(float(positive.sum()), logits.device)
         onehot = F.one_hot(labels, self.num_classes + 1)[..., :self.num_classes].to(logits.dtype)
