@@ -35,9 +35,16 @@ class DataConfig:
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = 1333
     crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_max_size: int = 4200  # cap of the longer side in the crop branch's first resize (as released)
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     test_scale: int = 800
-    batch_size: int = 2
+    batch_size: int = 2  # training images per process and step
+    # Training batches of landscape (width / height > 1) or of other images only, as mmdet's group
+    # sampler; false: batches of any images.
+    group_by_aspect_ratio: bool = True
+    # Evaluation images per forward. 1, as released: in a padded batch an image's detections would
+    # depend on the size of its batch partners (zero padding at the convolutions' borders).
+    eval_batch_size: int = 1
     num_workers: int = 2
 
 

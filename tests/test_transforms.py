@@ -123,6 +123,26 @@ def test_train_resize_respects_shorter_side_and_max_size():
         assert short in CFG.train_scales or long >= CFG.max_size - 1, (trial, image.shape)
 
 
+def test_crop_branch_first_resize_caps_the_longer_side(monkeypatch):
+    # a 20 x 400 strip: shorter side 400 would make it 400 x 8000; the released cap 4200 gives
+    # 210 x 4200 (scale min(400 / 20, 4200 / 400) = 10.5), the image the random crop receives
+    cfg = DataConfig(train_scales=[64], max_size=4000, crop_resize_scales=[400], crop_size=[100, 100])
+    assert cfg.crop_max_size == 4200
+    seen = []
+    real = RandomSizeCrop.make_params
+
+    def recording(self, flat_inputs):
+        seen.append(v2.query_size(flat_inputs))
+        return real(self, flat_inputs)
+
+    monkeypatch.setattr(RandomSizeCrop, "make_params", recording)
+    transforms = build_transforms(cfg, train=True)
+    for trial in range(8):
+        torch.manual_seed(trial)
+        transforms(*_scene(20, 400, [((10, 2, 300, 18), RED)]))
+    assert seen and set(seen) == {(210, 4200)}
+
+
 def test_random_size_crop_draws_sizes_in_range_clipped_to_the_image():
     crop = RandomSizeCrop(60, 110)
     sizes = set()

@@ -88,6 +88,11 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def aspect_ratio_groups(self) -> list[int]:
+        """Per image, from the sizes in the annotation file: 1 if landscape (width / height > 1),
+        else 0 (mmdet's group flag, for batching images of one orientation together)."""
+        return [int(self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] > 1) for i in self.image_ids]
+
     def load_image(self, index: int) -> Image.Image:
         """The RGB image of sample ``index``, as stored on disk."""
         image_id = self.image_ids[index]

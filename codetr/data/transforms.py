@@ -51,7 +51,7 @@ def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
 
     train: flip (p=0.5); then, with equal chance, either a multi-scale resize (shorter side from
     ``cfg.train_scales``, longer side capped at ``cfg.max_size``) or a resize of the shorter
-    side to one of ``cfg.crop_resize_scales`` (uncapped), a random crop of size in
+    side to one of ``cfg.crop_resize_scales`` (longer side capped at ``cfg.crop_max_size``), a random crop of size in
     ``cfg.crop_size`` and the same multi-scale resize; boxes are clipped to the image and those
     made degenerate (width or height < 1 px) are removed with their labels.
     val: shorter side resized to ``cfg.test_scale``, longer side capped at ``cfg.max_size`` (as
@@ -71,7 +71,7 @@ def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
         ])
     multi_scale = v2.RandomShortestSize(cfg.train_scales, max_size=cfg.max_size)
     crop = v2.Compose([
-        v2.RandomShortestSize(cfg.crop_resize_scales),
+        v2.RandomShortestSize(cfg.crop_resize_scales, max_size=cfg.crop_max_size),
         RandomSizeCrop(cfg.crop_size[0], cfg.crop_size[1]),
         v2.RandomShortestSize(cfg.train_scales, max_size=cfg.max_size),
     ])
