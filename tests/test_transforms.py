@@ -262,6 +262,10 @@ def test_lsj_val_fits_the_image_in_the_canvas_and_pads_with_114(size, content):
     assert torch.allclose(_colour_box(_unnormalize(out_image), RED), out["boxes"][0], atol=1.0)
 
 
-def test_unknown_augment_is_an_error():
+def test_bad_augment_settings_are_errors_naming_the_field():
     with pytest.raises(ValueError, match="data.augment"):
         build_transforms(DataConfig(augment="mosaic"), train=True)
+    with pytest.raises(ValueError, match="data.lsj_size"):
+        build_transforms(DataConfig(augment="lsj", lsj_size=0), train=False)
+    with pytest.raises(ValueError, match="data.lsj_scale_range"):
+        build_transforms(DataConfig(augment="lsj", lsj_scale_range=[2.0, 0.1]), train=True)

@@ -127,6 +127,10 @@ def _lsj_transforms(cfg: DataConfig, train: bool) -> list[v2.Transform]:
     emptied boxes removed, crops without boxes allowed), flip, pad to the canvas with 114.
     val: keep-ratio resize of the longer side to the canvas, pad to it with 114."""
     size = cfg.lsj_size
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError(f"data.lsj_size must be a positive integer, got {size!r}")
+    if len(cfg.lsj_scale_range) != 2 or not 0 < cfg.lsj_scale_range[0] <= cfg.lsj_scale_range[1]:
+        raise ValueError(f"data.lsj_scale_range must be [min, max] with 0 < min <= max, got {cfg.lsj_scale_range}")
     if not train:
         return [KeepRatioResize(size), RecordContentSize(), PadToCanvas(size)]
     return [
