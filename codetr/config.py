@@ -30,6 +30,11 @@ class DataConfig:
     synthetic_val: int = 16
     synthetic_size: int = 256
     synthetic_seed: int = 0
+    # Augmentation: "detr" (the fields below) or "lsj" (large-scale jitter on a square canvas of side
+    # lsj_size padded with 114, as the released Co-DINO LSJ configs; the canvas is the model's image).
+    augment: str = "detr"
+    lsj_size: int = 1024
+    lsj_scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # DETR augmentation: random flip; multi-scale resize of the shorter side (max_size caps the
     # longer side), or resize + random crop + multi-scale resize.
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))

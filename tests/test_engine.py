@@ -23,6 +23,7 @@ from codetr.engine import evaluate, load_model, predict_images, train
 from codetr.engine import trainer as trainer_module
 from codetr.engine.checkpoint import atomic_save, load_checkpoint
 from codetr.engine.evaluator import coco_results
+from codetr.engine.predictor import PALETTE, LoadedModel
 from codetr.engine.trainer import Trainer, param_groups
 from codetr.structures import Batch, Detections, Target
 
@@ -521,6 +522,50 @@ def test_an_images_detections_do_not_depend_on_the_rest_of_the_evaluation_set(
     alone = records_of_image_1(tmp_path / "alone")
     assert len(alone) == 100  # model.max_detections
     assert records_of_image_1(tmp_path / "mixed") == alone
+
+
+def test_lsj_evaluation_maps_boxes_back_to_the_stored_image(eval_data: Path) -> None:
+    """With LSJ the model sees 64 x 64 canvases (200 x 160 images resized to 64 x 51, padded with
+    114, no padding mask); ground truth answered in canvas coordinates comes back as the
+    annotations (AP 100), although the canvas is not the resized image."""
+    data = data_config(eval_data, augment="lsj", lsj_size=64, batch_size=3)
+    loader = build_dataloader(data, "val", shuffle=False)
+    batches = list(loader)
+    for batch in batches:
+        assert batch.images.shape[-2:] == (64, 64) and not batch.masks.any()
+        assert batch.image_sizes.tolist() == [[64, 64]] * len(batch.targets)
+        assert [t.content_size for t in batch.targets] == [(51, 64)] * len(batch.targets)
+    records = coco_results([ground_truth(t) for t in batches[0].targets], batches[0], CATEGORY_IDS)
+    annotations = loader.dataset.coco.loadAnns(loader.dataset.coco.getAnnIds(imgIds=[1]))
+    assert [r["bbox"] for r in records] == [pytest.approx(a["bbox"], abs=1e-3) for a in annotations]
+    metrics = evaluate(OracleDetector(ground_truth), loader.dataset, batches)
+    assert metrics == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "APs": 100.0, "APm": 100.0, "APl": 100.0}
+
+
+class FixedDetector(nn.Module):
+    """Detects one box, (8, 4, 40, 24) xyxy in the model input, in every image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def predict(self, batch: Batch) -> list[Detections]:
+        box = torch.tensor([[8.0, 4.0, 40.0, 24.0]])
+        return [Detections(box, torch.tensor([0.9]), torch.tensor([1])) for _ in batch.targets]
+
+
+def test_lsj_predictions_are_drawn_in_the_stored_image(tmp_path: Path) -> None:
+    # a 200 x 100 image fills 64 x 32 of the 64 x 64 canvas (scale 0.32): the canvas box
+    # (8, 4, 40, 24) is (25, 12.5, 125, 75) in the image, xywh (25, 12.5, 100, 62.5)
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (200, 100), (40, 40, 40)).save(path)
+    cfg = Config(model=ModelConfig(num_classes=3), data=DataConfig(augment="lsj", lsj_size=64))
+    loaded = LoadedModel(FixedDetector().eval(), cfg, NAMES, CATEGORY_IDS)
+    records = predict_images(loaded, [path], tmp_path / "out")
+    assert [r["bbox"] for r in records] == [[25.0, 12.5, 100.0, 62.5]]
+    drawn = np.asarray(Image.open(tmp_path / "out" / "wide.png"))
+    assert tuple(drawn[60, 25]) == PALETTE[1] and tuple(drawn[60, 125]) == PALETTE[1]  # left and right edges
+    assert tuple(drawn[60, 60]) == (40, 40, 40)
 
 
 # ------------------------------------------------------------------------------ prediction

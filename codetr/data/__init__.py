@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from codetr.config import DataConfig
 from codetr.data.batch import collate
-from codetr.data.coco import CocoDetection
+from codetr.data.coco import CocoDetection, transformed_sample
 from codetr.data.synthetic import generate_synthetic_coco, synthetic_is_current
 from codetr.data.transforms import build_transforms
 
@@ -21,6 +21,7 @@ __all__ = [
     "build_transforms",
     "collate",
     "generate_synthetic_coco",
+    "transformed_sample",
 ]
 
 SPLITS = ("train", "val")

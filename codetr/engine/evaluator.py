@@ -24,19 +24,22 @@ def coco_results(
 ) -> list[dict[str, Any]]:
     """COCO result records of one batch.
 
-    Boxes are rescaled from the unpadded input image (``batch.image_sizes``) to the image as
-    stored (``Target.orig_size``), clipped to it and written as xywh; labels are mapped to the
-    dataset's category ids (``category_ids[label]``).
+    Boxes (xyxy in the model input) are clipped to the input image (``batch.image_sizes``) and
+    divided by the resize scale, ``Target.content_size`` (the resized image inside a padded
+    canvas; by default the input image itself) over ``Target.orig_size``, as the released heads
+    rescale; written as xywh in the image as stored. (With a padded canvas a box may reach
+    beyond the stored image, as released.) Labels are mapped to the dataset's category ids
+    (``category_ids[label]``).
     """
     records = []
     for det, size, target in zip(detections, batch.image_sizes.tolist(), batch.targets):
         if det.boxes.numel() == 0:
             continue
         (h, w), (orig_h, orig_w) = size, target.orig_size
-        scale = det.boxes.new_tensor([orig_w / w, orig_h / h, orig_w / w, orig_h / h])
-        boxes = (det.boxes.detach().float().cpu() * scale.cpu())
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, orig_w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, orig_h)
+        content_h, content_w = target.content_size or (h, w)
+        boxes = det.boxes.detach().float().cpu().clone()
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w) * (orig_w / content_w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h) * (orig_h / content_h)
         boxes[:, 2:] -= boxes[:, :2]
         for box, score, label in zip(boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
             records.append({

@@ -16,10 +16,9 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from codetr.config import Config, load_config
-from codetr.data import build_transforms, collate
+from codetr.data import build_transforms, collate, transformed_sample
 from codetr.engine.checkpoint import load_checkpoint, read_safetensors
 from codetr.engine.evaluator import coco_results
-from codetr.structures import Target
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PALETTE = [
@@ -180,8 +179,8 @@ def predict_images(loaded: LoadedModel, images: list[Path], out_dir: str | Path,
         with Image.open(path) as img:
             image = img.convert("RGB")
         pixels = tv_tensors.Image(F.pil_to_tensor(image))
-        target = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 0, (image.height, image.width))
-        batch = collate([(transform(pixels).as_subclass(Tensor), target)]).to(device)
+        sample = transformed_sample(pixels, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), transform)
+        batch = collate([sample]).to(device)
         found = [r for r in coco_results(loaded.model.predict(batch), batch, category_ids)
                  if r["score"] >= score_thr]
         draw_detections(image, found, class_names, category_ids).save(out_dir / path.name)
