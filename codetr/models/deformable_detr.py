@@ -10,6 +10,7 @@ DINO) override or reuse one step:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -149,7 +150,7 @@ class DeformableDETR(nn.Module):
             if hasattr(m, "sampling_offsets"):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
-        prior_bias = -torch.log(torch.tensor((1 - 0.01) / 0.01)).item()
+        prior_bias = -math.log((1 - 0.01) / 0.01)
         for cls in self.class_branches:
             nn.init.constant_(cls.bias, prior_bias)
         for box in self.box_branches:
