@@ -41,18 +41,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from codetr.data import build_dataloader
-    from codetr.engine import evaluate, load_model
+    from codetr.engine import load_model
+    from codetr.engine.evaluator import evaluate_on_val
     from codetr.engine.predictor import resolve_device
 
     cfg = _load_config(args.config, args.overrides)
     loaded = load_model(args.weights, args.config, args.overrides, resolve_device(args.device))
-    loader = build_dataloader(cfg.data, "val", shuffle=False)
-    dataset = loader.dataset
-    if loaded.category_ids is not None and loaded.category_ids != list(dataset.category_ids):
-        raise CliError(f"{args.weights} was trained for category ids {loaded.category_ids}, but "
-                       f"{cfg.data.val_annotations} has {list(dataset.category_ids)}")
-    metrics = evaluate(loaded.model, dataset, loader)
+    try:
+        metrics = evaluate_on_val(loaded.model, cfg.data, loaded.category_ids, str(args.weights))
+    except ValueError as err:
+        raise CliError(str(err)) from err
     out = Path(args.out) if args.out else Path(args.weights).parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")

@@ -18,3 +18,11 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """logit(x) with x clamped to [0, 1] and both x and 1 - x clamped to at least ``eps``."""
     x = x.clamp(0.0, 1.0)
     return (x.clamp(min=eps) / (1 - x).clamp(min=eps)).log()
+
+
+def rescale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int]) -> Tensor:
+    """(K, 4) xyxy pixels of an image of ``from_size`` (h, w) -> xyxy pixels of the same image
+    resized to ``to_size`` (h, w), clipped to it."""
+    (h, w), (to_h, to_w) = from_size, to_size
+    scaled = boxes * boxes.new_tensor([to_w / w, to_h / h, to_w / w, to_h / h])
+    return scaled.clamp(min=0).minimum(scaled.new_tensor([to_w, to_h, to_w, to_h]))
