@@ -63,6 +63,8 @@ class ImageDetector(Protocol):
     """What :func:`predict_images` runs: a PyTorch :class:`LoadedModel` or an ONNX model
     (:class:`codetr.export.OnnxDetector`)."""
 
+    cfg: Config
+
     def detect(self, image: Tensor) -> Detections: ...
 
     def labels(self) -> tuple[list[str], list[int]]: ...
