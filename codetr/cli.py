@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="model.safetensors or a training checkpoint (last.pt)")
     p.add_argument("--out", required=True, help="the ONNX file to write, e.g. model.onnx")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
-                   help=f"ONNX opset (default {DEFAULT_OPSET}, the first with GridSample; 11 or later with "
+                   help=f"ONNX opset (default {DEFAULT_OPSET}, the first with GridSample; 14 or later with "
                         "--no-grid-sample)")
     p.add_argument("--no-grid-sample", action="store_true",
                    help="sample the deformable attention with gathers instead of GridSample (for runtimes without it)")

@@ -158,18 +158,21 @@ def test_train_from_loaded_weights_starts_from_them(run: tuple[Path, dict[str, f
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_to_supervision(run: tuple[Path, dict[str, float]], config_file: Path,
-                        monkeypatch: pytest.MonkeyPatch) -> None:
-    result = Detector.from_pretrained(run[0], device="cpu").predict(val_images(config_file)[0], 0.0)[0]
+def test_to_supervision(run: tuple[Path, dict[str, float]], config_file: Path) -> None:
     supervision = pytest.importorskip("supervision")
+    result = Detector.from_pretrained(run[0], device="cpu").predict(val_images(config_file)[0], 0.0)[0]
     sv = result.to_supervision()
     assert isinstance(sv, supervision.Detections) and len(sv) == len(result)
     np.testing.assert_array_equal(sv.xyxy, result.boxes.numpy())
     np.testing.assert_array_equal(sv.confidence, result.scores.numpy())
     np.testing.assert_array_equal(sv.class_id, result.labels.numpy())
     assert list(sv.data["class_name"]) == result.names
+
+
+def test_to_supervision_without_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "supervision", None)  # as if not installed
-    with pytest.raises(ImportError, match="pip install supervision"):
+    result = Prediction(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), [])
+    with pytest.raises(ImportError, match="optional package supervision: pip install supervision"):
         result.to_supervision()
 
 

@@ -45,7 +45,7 @@ from codetr.engine.predictor import LoadedModel
 from codetr.ops.deform_attn import use_sampler
 
 DEFAULT_OPSET = 16  # the first opset with GridSample (bilinear, zeros padding, align_corners=False)
-MIN_OPSET_GATHER = 11  # --no-grid-sample: GatherElements, Where, Floor
+MIN_OPSET_GATHER = 14  # --no-grid-sample: the decoder self-attention (scaled_dot_product_attention) needs 14
 INPUT_NAMES = ["images", "orig_sizes"]
 OUTPUT_NAMES = ["boxes", "scores", "labels"]
 METADATA_KEYS = ("codetr_config", "codetr_class_names", "codetr_category_ids", "codetr_sampler")

@@ -38,7 +38,7 @@ def grid_sample_bilinear(value: Tensor, locations: Tensor) -> Tensor:
 
 
 def gather_bilinear(value: Tensor, locations: Tensor) -> Tensor:
-    """Same as :func:`grid_sample_bilinear`, as four gathers of the neighbouring pixels.
+    """Same as :func:`grid_sample_bilinear`, as one gather of the four neighbouring pixels.
 
     Pixel centres sit at (i + 0.5) / size; a neighbour outside the map contributes zero.
     """
@@ -48,18 +48,16 @@ def gather_bilinear(value: Tensor, locations: Tensor) -> Tensor:
     y = locations[..., 1] * h - 0.5
     x0, y0 = x.floor(), y.floor()
     fx, fy = x - x0, y - y0
-    flat = value.flatten(2)  # (N, D, H*W)
-    out = value.new_zeros((n, d, q, p))
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-        for dx, wx in ((0, 1 - fx), (1, fx)):
-            xi, yi = x0 + dx, y0 + dy
-            inside = (xi >= 0) & (xi <= w - 1) & (yi >= 0) & (yi <= h - 1)
-            # outside neighbours read pixel 0 and get weight 0 (no clamp: its bounds would be
-            # constants in an ONNX trace, and the image size is dynamic there)
-            index = torch.where(inside, yi * w + xi, 0).long().reshape(n, 1, q * p)
-            corner = flat.gather(2, index.expand(n, d, q * p)).view(n, d, q, p)
-            out = out + corner * (wx * wy * inside.to(value.dtype)).unsqueeze(1)
-    return out
+    # the four neighbours (N, Q, P, 4): top-left, top-right, bottom-left, bottom-right
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
+    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    inside = (xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1)
+    # outside neighbours read pixel 0 with weight 0 (no clamp: its bounds would be constants in
+    # an ONNX trace, and the image size is dynamic there)
+    index = torch.where(inside, ys * w + xs, 0).long().reshape(n, 1, q * p * 4)
+    corners = value.flatten(2).gather(2, index.expand(n, d, q * p * 4)).view(n, d, q, p, 4)
+    return (corners * (weights * inside.to(value.dtype)).unsqueeze(1)).sum(-1)
 
 
 def multi_scale_deformable_attn(
