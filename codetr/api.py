@@ -14,7 +14,7 @@ runs), ``evaluate`` :func:`codetr.engine.evaluator.evaluate_on_val` (``codetr ev
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -265,23 +265,26 @@ def _dotted_fields(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _images(source: ImageSource | Sequence[ImageSource]) -> list[tuple[Tensor, Path | None]]:
-    """Every image of ``source`` as ((3, H, W) RGB tensor, file path or None)."""
+def _images(source: ImageSource | Sequence[ImageSource]) -> Iterator[tuple[Tensor, Path | None]]:
+    """Every image of ``source`` as ((3, H, W) RGB tensor, file path or None), read one at a time."""
     if isinstance(source, (list, tuple)):
-        return [item for element in source for item in _images(element)]
-    if isinstance(source, (str, Path)):
-        return [(read_image(path), path) for path in list_images(source)]
-    if isinstance(source, Image.Image):
-        return [(F.pil_to_tensor(source.convert("RGB")), None)]
-    if isinstance(source, np.ndarray):
+        for element in source:
+            yield from _images(element)
+    elif isinstance(source, (str, Path)):
+        for path in list_images(source):
+            yield read_image(path), path
+    elif isinstance(source, Image.Image):
+        yield F.pil_to_tensor(source.convert("RGB")), None
+    elif isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[-1] != 3 or source.dtype != np.uint8:
             raise ValueError(f"an ndarray image must be (H, W, 3) uint8 RGB, got {source.shape} {source.dtype}")
-        return [(torch.from_numpy(source.copy()).permute(2, 0, 1), None)]  # a copy: the array may be read-only
-    if isinstance(source, Tensor):
+        yield torch.from_numpy(source.copy()).permute(2, 0, 1), None  # a copy: the array may be read-only
+    elif isinstance(source, Tensor):
         if source.ndim != 3 or source.shape[0] != 3:
             raise ValueError(f"a tensor image must be (3, H, W) RGB, got {tuple(source.shape)}")
         if source.dtype != torch.uint8 and not source.is_floating_point():
             raise ValueError(f"a tensor image must be uint8 or float in [0, 1], got {source.dtype}")
-        return [(source.detach().cpu(), None)]
-    raise TypeError(f"cannot read an image from {type(source).__name__}: give a path, folder, PIL image, "
-                    "ndarray (H, W, 3) uint8 or tensor (3, H, W)")
+        yield source.detach().cpu(), None
+    else:
+        raise TypeError(f"cannot read an image from {type(source).__name__}: give a path, folder, PIL image, "
+                        "ndarray (H, W, 3) uint8 or tensor (3, H, W)")
