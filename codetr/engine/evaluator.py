@@ -13,7 +13,10 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch import nn
 
+from codetr.config import DataConfig
+from codetr.data import build_dataloader
 from codetr.engine import distributed as dist
+from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Batch, Detections
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -33,22 +36,19 @@ def coco_results(
     """
     records = []
     for det, size, target in zip(detections, batch.image_sizes.tolist(), batch.targets):
-        if det.boxes.numel() == 0:
-            continue
-        (h, w), (orig_h, orig_w) = size, target.orig_size
-        content_h, content_w = target.content_size or (h, w)
-        boxes = det.boxes.detach().float().cpu().clone()
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w) * (orig_w / content_w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h) * (orig_h / content_h)
-        boxes[:, 2:] -= boxes[:, :2]
-        for box, score, label in zip(boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
-            records.append({
-                "image_id": target.image_id,
-                "category_id": int(category_ids[label]),
-                "bbox": [round(v, 3) for v in box],
-                "score": round(float(score), 5),
-            })
+        boxes = rescale_boxes(det.boxes.detach().float().cpu(), tuple(size), target.orig_size, target.content_size)
+        records += detection_records(Detections(boxes, det.scores, det.labels), target.image_id, category_ids)
     return records
+
+
+def detection_records(det: Detections, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``) of the
+    detections of one image, boxes xyxy in pixels of the image as stored."""
+    xywh = det.boxes.detach().float().cpu().clone()
+    xywh[:, 2:] -= xywh[:, :2]
+    return [{"image_id": image_id, "category_id": int(category_ids[label]), "bbox": [round(v, 3) for v in box],
+             "score": round(float(score), 5)}
+            for box, score, label in zip(xywh.tolist(), det.scores.tolist(), det.labels.tolist())]
 
 
 def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Iterable[int]) -> dict[str, float]:
@@ -107,3 +107,18 @@ def evaluate(model: nn.Module, dataset: Any, dataloader: Iterable[Batch]) -> dic
         return {}
     unique = dict(gathered)  # a DistributedSampler may repeat images: keep one copy
     return coco_metrics(dataset.coco, [r for records in unique.values() for r in records], unique)
+
+
+def evaluate_on_val(model: nn.Module, cfg: DataConfig, category_ids: Sequence[int] | None,
+                    source: str) -> dict[str, float]:
+    """What ``codetr eval`` computes: :func:`evaluate` on the validation split of ``cfg``.
+
+    ``category_ids`` are the dataset ids the model was trained for (None: not known); they
+    must be the validation set's, else a ValueError names ``source`` (the weights file).
+    """
+    loader = build_dataloader(cfg, "val", shuffle=False)
+    dataset = loader.dataset
+    if category_ids is not None and list(category_ids) != list(dataset.category_ids):
+        raise ValueError(f"{source} was trained for category ids {list(category_ids)}, but "
+                         f"{cfg.val_annotations} has {list(dataset.category_ids)}")
+    return evaluate(model, dataset, loader)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, clip_boxes_to_image
+from torchvision.ops import box_convert
 
 from codetr.config import ModelConfig
 from codetr.models.backbones import build_backbone
@@ -289,21 +289,35 @@ class DeformableDETR(nn.Module):
     def predict(self, batch: Batch) -> list[Detections]:
         """Top ``max_detections`` (query, class) pairs by sigmoid score, no NMS; boxes xyxy in
         pixels of each unpadded input image, clipped to it."""
-        out, _ = self(batch.images, batch.masks)
-        return self.postprocess(out.logits[-1], out.boxes[-1], batch.image_sizes)
+        boxes, scores, labels = self.predict_tensors(batch.images, batch.masks, batch.image_sizes)
+        return [Detections(*per_image) for per_image in zip(boxes, scores, labels)]
 
-    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor) -> list[Detections]:
-        """logits (B, Q, C), boxes (B, Q, 4) cxcywh normalised, image_sizes (B, 2) hw."""
-        batch, _, num_classes = logits.shape
+    def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference with tensors in and out (what ``predict`` and the ONNX export run).
+
+        images (B, 3, H, W) normalised, masks (B, H, W) True on padding, image_sizes (B, 2) (h, w)
+        of the frame the boxes are returned in (the unpadded input image, or the original image:
+        the boxes are normalised until scaled by it). Returns :meth:`postprocess`'s tensors.
+        """
+        out, _ = self(images, masks)
+        return self.postprocess(out.logits[-1], out.boxes[-1], image_sizes)
+
+    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k over the sigmoid scores of every (query, class) pair, as tensor ops only.
+
+        logits (B, Q, C), boxes (B, Q, 4) cxcywh normalised, image_sizes (B, 2) (h, w).
+        Returns boxes (B, K, 4) xyxy in pixels of image_sizes, clipped to them; scores (B, K)
+        descending; labels (B, K) int64; K = min(max_detections, Q * C).
+        """
+        num_classes = logits.shape[-1]
         scores = logits.sigmoid().flatten(1)
         k = min(self.cfg.max_detections, scores.shape[1])
         top_scores, top = scores.topk(k, dim=1)
         query, label = top // num_classes, top % num_classes
         xyxy = box_convert(torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4)), "cxcywh", "xyxy")
         h, w = image_sizes[:, 0:1].to(xyxy), image_sizes[:, 1:2].to(xyxy)
-        xyxy = xyxy * torch.stack([w, h, w, h], -1)
-        return [Detections(clip_boxes_to_image(xyxy[b], tuple(image_sizes[b].tolist())), top_scores[b], label[b])
-                for b in range(batch)]
+        scale = torch.stack([w, h, w, h], -1)  # (B, 1, 4)
+        return (xyxy * scale).clamp(min=0).minimum(scale), top_scores, label
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """Everything is needed at inference."""

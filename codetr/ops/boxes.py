@@ -30,3 +30,15 @@ def aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor
     area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(-1)
     area2 = (boxes2[:, 2:] - boxes2[:, :2]).prod(-1)
     return inter / (area1 + area2 - inter).clamp(min=eps)
+
+
+def rescale_boxes(boxes: Tensor, from_size: tuple[int, int], to_size: tuple[int, int],
+                  content_size: tuple[int, int] | None = None) -> Tensor:
+    """(K, 4) xyxy pixels of a model input of ``from_size`` (h, w) -> xyxy pixels of the image as
+    stored, of ``to_size`` (h, w). Boxes are clipped to the model input, then scaled by stored /
+    resized size; ``content_size`` (h, w) is the resized image inside a padded canvas (LSJ),
+    by default the whole input."""
+    (h, w), (to_h, to_w) = from_size, to_size
+    content_h, content_w = content_size or from_size
+    clipped = boxes.clamp(min=0).minimum(boxes.new_tensor([w, h, w, h]))
+    return clipped * boxes.new_tensor([to_w / content_w, to_h / content_h, to_w / content_w, to_h / content_h])
