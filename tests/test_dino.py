@@ -12,9 +12,10 @@ import torch
 from codetr.config import load_config
 from codetr.models.build import build_model
 from codetr.models.codetr import CoDETR
-from codetr.models.dino import DINO
+from codetr.models.dino import DINO, apply_soft_nms
 from codetr.models.transformer.position import box_sine_embed
-from codetr.structures import Batch, Target
+from codetr.ops.soft_nms import batched_soft_nms
+from codetr.structures import Batch, Detections, Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -159,14 +160,24 @@ def test_inference_top_k_soft_nms_then_max_detections():
     model = build_model(cfg).eval()
     logits, boxes = torch.randn(1, 30, 6), torch.rand(1, 30, 4) * 0.5 + 0.25
     sizes = torch.tensor([[96, 128]])
-    (dets,) = model.postprocess(logits, boxes, sizes)
-    assert len(dets.scores) == 10 and bool((dets.scores[:-1] >= dets.scores[1:]).all())
-    # Soft-NMS only lowers scores: the kept scores are at most the raw ones
+    top_boxes, top_scores, top_labels = model.postprocess(logits, boxes, sizes)
     raw = logits.sigmoid().flatten()
-    assert float(dets.scores.max()) <= float(raw.max()) + 1e-6
+    assert top_scores.shape == (1, 30)  # num_queries candidates before Soft-NMS
+    torch.testing.assert_close(top_scores[0], raw.topk(30)[0])
+    dets = apply_soft_nms(Detections(top_boxes[0], top_scores[0], top_labels[0]), cfg)
+    keep, decayed = batched_soft_nms(top_boxes[0], top_scores[0], top_labels[0], 0.8)
+    assert len(dets.scores) == 10 and torch.equal(dets.scores, decayed[:10])
+    assert torch.equal(dets.boxes, top_boxes[0][keep[:10]]) and torch.equal(dets.labels, top_labels[0][keep[:10]])
     model.cfg.dino.soft_nms = False
-    (plain,) = model.postprocess(logits, boxes, sizes)
-    torch.testing.assert_close(plain.scores, raw.topk(10)[0])
+    _, plain, _ = model.postprocess(logits, boxes, sizes)
+    torch.testing.assert_close(plain[0], raw.topk(10)[0])
+    # predict = the tensors, then Soft-NMS
+    model.cfg.dino.soft_nms = True
+    b = batch()
+    tensors = model.predict_tensors(b.images, b.masks, b.image_sizes)
+    for i, det in enumerate(model.predict(b)):
+        expected = apply_soft_nms(Detections(*(t[i] for t in tensors)), cfg)
+        assert torch.equal(det.scores, expected.scores) and torch.equal(det.boxes, expected.boxes)
 
 
 def test_co_dino_r50_has_the_released_parameter_count():

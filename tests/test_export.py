@@ -148,3 +148,26 @@ def test_from_onnx_errors(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)]), str(tmp_path / "other.onnx"))
     with pytest.raises(ValueError, match="other.onnx was not written by `codetr export`"):
         Detector.from_onnx(tmp_path / "other.onnx")
+
+
+def test_co_dino_exports_its_top_k_and_soft_nms_runs_after_the_graph(tmp_path: Path) -> None:
+    """Co-DINO: the graph holds DINO's inference up to the top num_queries pairs; Soft-NMS runs on
+    onnxruntime's outputs in Detector.from_onnx, giving PyTorch's detections."""
+    torch.manual_seed(0)
+    det = Detector(small_config("co_dino_tiny", tmp_path), device="cpu")
+    path = det.export(tmp_path / "co_dino.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    h, w = SIZES[0]
+    images = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(1))
+    orig = torch.tensor([[h, w]])
+    boxes, scores, _ = session.run(None, {"images": images.numpy(), "orig_sizes": orig.numpy()})
+    with torch.no_grad():
+        ref_boxes, ref_scores, _ = det.model.predict_tensors(images, torch.zeros(1, h, w, dtype=torch.bool), orig)
+    assert scores.shape == (1, det.cfg.model.transformer.num_queries)
+    assert float(np.abs(boxes - ref_boxes.numpy()).max()) < TOLERANCE
+    assert float(np.abs(scores - ref_scores.numpy()).max()) < TOLERANCE
+    image = (torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    ours, theirs = Detector.from_onnx(path).predict(image, score_thr=0.0)[0], det.predict(image, score_thr=0.0)[0]
+    assert len(theirs.scores) <= det.cfg.model.max_detections and len(ours.scores) == len(theirs.scores)
+    np.testing.assert_allclose(np.asarray(ours.scores), np.asarray(theirs.scores), atol=TOLERANCE)
+    np.testing.assert_allclose(np.asarray(ours.boxes), np.asarray(theirs.boxes), atol=1e-3)

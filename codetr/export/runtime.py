@@ -12,6 +12,7 @@ from torch import Tensor
 from codetr.config import Config
 from codetr.engine.predictor import config_from_text, preprocess
 from codetr.export.onnx import INPUT_NAMES, METADATA_KEYS
+from codetr.models.dino import apply_soft_nms
 from codetr.structures import Detections
 
 
@@ -52,4 +53,7 @@ class OnnxDetector:
         pixels = preprocess(self.cfg.data, image)[None].numpy()
         boxes, scores, labels = self.session.run(None, {"images": pixels,
                                                         "orig_sizes": np.array([[height, width]], dtype=np.int64)})
-        return Detections(torch.from_numpy(boxes[0]), torch.from_numpy(scores[0]), torch.from_numpy(labels[0]))
+        det = Detections(torch.from_numpy(boxes[0]), torch.from_numpy(scores[0]), torch.from_numpy(labels[0]))
+        if self.cfg.model.arch == "dino":  # DINO's Soft-NMS is not in the graph: it runs here, as in predict
+            det = apply_soft_nms(det, self.cfg.model)
+        return det

@@ -126,6 +126,10 @@ class CoDETR(nn.Module):
             losses.update({k: v * self.co.lambda1 for k, v in aux_losses.items()})
         return losses
 
+    def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The base detector's tensor-only inference (what the ONNX export runs)."""
+        return self.detector.predict_tensors(images, masks, image_sizes)
+
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[Detections]:
         if self.co.eval_head == "detr":

@@ -302,16 +302,17 @@ class DeformableDETR(nn.Module):
         out, _ = self(images, masks)
         return self.postprocess(out.logits[-1], out.boxes[-1], image_sizes)
 
-    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor,
+                    top_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Top-k over the sigmoid scores of every (query, class) pair, as tensor ops only.
 
         logits (B, Q, C), boxes (B, Q, 4) cxcywh normalised, image_sizes (B, 2) (h, w).
         Returns boxes (B, K, 4) xyxy in pixels of image_sizes, clipped to them; scores (B, K)
-        descending; labels (B, K) int64; K = min(max_detections, Q * C).
+        descending; labels (B, K) int64; K = min(top_k or max_detections, Q * C).
         """
         num_classes = logits.shape[-1]
         scores = logits.sigmoid().flatten(1)
-        k = min(self.cfg.max_detections, scores.shape[1])
+        k = min(top_k or self.cfg.max_detections, scores.shape[1])
         top_scores, top = scores.topk(k, dim=1)
         query, label = top // num_classes, top % num_classes
         xyxy = box_convert(torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4)), "cxcywh", "xyxy")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import box_convert, clip_boxes_to_image
 
 from codetr.config import ModelConfig
 from codetr.models.deformable_detr import DeformableDETR, EncoderOutput, QuerySet
@@ -142,29 +141,33 @@ class DINO(DeformableDETR):
 
     # ---- inference ----------------------------------------------------------------------------
 
-    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor) -> list[Detections]:
-        """As released: the top ``num_queries`` (query, class) pairs by sigmoid score, boxes in
-        pixels of each unpadded image (clipped), class-wise Soft-NMS, the best ``max_detections``.
-        With ``model.dino.soft_nms`` off: the top ``max_detections`` pairs, no NMS.
-        logits (B, Q, C), boxes (B, Q, 4) cxcywh normalised, image_sizes (B, 2) hw."""
-        dino = self.cfg.dino
-        if not dino.soft_nms:
-            return super().postprocess(logits, boxes, image_sizes)
-        num_classes = logits.shape[-1]
-        scores = logits.sigmoid().flatten(1)
-        k = min(self.cfg.transformer.num_queries, scores.shape[1])
-        top_scores, top = scores.topk(k, dim=1)
-        results = []
-        for b in range(logits.shape[0]):
-            h, w = image_sizes[b].tolist()
-            xyxy = box_convert(boxes[b, top[b] // num_classes], "cxcywh", "xyxy") * boxes.new_tensor([w, h, w, h])
-            xyxy = clip_boxes_to_image(xyxy, (h, w))
-            labels = top[b] % num_classes
-            keep, kept_scores = batched_soft_nms(xyxy, top_scores[b], labels, dino.soft_nms_iou)
-            keep, kept_scores = keep[: self.cfg.max_detections], kept_scores[: self.cfg.max_detections]
-            results.append(Detections(xyxy[keep], kept_scores, labels[keep]))
-        return results
+    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor,
+                    top_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The tensor part of the released inference: the top ``num_queries`` (query, class)
+        pairs by sigmoid score before Soft-NMS (``max_detections`` with ``model.dino.soft_nms``
+        off), boxes xyxy in pixels of image_sizes, clipped. Soft-NMS follows in ``predict``
+        (``apply_soft_nms``), outside the exported graph."""
+        if top_k is None and self.cfg.dino.soft_nms:
+            top_k = self.cfg.transformer.num_queries
+        return super().postprocess(logits, boxes, image_sizes, top_k)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[Detections]:
+        """Top ``num_queries`` pairs, class-wise Soft-NMS, the best ``max_detections`` (as
+        released); boxes xyxy in pixels of each unpadded input image."""
+        return [apply_soft_nms(det, self.cfg) for det in super().predict(batch)]
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """Everything but the denoising label embedding (used in training only)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("denoising.")}
+
+
+def apply_soft_nms(det: Detections, cfg: ModelConfig) -> Detections:
+    """DINO's released last inference step on one image's top-k (boxes xyxy pixels): class-wise
+    Soft-NMS at ``cfg.dino.soft_nms_iou``, then the best ``cfg.max_detections``. Unchanged when
+    ``cfg.dino.soft_nms`` is off."""
+    if not cfg.dino.soft_nms:
+        return det
+    keep, scores = batched_soft_nms(det.boxes, det.scores, det.labels, cfg.dino.soft_nms_iou)
+    keep, scores = keep[: cfg.max_detections], scores[: cfg.max_detections]
+    return Detections(det.boxes[keep], scores, det.labels[keep])
