@@ -1,4 +1,5 @@
-"""Plain versus Co- tiny Deformable-DETR on the built-in synthetic dataset: AP versus iteration.
+"""Plain versus Co- tiny detectors (Deformable-DETR; DINO with --variants plain_dino co_dino) on the
+built-in synthetic dataset: AP versus iteration.
 
 Both models are trained with the same seed, data, schedule and number of iterations; each is
 evaluated (COCO box AP on a 64-image synthetic val split) after every epoch, and the final
@@ -59,6 +60,9 @@ VARIANTS = {
     # the official cap of a positive-query group (the tiny config caps at its 50 queries, like the
     # official 300 queries and cap 300)
     "co_cap300": ("co_deformable_detr_tiny", ["model.co.max_pos_queries=300"]),
+    # the DINO pair: tiny DINO and tiny Co-DINO, differing only in the Co- parts
+    "plain_dino": ("dino_tiny", []),
+    "co_dino": ("co_dino_tiny", []),
 }
 
 

@@ -35,6 +35,7 @@ from common import append_result, machine, write_json  # noqa: E402
 from convergence import EPOCHS, LR, load_on_heldout, run_dir  # noqa: E402
 
 from codetr.engine.plots import read_metrics  # noqa: E402
+from codetr.structures import Detections  # noqa: E402
 
 
 def duplicates(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> int:
@@ -52,9 +53,10 @@ def quality(run: Path, heldout_root: Path, images: int) -> dict[str, float]:
     best_iou, right_score, found, dup, kept, seen = [], [], 0, 0, 0, 0
     for batch in loader:
         if not seen:
-            c5_std = float(model.backbone(batch.images)[-1].std())
+            c5_std = float(getattr(model, "detector", model).backbone(batch.images)[-1].std())
         output, _ = model(batch.images, batch.masks)
-        detections = model.postprocess(output.logits[-1], output.boxes[-1], batch.image_sizes)  # as predict()
+        detections = [Detections(*d) for d in zip(*model.postprocess(output.logits[-1], output.boxes[-1],
+                                                                     batch.image_sizes))]  # as predict()
         for b, (target, det) in enumerate(zip(batch.targets, detections)):
             h, w = batch.image_sizes[b].tolist()
             keep = det.scores > 0.3

@@ -29,7 +29,7 @@ from common import append_result, machine, write_json  # noqa: E402
 
 # scale -> (plain config, Co- config, overrides for both)
 SCALES = {
-    "tiny": ("deformable_detr_tiny", "co_deformable_detr_tiny", ["data.batch_size=4"]),
+    "tiny": ("deformable_detr_tiny", "co_deformable_detr_tiny", ["data.batch_size=4", "data.eval_batch_size=4"]),
     "r50": ("deformable_detr_r50_1x_coco", "co_deformable_detr_r50_1x_coco",
             ["model.backbone.weights=null", "model.num_classes=6", "data.synthetic=true",
              "data.train_images=data/synth/train", "data.train_annotations=data/synth/annotations/instances_train.json",

@@ -1,4 +1,4 @@
-"""The ``codetr`` command: train, eval, predict, demo, data, convert (export and bench are planned)."""
+"""The ``codetr`` command: train, eval, predict, export, demo, data, convert (bench is planned)."""
 
 from __future__ import annotations
 
@@ -43,18 +43,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from codetr.data import build_dataloader
-    from codetr.engine import evaluate, load_model
+    from codetr.engine import load_model
+    from codetr.engine.evaluator import evaluate_on_val
     from codetr.engine.predictor import resolve_device
 
     cfg = _load_config(args.config, args.overrides)
     loaded = load_model(args.weights, args.config, args.overrides, resolve_device(args.device))
-    loader = build_dataloader(cfg.data, "val", shuffle=False)
-    dataset = loader.dataset
-    if loaded.category_ids is not None and loaded.category_ids != list(dataset.category_ids):
-        raise CliError(f"{args.weights} was trained for category ids {loaded.category_ids}, but "
-                       f"{cfg.data.val_annotations} has {list(dataset.category_ids)}")
-    metrics = evaluate(loaded.model, dataset, loader)
+    try:
+        metrics = evaluate_on_val(loaded.model, cfg.data, loaded.category_ids, str(args.weights))
+    except ValueError as err:
+        raise CliError(str(err)) from err
     out = Path(args.out) if args.out else Path(args.weights).parent
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
@@ -67,10 +65,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from codetr.engine.predictor import list_images, resolve_device
 
     images = list_images(args.source)
-    loaded = load_model(args.weights, args.config, device=resolve_device(args.device))
-    records = predict_images(loaded, images, args.out, args.score_thr)
+    if args.onnx:
+        from codetr.export import OnnxDetector
+
+        if args.config:
+            raise CliError("--config applies to --weights; an ONNX model carries its own config")
+        detector = OnnxDetector(args.onnx)
+    else:
+        detector = load_model(args.weights, args.config, device=resolve_device(args.device))
+    records = predict_images(detector, images, args.out, args.score_thr)
     print(f"{len(records)} detections (score >= {args.score_thr}) in {len(images)} images; "
           f"drawings and predictions.json in {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from codetr.engine import load_model
+    from codetr.export import export_onnx
+
+    loaded = load_model(args.weights, args.config, args.overrides)
+    try:
+        path = export_onnx(loaded, args.out, args.opset, grid_sample=not args.no_grid_sample)
+    except ValueError as err:
+        raise CliError(str(err)) from err
+    sampler = "gathers (no GridSample)" if args.no_grid_sample else "GridSample"
+    print(f"wrote {path} (opset {args.opset}, deformable attention sampled with {sampler}); run it with "
+          f"`codetr predict IMAGE_OR_DIR --onnx {path} --out DIR`")
     return 0
 
 
@@ -170,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("predict", help="detect objects in images and draw them",
                             description="Run weights on an image or a folder of images.")
     p.add_argument("source", metavar="IMAGE_OR_DIR")
-    p.add_argument("--weights", required=True, help="model.safetensors or a training checkpoint (last.pt)")
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--weights", help="model.safetensors or a training checkpoint (last.pt)")
+    model.add_argument("--onnx", help="an ONNX model written by `codetr export`, run with onnxruntime")
     p.add_argument("--out", required=True, help="folder for the drawn images and predictions.json")
     p.add_argument("--config", help="config to build the model (default: config.yaml next to the weights, "
                                     "else the one stored in them)")
@@ -216,12 +238,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_mmdet_arguments(mmdet)
     mmdet.set_defaults(func=cmd_convert_mmdet)
 
-    for name, planned in (("export", "ONNX export of the inference model"),
-                          ("bench", "speed benchmarks against a reference implementation")):
-        p = commands.add_parser(name, help=f"(not built yet) {planned}", add_help=True,
-                                description=f"Not built yet: {planned}.")
-        p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        p.set_defaults(func=cmd_not_built, planned=planned)
+    from codetr.export.onnx import DEFAULT_OPSET
+
+    p = commands.add_parser("export", help="export the inference graph to ONNX",
+                            description="Export the inference graph (no auxiliary heads) to ONNX: normalised images "
+                                        "(B, 3, H, W) and original sizes (B, 2) in, top-k xyxy boxes, scores and "
+                                        "labels out; dynamic batch and image size.")
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
+    p.add_argument("--weights", required=True, help="model.safetensors or a training checkpoint (last.pt)")
+    p.add_argument("--out", required=True, help="the ONNX file to write, e.g. model.onnx")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset (default {DEFAULT_OPSET}, the first with GridSample; 14 or later with "
+                        "--no-grid-sample)")
+    p.add_argument("--no-grid-sample", action="store_true",
+                   help="sample the deformable attention with gathers instead of GridSample (for runtimes without it)")
+    p.set_defaults(func=cmd_export)
+
+    planned = "speed benchmarks against a reference implementation"
+    p = commands.add_parser("bench", help=f"(not built yet) {planned}", add_help=True,
+                            description=f"Not built yet: {planned}.")
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_not_built, planned=planned)
     return parser
 
 

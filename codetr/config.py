@@ -30,14 +30,26 @@ class DataConfig:
     synthetic_val: int = 16
     synthetic_size: int = 256
     synthetic_seed: int = 0
+    # Augmentation: "detr" (the fields below) or "lsj" (large-scale jitter on a square canvas of side
+    # lsj_size padded with 114, as the released Co-DINO LSJ configs; the canvas is the model's image).
+    augment: str = "detr"
+    lsj_size: int = 1024
+    lsj_scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # DETR augmentation: random flip; multi-scale resize of the shorter side (max_size caps the
     # longer side), or resize + random crop + multi-scale resize.
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))
     max_size: int = 1333
     crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_max_size: int = 4200  # cap of the longer side in the crop branch's first resize (as released)
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     test_scale: int = 800
-    batch_size: int = 2
+    batch_size: int = 2  # training images per process and step
+    # Training batches of landscape (width / height > 1) or of other images only, as mmdet's group
+    # sampler; false: batches of any images.
+    group_by_aspect_ratio: bool = True
+    # Evaluation images per forward. 1, as released: in a padded batch an image's detections would
+    # depend on the size of its batch partners (zero padding at the convolutions' borders).
+    eval_batch_size: int = 1
     num_workers: int = 2
 
 
@@ -83,24 +95,47 @@ class TransformerConfig:
     box_refine: bool = True
     mixed_selection: bool = True
     look_forward_twice: bool = True
+    # Sine position encoding of the feature maps: Deformable-DETR 10000 and -0.5, DINO 20 and 0.
+    pos_temperature: float = 10000.0
+    pos_offset: float = -0.5
 
 
 @dataclass
 class LossConfig:
-    """DETR set-prediction loss; the Hungarian matcher uses the same weights as costs."""
+    """DETR set-prediction loss; the Hungarian matcher uses the same weights as costs (the
+    classification cost is ``cls_cost`` when set)."""
 
     cls_weight: float = 2.0
     l1_weight: float = 5.0
     giou_weight: float = 2.0
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    # "focal" (Deformable-DETR) or "quality_focal" (DINO / Co-DINO: the target of a positive is
+    # the IoU of its predicted box with the ground truth, beta below).
+    cls_loss: str = "focal"
+    qfl_beta: float = 2.0
+    cls_cost: float | None = None  # matcher classification cost; None: cls_weight
+
+
+@dataclass
+class DinoConfig:
+    """DINO's contrastive denoising and inference (used when ``model.arch`` is "dino")."""
+
+    num_dn_queries: int = 100  # denoising queries per batch, split into dynamic groups
+    label_noise: float = 0.5
+    box_noise: float = 1.0
+    # Inference as released: top ``num_queries`` (query, class) pairs, class-wise Soft-NMS,
+    # keep ``max_detections``. Off: top ``max_detections`` without NMS.
+    soft_nms: bool = True
+    soft_nms_iou: float = 0.8
 
 
 @dataclass
 class CoConfig:
     """Collaborative hybrid assignment training (training only)."""
 
-    # Auxiliary one-to-many heads, in order; any of "rcnn", "atss". Empty: plain DETR.
+    # Auxiliary one-to-many heads, in order; any of "rcnn", "atss", repeats allowed (each its own
+    # weights and positive-query layers, as the paper's 2x / 6x ATSS ablations). Empty: plain DETR.
     aux_heads: list[str] = field(default_factory=list)
     positive_queries: bool = True
     lambda1: float = 1.0  # weight of the positive-query decoder losses
@@ -115,11 +150,14 @@ class CoConfig:
     rpn_proposals: int = 1000  # proposals per image after NMS
     roi_samples: int = 512  # sampled RoIs per image
     roi_fc_dim: int = 1024
+    # RoI level of a box: floor(log2(sqrt(area) / roi_finest_scale)) over the encoder levels;
+    # official 112 with strides 8-64 (Co-Deformable-DETR), 56 with strides 4-64 (Co-DINO).
+    roi_finest_scale: float = 112.0
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "deformable_detr"
+    arch: str = "deformable_detr"  # deformable_detr | dino
     num_classes: int = 80
     max_detections: int = 100
     # Bias in the channel mapper's convolutions: none as released; transformers' Deformable-DETR
@@ -129,6 +167,7 @@ class ModelConfig:
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     co: CoConfig = field(default_factory=CoConfig)
+    dino: DinoConfig = field(default_factory=DinoConfig)
 
 
 @dataclass

@@ -22,15 +22,19 @@ class Target:
     labels:  (N,) int64, contiguous labels 0..num_classes-1.
     image_id: the dataset's own image id.
     orig_size: (height, width) of the image as stored on disk.
+    content_size: (height, width) of the resized image inside the input when the input is a canvas
+             padded around it (LSJ test transform), which maps boxes back to ``orig_size``;
+             None: the input is the resized image itself (``Batch.image_sizes``).
     """
 
     boxes: Tensor
     labels: Tensor
     image_id: int = -1
     orig_size: tuple[int, int] = (0, 0)
+    content_size: tuple[int, int] | None = None
 
     def to(self, device: torch.device | str) -> "Target":
-        return Target(self.boxes.to(device), self.labels.to(device), self.image_id, self.orig_size)
+        return Target(self.boxes.to(device), self.labels.to(device), self.image_id, self.orig_size, self.content_size)
 
 
 @dataclass

@@ -69,14 +69,24 @@ def test_training_step_losses_and_gradients(head_cls):
         torch.testing.assert_close(twelve[k], again[k] * 12)
 
 
-def test_atss_exports_every_anchor_with_its_assignment():
+def test_atss_exports_every_anchor_with_its_assignment_and_zero_boxes_in_the_padding():
     torch.manual_seed(0)
     head = ATSSHead(4, 32, STRIDES)
     feats = pyramid()
     _, exports = head.forward_train(feats, SIZES, TARGETS)
     _, _, _, anchors, counts = head(feats)
     for b, (ex, target) in enumerate(zip(exports, TARGETS)):
-        assert torch.equal(ex.boxes, anchors) and ex.boxes.shape[0] == sum(counts)
+        assert ex.boxes.shape[0] == sum(counts)
+        # anchors centred inside the unpadded image (h, w) as they are; those of the padding
+        # region (image 1 is 96 x 112 in a 128 x 128 batch) as zero boxes, background (as released)
+        h, w = SIZES[b].tolist()
+        centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+        inside = (centres[:, 0] < w) & (centres[:, 1] < h)
+        assert torch.equal(ex.boxes[inside], anchors[inside])
+        assert torch.all(ex.boxes[~inside] == 0) and torch.all(ex.labels[~inside] == 4)
+        assert torch.all(ex.target_boxes[~inside] == 0)
+        assert int((~inside).sum()) == (0 if b == 0 else sum(c - -(-96 // s) * -(-112 // s)
+                                                             for c, s in zip(counts, STRIDES)))
         pos = ex.labels < 4
         assert pos.any()
         # each positive's target is one of the ground truths, with the matching label
@@ -116,3 +126,46 @@ def test_predict_inside_the_image(head_cls):
         assert 0 < len(det.scores) <= 100
         assert torch.all(det.boxes[:, 0::2] <= w) and torch.all(det.boxes[:, 1::2] <= h) and torch.all(det.boxes >= 0)
         assert torch.all((det.labels >= 0) & (det.labels < 4))
+
+
+def naive_dense_head_inference(head, feats, size, pre_nms, score_thr, iou_thr, max_per_image):
+    """mmdet 2.25's rule written as plain loops: per level the top ``pre_nms`` (location, class)
+    pairs by sigmoid class score among those above ``score_thr``, then x sigmoid centerness, then
+    greedy class-wise NMS."""
+    with torch.no_grad():
+        logits, deltas, centerness, anchors, counts = head(feats)
+    candidates, start = [], 0
+    for count in counts:
+        level = []
+        for loc in range(start, start + count):
+            for cls in range(head.num_classes):
+                if float(logits[0, loc, cls].sigmoid()) > score_thr:
+                    level.append((float(logits[0, loc, cls].sigmoid()), loc, cls))
+        level.sort(key=lambda item: -item[0])
+        for score, loc, cls in level[:pre_nms]:
+            box = head.coder.decode(anchors[loc], deltas[0, loc], size)
+            candidates.append((score * float(centerness[0, loc].sigmoid()), cls, box))
+        start += count
+    candidates.sort(key=lambda item: -item[0])
+    kept = []
+    for score, cls, box in candidates:
+        if all(c != cls or box_iou(box[None], b[None]).item() <= iou_thr for _, c, b in kept):
+            kept.append((score, cls, box))
+    return kept[:max_per_image]
+
+
+@pytest.mark.parametrize(("pre_nms", "score_thr"), [(20, 0.0), (1000, 0.012)])
+def test_atss_inference_ranks_on_the_class_score_then_multiplies_centerness(pre_nms, score_thr):
+    torch.manual_seed(0)
+    head = ATSSHead(3, 32, STRIDES[:3]).eval()
+    with torch.no_grad():  # spread scores and centerness so that the two rankings differ
+        for conv in (head.atss_cls, head.atss_centerness):
+            conv.weight.normal_(0, 0.05)
+    feats = [f[:1].detach() for f in pyramid(channels=32, size=160)[:3]]
+    size = (150, 160)
+    dets = head.predict(feats, torch.tensor([size]), pre_nms, score_thr, iou_thr=0.6, max_per_image=40)[0]
+    expected = naive_dense_head_inference(head, feats, size, pre_nms, score_thr, iou_thr=0.6, max_per_image=40)
+    assert len(dets.scores) == len(expected) > 10
+    torch.testing.assert_close(dets.scores, torch.tensor([s for s, _, _ in expected]))
+    assert dets.labels.tolist() == [c for _, c, _ in expected]
+    torch.testing.assert_close(dets.boxes, torch.stack([b for _, _, b in expected]))

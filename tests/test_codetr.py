@@ -1,5 +1,6 @@
 """Co-Deformable-DETR: every loss term, gradients from the auxiliary heads into the encoder,
-inference identical to the plain model, inference weights without auxiliary parts."""
+inference identical to the plain model, inference weights without auxiliary parts, repeated
+auxiliary heads, weights shared with the plain model under the same names."""
 
 import dataclasses
 
@@ -8,7 +9,7 @@ import torch
 
 from codetr.config import load_config
 from codetr.models.build import build_model
-from codetr.models.codetr import CoDeformableDETR
+from codetr.models.codetr import CoDETR
 from codetr.models.deformable_detr import DeformableDETR
 from codetr.structures import Batch, Target
 
@@ -33,7 +34,7 @@ def batch() -> Batch:
 def test_training_step_has_every_loss_term():
     torch.manual_seed(0)
     model = build_model(tiny())
-    assert isinstance(model, CoDeformableDETR)
+    assert isinstance(model, CoDETR) and isinstance(model.detector, DeformableDETR)
     losses = model.loss(batch())
     expected = {"loss_cls", "d0.loss_giou", "enc.loss_bbox", "atss.loss_cls", "atss.loss_bbox",
                 "atss.loss_centerness", "rpn.loss_cls", "rpn.loss_bbox", "rcnn.loss_cls", "rcnn.loss_bbox"}
@@ -51,10 +52,10 @@ def test_auxiliary_losses_reach_encoder_and_backbone():
     aux = sum(v for k, v in losses.items() if k.startswith(("atss.", "rpn.", "rcnn.")))
     aux.backward()
     params = dict(model.named_parameters())
-    for name in ("encoder.layers.0.self_attn.value_proj.weight", "backbone.layer4.0.conv1.weight",
+    for name in ("detector.encoder.layers.0.self_attn.value_proj.weight", "detector.backbone.layer4.0.conv1.weight",
                  "adapter.downsample.0.weight"):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
-    assert params["decoder_layers.0.norm1.weight"].grad is None  # the decoder is not on this path
+    assert params["detector.decoder_layers.0.norm1.weight"].grad is None  # the decoder is not on this path
 
 
 def test_positive_query_losses_train_the_shared_decoder_and_query_embedding():
@@ -63,9 +64,9 @@ def test_positive_query_losses_train_the_shared_decoder_and_query_embedding():
     losses = model.loss(batch())
     sum(v for k, v in losses.items() if "_pos_" in k).backward()
     params = dict(model.named_parameters())
-    for name in ("decoder_layers.1.cross_attn.value_proj.weight", "class_branches.0.weight",
+    for name in ("detector.decoder_layers.1.cross_attn.value_proj.weight", "detector.class_branches.0.weight",
                  "positive_queries.box_proj.0.weight", "positive_queries.feat_proj.1.weight",
-                 "encoder.layers.0.ffn.0.weight"):
+                 "detector.encoder.layers.0.ffn.0.weight"):
         assert params[name].grad is not None and params[name].grad.abs().sum() > 0, name
 
 
@@ -119,4 +120,41 @@ def test_eval_head_evaluates_an_auxiliary_head(head):
     model = build_model(tiny(eval_head=head)).eval()
     dets = model.predict(batch())
     assert len(dets) == 2 and all(len(d.scores) <= 100 for d in dets)
-    assert any(k.startswith(f"aux_heads.{head}.") for k in model.inference_state_dict())
+    index = ["rcnn", "atss"].index(head)
+    assert any(k.startswith(f"aux_heads.{index}.") for k in model.inference_state_dict())
+
+
+def test_repeated_auxiliary_heads_have_their_own_weights_and_losses():
+    torch.manual_seed(0)
+    model = build_model(tiny(aux_heads=["atss", "atss", "rcnn"]))
+    assert len(model.aux_heads) == 3 and model.aux_heads[0] is not model.aux_heads[1]
+    assert len(model.positive_queries.box_proj) == 3
+    losses = model.loss(batch())
+    for tag in ("atss0", "atss1"):
+        assert {f"{tag}.loss_cls", f"{tag}.loss_bbox", f"loss_cls_pos_{tag}"} <= set(losses), tag
+    assert {"rpn.loss_cls", "loss_cls_pos_rcnn"} <= set(losses)  # a single head keeps its plain names
+    assert not torch.equal(losses["atss0.loss_cls"], losses["atss1.loss_cls"])  # separate weights
+    sum(v for k, v in losses.items() if k.startswith("atss1.")).backward()
+    assert model.aux_heads[1].atss_cls.weight.grad is not None and model.aux_heads[0].atss_cls.weight.grad is None
+    with pytest.raises(ValueError, match="ambiguous"):
+        build_model(tiny(aux_heads=["atss", "atss"], eval_head="atss"))
+
+
+def test_state_dict_keeps_the_plain_names_and_round_trips():
+    torch.manual_seed(0)
+    co = build_model(tiny())
+    plain = DeformableDETR(tiny("deformable_detr_tiny"))
+    state = co.state_dict()
+    assert set(plain.state_dict()) <= set(state)  # base weights under their own names
+    assert not any(k.startswith("detector.") for k in state)
+    assert all(k in plain.state_dict() or k.startswith(("adapter.", "aux_heads.", "positive_queries."))
+               for k in state)
+    torch.manual_seed(1)
+    other = build_model(tiny())
+    other.load_state_dict(state, strict=True)
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in state.items())
+    # plain weights into the Co- model: only the training-only parts are reported missing
+    missing, unexpected = other.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith(("adapter.", "aux_heads.", "positive_queries."))
+                                              for k in missing)
+    assert torch.equal(other.detector.class_branches[0].weight, plain.class_branches[0].weight)

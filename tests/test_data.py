@@ -232,3 +232,13 @@ def test_dataloader_batches_and_seeded_shuffle(tmp_path):
     assert order(0, shuffle=False) == list(range(1, 7))
     val = list(build_dataloader(cfg, "val"))
     assert [t.image_id for b in val for t in b.targets] == [1, 2]
+
+
+def test_val_batches_hold_eval_batch_size_images(tmp_path):
+    cfg = _synthetic_cfg(tmp_path)  # batch_size 4 (training), eval_batch_size 1 (default)
+    assert [b.images.shape[0] for b in build_dataloader(cfg, "val")] == [1, 1]
+    cfg.eval_batch_size = 2
+    assert [b.images.shape[0] for b in build_dataloader(cfg, "val")] == [2]
+    cfg.eval_batch_size = 0
+    with pytest.raises(ValueError, match="data.eval_batch_size"):
+        build_dataloader(cfg, "val")

@@ -2,9 +2,11 @@
 
 import math
 
+import pytest
 import torch
 
 from codetr.ops import multi_scale_deformable_attn
+from codetr.ops.deform_attn import SAMPLERS, use_sampler
 
 
 def bilinear(feature: torch.Tensor, x: float, y: float) -> torch.Tensor:
@@ -72,3 +74,38 @@ def test_gradcheck():
     weights.requires_grad_()
     assert torch.autograd.gradcheck(lambda v, l, a: multi_scale_deformable_attn(v, shapes, l, a),
                                     (value, locations, weights))
+
+
+def test_gather_sampler_matches_grid_sample_and_naive_loop():
+    """The ONNX-friendly gather sampler: same values as grid_sample (float64, points outside the
+    map and exactly on pixel centres and borders included), through the argument and use_sampler."""
+    for seed in range(3):
+        value, shapes, locations, weights = random_inputs(seed)
+        locations[0, 0, 0, 0, :, 0] = torch.tensor([0.0, 0.1, 1.0], dtype=torch.float64)  # border, centre (w=5)
+        assert ((locations < 0) | (locations > 1)).any()
+        with_grid = multi_scale_deformable_attn(value, shapes, locations, weights, sampler="grid_sample")
+        with_gather = multi_scale_deformable_attn(value, shapes, locations, weights, sampler="gather")
+        torch.testing.assert_close(with_gather, with_grid, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(with_gather, naive(value, shapes, locations, weights), rtol=1e-10, atol=1e-10)
+        with use_sampler("gather"):
+            torch.testing.assert_close(multi_scale_deformable_attn(value, shapes, locations, weights), with_gather,
+                                       rtol=0, atol=0)
+
+
+def test_gather_sampler_gradients_match_grid_sample():
+    value, shapes, locations, weights = random_inputs(5, batch=1, queries=3)
+    grads = []
+    for sampler in SAMPLERS:
+        inputs = [t.clone().requires_grad_() for t in (value, locations, weights)]
+        multi_scale_deformable_attn(inputs[0], shapes, inputs[1], inputs[2], sampler=sampler).square().sum().backward()
+        grads.append([t.grad for t in inputs])
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_unknown_sampler_is_an_error():
+    value, shapes, locations, weights = random_inputs(0)
+    with pytest.raises(ValueError, match="unknown bilinear sampler 'bicubic'"):
+        multi_scale_deformable_attn(value, shapes, locations, weights, sampler="bicubic")
+    with pytest.raises(ValueError, match="unknown bilinear sampler"), use_sampler("nearest"):
+        pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import types
@@ -22,6 +23,7 @@ from codetr.engine import evaluate, load_model, predict_images, train
 from codetr.engine import trainer as trainer_module
 from codetr.engine.checkpoint import atomic_save, load_checkpoint
 from codetr.engine.evaluator import coco_results
+from codetr.engine.predictor import PALETTE, LoadedModel
 from codetr.engine.trainer import Trainer, param_groups
 from codetr.structures import Batch, Detections, Target
 
@@ -346,6 +348,58 @@ def test_training_batches_do_not_depend_on_workers(tiny_data: Path) -> None:
     assert not torch.equal(serial[0], serial[2]) or not torch.equal(serial[1], serial[3])
 
 
+def test_grouped_batches_are_of_one_orientation_deterministic_resumable_and_split_across_ranks() -> None:
+    """mmdet's DistributedGroupSampler rule: every batch of one group; each group padded with its
+    own images to whole steps of all processes; processes split the epoch's batches."""
+    groups = [1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1]  # 3 portrait-or-square, 8 landscape images
+    for batch_size, world in ((2, 1), (3, 1), (2, 3)):
+        def epoch(e: int, rank: int = 0, start: int = 0) -> list[list[tuple[int, int]]]:
+            sampler = trainer_module.TrainBatchSampler(11, batch_size, seed=5, rank=rank, world_size=world,
+                                                       groups=groups)
+            sampler.set_epoch(e, start_batch=start)
+            return list(sampler)
+
+        step = batch_size * world
+        expected_batches = math.ceil(3 / step) + math.ceil(8 / step)
+        ranks = [epoch(1, rank) for rank in range(world)]
+        for batches in ranks:
+            assert len(batches) == expected_batches
+            assert all(len(b) == batch_size and len({groups[i] for i, _ in b}) == 1 for b in batches)
+        everything = [i for batches in ranks for b in batches for i, _ in b]
+        assert len(everything) == expected_batches * step
+        for group, size in ((0, 3), (1, 8)):  # each group's images, each once, then repeats to fill
+            members = [i for i in everything if groups[i] == group]
+            assert len(members) == math.ceil(size / step) * step
+            counts = np.bincount(members, minlength=11)[[i for i in range(11) if groups[i] == group]]
+            assert counts.min() >= 1 and counts.max() - counts.min() <= 1
+        assert epoch(1) == ranks[0]  # a pure function of (seed, epoch)
+        assert epoch(2) != ranks[0]
+        assert epoch(1, start=2) == ranks[0][2:]  # resume at batch 2
+    # without groups, orientations mix within batches
+    assert any(len({groups[i] for i, _ in b}) > 1 for b in trainer_module.TrainBatchSampler(11, 2, seed=5))
+
+
+def test_aspect_ratio_groups_and_grouped_training(tiny_data: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = build_dataloader(data_config(tiny_data), "train").dataset
+    assert dataset.aspect_ratio_groups() == [1, 0, 1, 0]  # 48x40, 40x48, 56x40, 40x40 (w x h)
+    seen: list[list[int]] = []
+    real_step = Trainer.step
+
+    def recording_step(self: Trainer, batch: Batch) -> None:
+        seen.append([t.image_id for t in batch.targets])
+        real_step(self, batch)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", recording_step)
+    train(tiny_config(tiny_data, epochs=2, eval_every=0), tmp_path / "grouped", build_model=FakeDetector)
+    assert sorted(sorted(b) for b in seen) == [[1, 3], [1, 3], [2, 4], [2, 4]]  # image ids: landscape 1, 3
+    seen.clear()
+    cfg = tiny_config(tiny_data, epochs=3, eval_every=0)
+    cfg.data.group_by_aspect_ratio = False
+    train(cfg, tmp_path / "mixed", build_model=FakeDetector)
+    assert any(sorted(b) not in ([1, 3], [2, 4]) for b in seen)
+
+
 # ------------------------------------------------------------------------------ evaluation
 
 
@@ -439,6 +493,79 @@ def test_no_detections_gives_zero_ap(eval_data: Path) -> None:
         return Detections(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
 
     assert run_eval(eval_data, nothing) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0}
+
+
+def test_an_images_detections_do_not_depend_on_the_rest_of_the_evaluation_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A random tiny Deformable-DETR evaluated (through ``evaluate`` and the "val" loader, as
+    ``codetr eval`` and training do) on one small image alone, then with larger images after it:
+    that image's COCO records are identical, whatever ``data.batch_size`` (training) is."""
+    from codetr.models.build import build_model
+
+    small = (40, 32, [(4, 4, 20, 16, 3)])
+    others = [(64, 40, [(10, 10, 30, 20, 17)]), (36, 64, [(6, 20, 20, 30, 90)])]
+    write_coco(tmp_path / "alone", "val", [small])
+    write_coco(tmp_path / "mixed", "val", [small, *others])
+    cfg = load_config("deformable_detr_tiny", ["model.num_classes=3", "data.synthetic=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    captured: list[list[dict]] = []
+    monkeypatch.setattr("codetr.engine.evaluator.coco_metrics", lambda gt, results, ids: captured.append(results))
+
+    def records_of_image_1(root: Path) -> list[dict]:
+        data = data_config(root, test_scale=64, max_size=96, batch_size=3)
+        loader = build_dataloader(data, "val", shuffle=False)
+        evaluate(model, loader.dataset, loader)
+        return [r for r in captured[-1] if r["image_id"] == 1]
+
+    alone = records_of_image_1(tmp_path / "alone")
+    assert len(alone) == 100  # model.max_detections
+    assert records_of_image_1(tmp_path / "mixed") == alone
+
+
+def test_lsj_evaluation_maps_boxes_back_to_the_stored_image(eval_data: Path) -> None:
+    """With LSJ the model sees 64 x 64 canvases (200 x 160 images resized to 64 x 51, padded with
+    114, no padding mask); ground truth answered in canvas coordinates comes back as the
+    annotations (AP 100), although the canvas is not the resized image."""
+    data = data_config(eval_data, augment="lsj", lsj_size=64, batch_size=3)
+    loader = build_dataloader(data, "val", shuffle=False)
+    batches = list(loader)
+    for batch in batches:
+        assert batch.images.shape[-2:] == (64, 64) and not batch.masks.any()
+        assert batch.image_sizes.tolist() == [[64, 64]] * len(batch.targets)
+        assert [t.content_size for t in batch.targets] == [(51, 64)] * len(batch.targets)
+    records = coco_results([ground_truth(t) for t in batches[0].targets], batches[0], CATEGORY_IDS)
+    annotations = loader.dataset.coco.loadAnns(loader.dataset.coco.getAnnIds(imgIds=[1]))
+    assert [r["bbox"] for r in records] == [pytest.approx(a["bbox"], abs=1e-3) for a in annotations]
+    metrics = evaluate(OracleDetector(ground_truth), loader.dataset, batches)
+    assert metrics == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "APs": 100.0, "APm": 100.0, "APl": 100.0}
+
+
+class FixedDetector(nn.Module):
+    """Detects one box, (8, 4, 40, 24) xyxy in the model input, in every image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def predict(self, batch: Batch) -> list[Detections]:
+        box = torch.tensor([[8.0, 4.0, 40.0, 24.0]])
+        return [Detections(box, torch.tensor([0.9]), torch.tensor([1])) for _ in batch.targets]
+
+
+def test_lsj_predictions_are_drawn_in_the_stored_image(tmp_path: Path) -> None:
+    # a 200 x 100 image fills 64 x 32 of the 64 x 64 canvas (scale 0.32): the canvas box
+    # (8, 4, 40, 24) is (25, 12.5, 125, 75) in the image, xywh (25, 12.5, 100, 62.5)
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (200, 100), (40, 40, 40)).save(path)
+    cfg = Config(model=ModelConfig(num_classes=3), data=DataConfig(augment="lsj", lsj_size=64))
+    loaded = LoadedModel(FixedDetector().eval(), cfg, NAMES, CATEGORY_IDS)
+    records = predict_images(loaded, [path], tmp_path / "out")
+    assert [r["bbox"] for r in records] == [[25.0, 12.5, 100.0, 62.5]]
+    drawn = np.asarray(Image.open(tmp_path / "out" / "wide.png"))
+    assert tuple(drawn[60, 25]) == PALETTE[1] and tuple(drawn[60, 125]) == PALETTE[1]  # left and right edges
+    assert tuple(drawn[60, 60]) == (40, 40, 40)
 
 
 # ------------------------------------------------------------------------------ prediction

@@ -1,10 +1,12 @@
+import math
+
 import pytest
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from codetr.config import DataConfig
-from codetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, RandomSizeCrop, build_transforms
+from codetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, LSJ_PAD_VALUE, RandomSizeCrop, build_transforms
 
 # Small sizes keep the tests fast; the policy is the same as with the COCO defaults.
 CFG = DataConfig(train_scales=[96, 112, 128, 144], max_size=200, crop_resize_scales=[100, 120],
@@ -123,6 +125,26 @@ def test_train_resize_respects_shorter_side_and_max_size():
         assert short in CFG.train_scales or long >= CFG.max_size - 1, (trial, image.shape)
 
 
+def test_crop_branch_first_resize_caps_the_longer_side(monkeypatch):
+    # a 20 x 400 strip: shorter side 400 would make it 400 x 8000; the released cap 4200 gives
+    # 210 x 4200 (scale min(400 / 20, 4200 / 400) = 10.5), the image the random crop receives
+    cfg = DataConfig(train_scales=[64], max_size=4000, crop_resize_scales=[400], crop_size=[100, 100])
+    assert cfg.crop_max_size == 4200
+    seen = []
+    real = RandomSizeCrop.make_params
+
+    def recording(self, flat_inputs):
+        seen.append(v2.query_size(flat_inputs))
+        return real(self, flat_inputs)
+
+    monkeypatch.setattr(RandomSizeCrop, "make_params", recording)
+    transforms = build_transforms(cfg, train=True)
+    for trial in range(8):
+        torch.manual_seed(trial)
+        transforms(*_scene(20, 400, [((10, 2, 300, 18), RED)]))
+    assert seen and set(seen) == {(210, 4200)}
+
+
 def test_random_size_crop_draws_sizes_in_range_clipped_to_the_image():
     crop = RandomSizeCrop(60, 110)
     sizes = set()
@@ -161,3 +183,89 @@ def test_val_resize_matches_torchvision_resize(size, test_scale, max_size):
     out_image, _ = build_transforms(DataConfig(test_scale=test_scale, max_size=max_size), train=False)(image, target)
     expected = v2.Resize(test_scale, max_size=max_size)(tv_tensors.Image(torch.zeros(3, *size)))
     assert out_image.shape[-2:] == expected.shape[-2:]
+
+
+# ------------------------------------------------------------------------ large-scale jitter
+
+GREEN = (0, 255, 0)
+LSJ = DataConfig(augment="lsj", lsj_size=96)
+
+
+def _pad_pixel() -> torch.Tensor:
+    """The normalised value of the LSJ padding (114 in every channel)."""
+    return (LSJ_PAD_VALUE / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+
+
+def test_lsj_keeps_boxes_on_their_objects():
+    """Three filled rectangles of distinct colours: after each random LSJ (scale 0.1-2.0, crop,
+    flip, pad), every kept box still covers its own colour (pixels 2 px inside its borders),
+    boxes lie on the canvas, and removed boxes have (almost) no colour left in view."""
+    transforms = build_transforms(LSJ, train=True)
+    rects = [((20, 10, 100, 70), RED), ((110, 60, 150, 110), BLUE), ((4, 80, 40, 116), GREEN)]
+    kept = dropped = clipped = flipped = small = 0
+    longest = []
+    for trial in range(60):
+        torch.manual_seed(trial)
+        image, target = transforms(*_scene(120, 160, rects))
+        assert image.shape == (3, 96, 96) and target["boxes"].canvas_size == (96, 96)
+        pixels = _unnormalize(image)
+        boxes = target["boxes"].as_subclass(torch.Tensor)
+        assert torch.all(boxes >= 0) and torch.all(boxes <= 96)
+        content = (image - _pad_pixel()[:, None, None]).abs().sum(0) > 1e-3  # not padding
+        longest.append(int(max(content.any(0).sum(), content.any(1).sum())))
+        for label, (_, colour) in enumerate(rects):
+            rows = (target["labels"] == label).nonzero().flatten()
+            found = _colour_box(pixels, colour)
+            if len(rows) == 0:
+                assert found is None or min(found[2] - found[0], found[3] - found[1]) <= 2, trial
+                dropped += 1
+                continue
+            x1, y1, x2, y2 = boxes[rows[0]].tolist()
+            kept += 1
+            if min(x2 - x1, y2 - y1) < 5:  # shrunk, or a sliver left by the crop (kept, as released)
+                small += 1
+                continue
+            inside = pixels[:, math.ceil(y1 + 1.5):math.floor(y2 - 1.5), math.ceil(x1 + 1.5):math.floor(x2 - 1.5)]
+            expected = torch.tensor(colour, dtype=torch.float32)[:, None, None]
+            assert inside.numel() and torch.allclose(inside, expected.expand_as(inside), atol=1.0), (trial, label)
+            assert found is not None and torch.allclose(boxes[rows[0]], found, atol=2.5), (trial, label, found)
+            clipped += bool(x1 == 0 or y1 == 0 or x2 == 96 or y2 == 96)
+            if label == 0:  # red is left of blue in the scene; mirrored after a flip
+                blue = (target["labels"] == 1).nonzero().flatten()
+                flipped += bool(len(blue) and boxes[blue[0], 0] < x1)
+    assert kept - small > 60 and small > 0 and dropped > 0 and clipped > 0 and flipped > 0
+    assert min(longest) <= 30 and max(longest) == 96  # shrunk to a fraction, or cropped to the canvas
+
+
+@pytest.mark.parametrize(("size", "content"), [
+    ((100, 150), (43, 64)),  # mmcv rounds 42.67 to 43 (ScaleJitter's flooring gives 42)
+    ((150, 100), (64, 43)),
+    ((30, 40), (48, 64)),  # small images are enlarged to fit
+    ((64, 64), (64, 64)),
+])
+def test_lsj_val_fits_the_image_in_the_canvas_and_pads_with_114(size, content):
+    cfg = DataConfig(augment="lsj", lsj_size=64)
+    h, w = size
+    image, target = _scene(h, w, [((w // 4, h // 4, w // 2, h // 2), RED)])
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    out_image, out = build_transforms(cfg, train=False)(image, target)
+    assert torch.equal(torch.get_rng_state(), state)  # test time draws nothing
+    assert out_image.shape == (3, 64, 64) and out["content_size"] == content
+    ch, cw = content
+    scale = torch.tensor([cw / w, ch / h, cw / w, ch / h])
+    torch.testing.assert_close(out["boxes"].as_subclass(torch.Tensor), target["boxes"] * scale)
+    pad = _pad_pixel()[:, None, None]
+    assert torch.allclose(out_image[:, ch:, :], pad.expand(3, 64 - ch, 64), atol=1e-5)
+    assert torch.allclose(out_image[:, :, cw:], pad.expand(3, 64, 64 - cw), atol=1e-5)
+    torch.testing.assert_close(_unnormalize(out_image)[:, ch - 1, 0], torch.full((3,), float(GREY)))
+    assert torch.allclose(_colour_box(_unnormalize(out_image), RED), out["boxes"][0], atol=1.0)
+
+
+def test_bad_augment_settings_are_errors_naming_the_field():
+    with pytest.raises(ValueError, match="data.augment"):
+        build_transforms(DataConfig(augment="mosaic"), train=True)
+    with pytest.raises(ValueError, match="data.lsj_size"):
+        build_transforms(DataConfig(augment="lsj", lsj_size=0), train=False)
+    with pytest.raises(ValueError, match="data.lsj_scale_range"):
+        build_transforms(DataConfig(augment="lsj", lsj_scale_range=[2.0, 0.1]), train=True)

@@ -178,7 +178,7 @@ class Layout:
 # The codetr prefix of the auxiliary head at ``index`` of model.co.aux_heads, of kind ``kind``
 # ("rcnn": submodules rpn. and roi.; "atss"): the one place to change when the heads become a list.
 def aux_prefix(kind: str, index: int) -> str:
-    return f"aux_heads.{kind}."
+    return f"aux_heads.{index}."
 
 
 POSITIVE_QUERIES = "positive_queries."  # codetr prefix of the positive-query layers

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from codetr.config import DataConfig
 from codetr.data.batch import collate
-from codetr.data.coco import CocoDetection
+from codetr.data.coco import CocoDetection, transformed_sample
 from codetr.data.synthetic import generate_synthetic_coco, synthetic_is_current
 from codetr.data.transforms import build_transforms
 
@@ -21,6 +21,7 @@ __all__ = [
     "build_transforms",
     "collate",
     "generate_synthetic_coco",
+    "transformed_sample",
 ]
 
 SPLITS = ("train", "val")
@@ -73,10 +74,15 @@ def build_dataloader(
 ) -> DataLoader:
     """A DataLoader of :class:`codetr.structures.Batch` for ``split``.
 
+    Batches hold ``cfg.batch_size`` images for "train" and ``cfg.eval_batch_size`` for "val".
     ``shuffle`` defaults to True for "train". Shuffling is seeded by ``seed``. When
     torch.distributed is initialised, a DistributedSampler splits the data across processes
     (call ``loader.sampler.set_epoch(epoch)`` each epoch to reshuffle).
     """
+    key = "batch_size" if split == "train" else "eval_batch_size"
+    batch_size = getattr(cfg, key)
+    if not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"data.{key} must be a positive integer, got {batch_size!r}")
     dataset = build_dataset(cfg, split)
     shuffle = split == "train" if shuffle is None else shuffle
     generator = torch.Generator().manual_seed(seed)
@@ -86,7 +92,7 @@ def build_dataloader(
         shuffle = False
     return DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         shuffle=shuffle,
         sampler=sampler,
         num_workers=cfg.num_workers,

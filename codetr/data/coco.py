@@ -88,6 +88,11 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def aspect_ratio_groups(self) -> list[int]:
+        """Per image, from the sizes in the annotation file: 1 if landscape (width / height > 1),
+        else 0 (mmdet's group flag, for batching images of one orientation together)."""
+        return [int(self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] > 1) for i in self.image_ids]
+
     def load_image(self, index: int) -> Image.Image:
         """The RGB image of sample ``index``, as stored on disk."""
         image_id = self.image_ids[index]
@@ -104,23 +109,28 @@ class CocoDetection(Dataset):
         return image
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        image_id = self.image_ids[index]
         image = tv_tensors.Image(F.pil_to_tensor(self.load_image(index)))
-        height, width = image.shape[-2:]
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(
-                torch.from_numpy(self._boxes[index]), format="XYXY", canvas_size=(height, width)
-            ),
-            "labels": torch.from_numpy(self._labels[index]),
-        }
-        if self.transforms is not None:
-            image, target = self.transforms(image, target)
-        return image.as_subclass(Tensor), Target(
-            boxes=target["boxes"].as_subclass(Tensor),
-            labels=target["labels"],
-            image_id=image_id,
-            orig_size=(height, width),
-        )
+        return transformed_sample(image, torch.from_numpy(self._boxes[index]), torch.from_numpy(self._labels[index]),
+                                  self.transforms, self.image_ids[index])
+
+
+def transformed_sample(image: tv_tensors.Image, boxes: Tensor, labels: Tensor, transforms: Transform | None,
+                       image_id: int = -1) -> tuple[Tensor, Target]:
+    """``transforms`` applied to an image (3, H, W) uint8 RGB with its boxes (N, 4) xyxy absolute
+    and labels (N,): the returned image and its Target (boxes in the returned image, ``orig_size``
+    (H, W), ``content_size`` when the transforms report one)."""
+    height, width = image.shape[-2:]
+    target = {"boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)), "labels": labels}
+    if transforms is not None:
+        image, target = transforms(image, target)
+    content = target.get("content_size")
+    return image.as_subclass(Tensor), Target(
+        boxes=target["boxes"].as_subclass(Tensor),
+        labels=target["labels"],
+        image_id=image_id,
+        orig_size=(height, width),
+        content_size=None if content is None else (int(content[0]), int(content[1])),
+    )
 
 
 def _load_json(path: Path) -> dict[str, Any]:

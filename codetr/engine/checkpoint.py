@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import tempfile
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
@@ -91,7 +92,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a codetr training checkpoint (torch.load failed: {type(err).__name__})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != "codetr-checkpoint":
         raise ValueError(f"{path} is not a codetr training checkpoint (no 'format': 'codetr-checkpoint')")
     if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -124,7 +128,10 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} not found")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors weights file ({err})") from err
     return tensors, metadata

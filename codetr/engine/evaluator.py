@@ -13,7 +13,10 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch import nn
 
+from codetr.config import DataConfig
+from codetr.data import build_dataloader
 from codetr.engine import distributed as dist
+from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Batch, Detections
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -24,28 +27,28 @@ def coco_results(
 ) -> list[dict[str, Any]]:
     """COCO result records of one batch.
 
-    Boxes are rescaled from the unpadded input image (``batch.image_sizes``) to the image as
-    stored (``Target.orig_size``), clipped to it and written as xywh; labels are mapped to the
-    dataset's category ids (``category_ids[label]``).
+    Boxes (xyxy in the model input) are clipped to the input image (``batch.image_sizes``) and
+    divided by the resize scale, ``Target.content_size`` (the resized image inside a padded
+    canvas; by default the input image itself) over ``Target.orig_size``, as the released heads
+    rescale; written as xywh in the image as stored. (With a padded canvas a box may reach
+    beyond the stored image, as released.) Labels are mapped to the dataset's category ids
+    (``category_ids[label]``).
     """
     records = []
     for det, size, target in zip(detections, batch.image_sizes.tolist(), batch.targets):
-        if det.boxes.numel() == 0:
-            continue
-        (h, w), (orig_h, orig_w) = size, target.orig_size
-        scale = det.boxes.new_tensor([orig_w / w, orig_h / h, orig_w / w, orig_h / h])
-        boxes = (det.boxes.detach().float().cpu() * scale.cpu())
-        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, orig_w)
-        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, orig_h)
-        boxes[:, 2:] -= boxes[:, :2]
-        for box, score, label in zip(boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
-            records.append({
-                "image_id": target.image_id,
-                "category_id": int(category_ids[label]),
-                "bbox": [round(v, 3) for v in box],
-                "score": round(float(score), 5),
-            })
+        boxes = rescale_boxes(det.boxes.detach().float().cpu(), tuple(size), target.orig_size, target.content_size)
+        records += detection_records(Detections(boxes, det.scores, det.labels), target.image_id, category_ids)
     return records
+
+
+def detection_records(det: Detections, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``) of the
+    detections of one image, boxes xyxy in pixels of the image as stored."""
+    xywh = det.boxes.detach().float().cpu().clone()
+    xywh[:, 2:] -= xywh[:, :2]
+    return [{"image_id": image_id, "category_id": int(category_ids[label]), "bbox": [round(v, 3) for v in box],
+             "score": round(float(score), 5)}
+            for box, score, label in zip(xywh.tolist(), det.scores.tolist(), det.labels.tolist())]
 
 
 def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Iterable[int]) -> dict[str, float]:
@@ -104,3 +107,18 @@ def evaluate(model: nn.Module, dataset: Any, dataloader: Iterable[Batch]) -> dic
         return {}
     unique = dict(gathered)  # a DistributedSampler may repeat images: keep one copy
     return coco_metrics(dataset.coco, [r for records in unique.values() for r in records], unique)
+
+
+def evaluate_on_val(model: nn.Module, cfg: DataConfig, category_ids: Sequence[int] | None,
+                    source: str) -> dict[str, float]:
+    """What ``codetr eval`` computes: :func:`evaluate` on the validation split of ``cfg``.
+
+    ``category_ids`` are the dataset ids the model was trained for (None: not known); they
+    must be the validation set's, else a ValueError names ``source`` (the weights file).
+    """
+    loader = build_dataloader(cfg, "val", shuffle=False)
+    dataset = loader.dataset
+    if category_ids is not None and list(category_ids) != list(dataset.category_ids):
+        raise ValueError(f"{source} was trained for category ids {list(category_ids)}, but "
+                         f"{cfg.val_annotations} has {list(dataset.category_ids)}")
+    return evaluate(model, dataset, loader)

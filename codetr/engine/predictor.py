@@ -6,7 +6,7 @@ import json
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import yaml
@@ -15,11 +15,12 @@ from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from codetr.config import Config, load_config
-from codetr.data import build_transforms, collate
+from codetr.config import Config, DataConfig, load_config
+from codetr.data import build_transforms, collate, transformed_sample
 from codetr.engine.checkpoint import load_checkpoint, read_safetensors
-from codetr.engine.evaluator import coco_results
-from codetr.structures import Target
+from codetr.engine.evaluator import detection_records
+from codetr.ops.boxes import rescale_boxes
+from codetr.structures import Detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PALETTE = [
@@ -42,8 +43,50 @@ class LoadedModel:
         """Class names and category ids; ``class_<i>`` and ids ``0..C-1`` when not stored."""
         if self.class_names is not None and self.category_ids is not None:
             return self.class_names, self.category_ids
-        num_classes = self.cfg.model.num_classes
-        return [f"class_{i}" for i in range(num_classes)], list(range(num_classes))
+        return default_labels(self.cfg.model.num_classes)
+
+    @torch.no_grad()
+    def detect(self, image: Tensor) -> Detections:
+        """Detections in ``image`` (3, H, W) RGB, uint8 or float in [0, 1]: the evaluation
+        pre-processing, one image per forward (no batch partner's padding), boxes xyxy in
+        pixels of ``image``, clipped to it."""
+        height, width = image.shape[-2:]
+        sample = transformed_sample(tv_tensors.Image(image), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64),
+                                    build_transforms(self.cfg.data, train=False))
+        device = next(self.model.parameters()).device
+        batch = collate([sample]).to(device)
+        det = self.model.predict(batch)[0]
+        boxes = rescale_boxes(det.boxes.float(), tuple(batch.image_sizes[0].tolist()), (height, width),
+                              batch.targets[0].content_size)
+        return Detections(boxes.cpu(), det.scores.float().cpu(), det.labels.cpu())
+
+
+class ImageDetector(Protocol):
+    """What :func:`predict_images` runs: a PyTorch :class:`LoadedModel` or an ONNX model
+    (:class:`codetr.export.OnnxDetector`)."""
+
+    cfg: Config
+
+    def detect(self, image: Tensor) -> Detections: ...
+
+    def labels(self) -> tuple[list[str], list[int]]: ...
+
+
+def default_labels(num_classes: int) -> tuple[list[str], list[int]]:
+    """Names ``class_<i>`` and category ids ``0..C-1``, for weights that store none."""
+    return [f"class_{i}" for i in range(num_classes)], list(range(num_classes))
+
+
+def preprocess(cfg: DataConfig, image: Tensor) -> Tensor:
+    """(3, H, W) RGB uint8 or float in [0, 1] -> (3, h, w) float32 normalised, resized as in
+    evaluation (shorter side ``cfg.test_scale``, longer side at most ``cfg.max_size``)."""
+    return build_transforms(cfg, train=False)(tv_tensors.Image(image)).as_subclass(Tensor)
+
+
+def read_image(path: str | Path) -> Tensor:
+    """An image file as a (3, H, W) uint8 RGB tensor."""
+    with Image.open(path) as img:
+        return F.pil_to_tensor(img.convert("RGB"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,8 +205,7 @@ def draw_detections(image: Image.Image, records: list[dict[str, Any]], class_nam
     return canvas
 
 
-@torch.no_grad()
-def predict_images(loaded: LoadedModel, images: list[Path], out_dir: str | Path,
+def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | Path,
                    score_thr: float = 0.3) -> list[dict[str, Any]]:
     """Detect objects in ``images``; write drawings and ``predictions.json`` into ``out_dir``.
 
@@ -172,20 +214,15 @@ def predict_images(loaded: LoadedModel, images: list[Path], out_dir: str | Path,
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    transform = build_transforms(loaded.cfg.data, train=False)
-    device = next(loaded.model.parameters()).device
-    class_names, category_ids = loaded.labels()
+    class_names, category_ids = detector.labels()
     label_of = {cat_id: label for label, cat_id in enumerate(category_ids)}
     records: list[dict[str, Any]] = []
     for path in images:
-        with Image.open(path) as img:
-            image = img.convert("RGB")
-        pixels = tv_tensors.Image(F.pil_to_tensor(image))
-        target = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 0, (image.height, image.width))
-        batch = collate([(transform(pixels).as_subclass(Tensor), target)]).to(device)
-        found = [r for r in coco_results(loaded.model.predict(batch), batch, category_ids)
-                 if r["score"] >= score_thr]
-        draw_detections(image, found, class_names, category_ids).save(out_dir / path.name)
+        pixels = read_image(path)
+        det = detector.detect(pixels)
+        keep = det.scores >= score_thr
+        found = detection_records(Detections(det.boxes[keep], det.scores[keep], det.labels[keep]), 0, category_ids)
+        draw_detections(F.to_pil_image(pixels), found, class_names, category_ids).save(out_dir / path.name)
         for rec in found:
             records.append({"file_name": path.name, "category_id": rec["category_id"],
                             "category_name": class_names[label_of[rec["category_id"]]],

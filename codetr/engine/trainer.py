@@ -16,7 +16,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from itertools import islice
@@ -81,34 +81,68 @@ def preserved_rng() -> Iterator[None]:
 class TrainBatchSampler(Sampler[list[tuple[int, int]]]):
     """Shuffled batches of ``(dataset index, sample seed)`` for this process.
 
-    Epoch ``e`` is a pure function of ``(seed, e)``: a permutation of the dataset and one seed
-    per position. With ``world_size > 1`` the permutation is padded by wrapping around to a
-    multiple of ``world_size`` and process ``rank`` takes every ``world_size``-th item.
-    ``set_epoch(e, start_batch=k)`` makes the next iteration start at batch ``k`` (resume).
+    Epoch ``e`` is a pure function of ``(seed, e)``: an order of the dataset and one seed per
+    position. ``set_epoch(e, start_batch=k)`` makes the next iteration start at batch ``k`` (resume).
+
+    ``groups`` (one group id per dataset index, e.g. :meth:`CocoDetection.aspect_ratio_groups`)
+    batches images of one group together, as mmdet's ``DistributedGroupSampler``: each group is
+    shuffled and padded by repeating its own images to a multiple of ``batch_size * world_size``,
+    the groups are concatenated, the batches shuffled, and process ``rank`` takes the ``rank``-th
+    of ``world_size`` equal consecutive parts. Every batch is then of one group.
+    Without ``groups``, the permutation is padded by wrapping around to a multiple of
+    ``world_size`` and process ``rank`` takes every ``world_size``-th item.
     """
 
-    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 groups: Sequence[int] | None = None) -> None:
         if size <= 0:
             raise ValueError("the training set is empty")
         if batch_size <= 0:
             raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        if groups is not None and len(groups) != size:
+            raise ValueError(f"{len(groups)} group ids for a dataset of {size} images")
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.world_size = rank, world_size
+        self.groups = None if groups is None else torch.as_tensor(groups, dtype=torch.int64)
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
     def __len__(self) -> int:
-        return math.ceil(math.ceil(self.size / self.world_size) / self.batch_size)
+        if self.groups is None:
+            return math.ceil(math.ceil(self.size / self.world_size) / self.batch_size)
+        per_step = self.batch_size * self.world_size
+        return sum(math.ceil(int(n) / per_step) for n in torch.bincount(self.groups))
+
+    def _grouped_order(self, generator: torch.Generator) -> list[int]:
+        """All processes' items of the epoch: whole batches of one group, batches shuffled."""
+        assert self.groups is not None
+        per_step = self.batch_size * self.world_size
+        order: list[int] = []
+        for group in range(int(self.groups.max()) + 1):
+            members = torch.nonzero(self.groups == group).squeeze(1)
+            if len(members) == 0:
+                continue
+            shuffled = members[torch.randperm(len(members), generator=generator)].tolist()
+            padded = math.ceil(len(shuffled) / per_step) * per_step
+            order += [shuffled[i % len(shuffled)] for i in range(padded)]
+        batches = torch.randperm(len(order) // self.batch_size, generator=generator).tolist()
+        return [order[b * self.batch_size + i] for b in batches for i in range(self.batch_size)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch_seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
         generator = torch.Generator().manual_seed(epoch_seed)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        seeds = torch.randint(0, 2**62, (self.size,), generator=generator).tolist()
-        total = math.ceil(self.size / self.world_size) * self.world_size
-        items = [(order[i % self.size], seeds[i % self.size]) for i in range(total)][self.rank::self.world_size]
+        if self.groups is None:
+            order = torch.randperm(self.size, generator=generator).tolist()
+            seeds = torch.randint(0, 2**62, (self.size,), generator=generator).tolist()
+            total = math.ceil(self.size / self.world_size) * self.world_size
+            items = [(order[i % self.size], seeds[i % self.size]) for i in range(total)][self.rank::self.world_size]
+        else:
+            order = self._grouped_order(generator)
+            seeds = torch.randint(0, 2**62, (len(order),), generator=generator).tolist()
+            share = len(self) * self.batch_size
+            items = list(zip(order, seeds))[self.rank * share:(self.rank + 1) * share]
         for b in range(self.start_batch, len(self)):
             yield items[b * self.batch_size:(b + 1) * self.batch_size]
 
@@ -464,7 +498,6 @@ class PlotHook(Hook):
 # (train.init) they keep their fresh initialisation. The DETR class branches, the RoI head's
 # classifier and class-wise box regression, the ATSS classifier, a denoising label embedding.
 CLASS_LAYERS = (r"^class_branches\.", r"\.roi\.fc_(cls|reg)\.", r"\.atss_cls\.", r"label_embedding\.")
-TRAINING_ONLY = ("adapter.", "aux_heads.", "positive_queries.")  # parts a plain detector does not have
 
 
 def load_init_weights(model: nn.Module, path: str | Path) -> list[str]:
@@ -478,6 +511,7 @@ def load_init_weights(model: nn.Module, path: str | Path) -> list[str]:
     Returns the report lines.
     """
     from codetr.engine.checkpoint import load_checkpoint, read_safetensors
+    from codetr.models.codetr import TRAINING_ONLY  # the parts a plain detector does not have
 
     path = Path(path)
     state = read_safetensors(path)[0] if path.suffix == ".safetensors" else load_checkpoint(path)["model"]
@@ -576,7 +610,9 @@ def train(
         loss_module = DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
-    sampler = TrainBatchSampler(len(train_set), cfg.data.batch_size, cfg.train.seed, dist.rank(), dist.world_size())
+    groups = train_set.aspect_ratio_groups() if cfg.data.group_by_aspect_ratio else None
+    sampler = TrainBatchSampler(len(train_set), cfg.data.batch_size, cfg.train.seed, dist.rank(), dist.world_size(),
+                                groups)
     loader = train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed)
 
     metrics = MetricsFile(out / METRICS_NAME)

@@ -1,20 +1,25 @@
-"""The collaborative detector: Deformable-DETR trained with Co-DETR's hybrid assignments.
+"""Collaborative hybrid assignments training (Co-DETR) around any base DETR detector.
 
-Training step (the paper's Fig. 3, as released):
+Training step (the paper's Fig. 3, as released), for a base detector ``detector``
+(Deformable-DETR or DINO):
 
-1. backbone -> neck -> encoder -> decoder -> one-to-one DETR losses (the plain detector);
+1. the base detector's own forward and one-to-one losses (``detector.detr_loss``), which also
+   give the encoder output;
 2. the encoder memory becomes a feature pyramid (plus one stride-2 level) for the auxiliary
-   one-to-many heads (Faster R-CNN, ATSS), whose losses, scaled by ``dec_layers * lambda2``,
-   flow back into the encoder and backbone;
+   one-to-many heads (Faster R-CNN, ATSS; repeats allowed), whose losses, scaled by
+   ``dec_layers * lambda2``, flow back into the encoder and backbone;
 3. each auxiliary head's assigned boxes become a group of customized positive queries that run
-   through the shared decoder once per head, with the DETR losses (times ``lambda1``) against
-   the auxiliary assignment.
+   through the shared decoder once per head, with the base detector's losses (times
+   ``lambda1``) against the auxiliary assignment.
 
-At inference only the plain detector runs (or one auxiliary head, with ``eval_head``); the saved
-inference weights are those of the plain model.
+At inference only the base detector runs (or one auxiliary head, with ``eval_head``), and its
+weights keep the base detector's names: a Co- model's weights are the plain model's plus
+``adapter.*``, ``aux_heads.*`` and ``positive_queries.*``, so either loads into the other.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,63 +29,83 @@ from codetr.models.aux.atss import ATSSHead
 from codetr.models.aux.roi import FasterRCNNAux
 from codetr.models.deformable_detr import DeformableDETR, EncoderOutput
 from codetr.models.neck import PyramidAdapter
-from codetr.models.positive_queries import PositiveQueryEmbedding, select_positive_queries
+from codetr.models.positive_queries import select_positive_queries
 from codetr.structures import Batch, Detections
 
 AUX_HEADS = ("rcnn", "atss")
+TRAINING_ONLY = ("adapter.", "aux_heads.", "positive_queries.")
+BASE = "detector."
 
 
 def build_aux_head(name: str, cfg: ModelConfig, strides: list[int], loss_scale: float) -> nn.Module:
+    """One auxiliary head on the pyramid of the given strides (the encoder levels + one)."""
     d, co = cfg.transformer.d_model, cfg.co
     if name == "atss":
         return ATSSHead(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, stacked_convs=co.atss_stacked_convs)
     if name == "rcnn":
         return FasterRCNNAux(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, rpn_pre_nms=co.rpn_pre_nms,
-                             rpn_proposals=co.rpn_proposals, roi_samples=co.roi_samples, roi_fc_dim=co.roi_fc_dim)
+                             rpn_proposals=co.rpn_proposals, roi_samples=co.roi_samples, roi_fc_dim=co.roi_fc_dim,
+                             roi_finest_scale=co.roi_finest_scale)
     raise ValueError(f"unknown auxiliary head {name!r} in model.co.aux_heads; choose from {AUX_HEADS}")
 
 
-class CoDeformableDETR(DeformableDETR):
-    """Deformable-DETR with auxiliary one-to-many heads and customized positive queries.
+def head_tags(names: list[str]) -> list[str]:
+    """A name per auxiliary head for its loss keys: its type, plus its index when repeated."""
+    return [name if names.count(name) == 1 else f"{name}{i}" for i, name in enumerate(names)]
 
-    Parameters shared with the plain model keep the plain model's names; the training-only
-    parts live under ``adapter``, ``aux_heads`` and ``positive_queries``.
+
+class CoDETR(nn.Module):
+    """A base DETR detector with auxiliary one-to-many heads and customized positive queries.
+
+    detector: the base detector (``detr_loss``, ``encode_images``, ``decode``, ``predict``,
+    ``inference_state_dict``, ``level_strides``, ``criterion``). queries: the positive-query
+    embedding (``forward(head, reference, feats) -> (query, query_pos or None)``), or None to
+    train the auxiliary heads without positive queries.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, detector: DeformableDETR, cfg: ModelConfig, queries: nn.Module | None) -> None:
+        super().__init__()
         co = cfg.co
+        if not co.aux_heads:
+            raise ValueError("Co-DETR needs at least one auxiliary head in model.co.aux_heads")
         if co.eval_head != "detr" and co.eval_head not in co.aux_heads:
             raise ValueError(f"model.co.eval_head={co.eval_head!r} is not among model.co.aux_heads={co.aux_heads}")
-        t = cfg.transformer
-        self.co = co
-        strides = [8 * 2**i for i in range(t.num_feature_levels + 1)]
-        loss_scale = t.dec_layers * co.lambda2
-        self.adapter = PyramidAdapter(t.d_model)
-        self.aux_heads = nn.ModuleDict({name: build_aux_head(name, cfg, strides, loss_scale) for name in co.aux_heads})
-        self.positive_queries = (
-            PositiveQueryEmbedding(t.d_model, len(co.aux_heads)) if co.positive_queries and co.aux_heads else None
-        )
+        if co.eval_head != "detr" and co.aux_heads.count(co.eval_head) > 1:
+            raise ValueError(f"model.co.eval_head={co.eval_head!r} is ambiguous: model.co.aux_heads={co.aux_heads} "
+                             "lists it more than once")
+        self.cfg, self.co = cfg, co
+        self.detector = detector
+        strides = detector.level_strides
+        strides = strides + [strides[-1] * 2]
+        loss_scale = cfg.transformer.dec_layers * co.lambda2
+        self.adapter = PyramidAdapter(cfg.transformer.d_model)
+        self.aux_heads = nn.ModuleList(build_aux_head(name, cfg, strides, loss_scale) for name in co.aux_heads)
+        self.tags = head_tags(co.aux_heads)
+        self.positive_queries = queries
+        # The base detector's weights keep their own names (no "detector." prefix) in state dicts.
+        self.register_state_dict_post_hook(_drop_base_prefix)
+        self.register_load_state_dict_pre_hook(_add_base_prefix)
+        self.register_load_state_dict_post_hook(_report_without_base_prefix)
 
     def inference_state_dict(self) -> dict[str, Tensor]:
-        """The plain detector's weights (plus the evaluated auxiliary head, if not "detr")."""
-        training_only = ("adapter.", "aux_heads.", "positive_queries.")
-        keep = () if self.co.eval_head == "detr" else ("adapter.", f"aux_heads.{self.co.eval_head}.")
-        return {k: v for k, v in self.state_dict().items()
-                if not k.startswith(training_only) or k.startswith(keep)}
+        """The base detector's inference weights (plus the evaluated auxiliary head, if not "detr")."""
+        state = self.detector.inference_state_dict()
+        if self.co.eval_head != "detr":
+            index = self.co.aux_heads.index(self.co.eval_head)
+            state.update({k: v for k, v in self.state_dict().items() if k.startswith(("adapter.", f"aux_heads.{index}."))})
+        return state
 
     def aux_pyramid(self, enc: EncoderOutput) -> list[Tensor]:
         """Encoder memory as per-level maps (B, d, H_l, W_l) plus one stride-2 level."""
         return self.adapter(enc.memory, enc.spatial_shapes)
 
     def loss(self, batch: Batch) -> dict[str, Tensor]:
-        output, enc = self(batch.images, batch.masks)
-        losses = self.criterion(output, batch.targets, batch.image_sizes)
-        if not self.aux_heads:
-            return losses
+        losses, enc = self.detector.detr_loss(batch)
         pyramid = self.aux_pyramid(enc)
-        for index, (name, head) in enumerate(self.aux_heads.items()):
+        for index, (tag, head) in enumerate(zip(self.tags, self.aux_heads, strict=True)):
             head_losses, positive_sets = head.forward_train(pyramid, batch.image_sizes, batch.targets)
+            if tag != self.co.aux_heads[index]:  # a repeated type: "atss.loss_cls" -> "atss1.loss_cls"
+                head_losses = {k.replace(".", f"{index}.", 1): v for k, v in head_losses.items()}
             losses.update(head_losses)
             if self.positive_queries is None:
                 continue
@@ -93,17 +118,38 @@ class CoDeformableDETR(DeformableDETR):
             mask = group.self_attn_mask
             if mask is not None:  # (B, G, G) -> (B * heads, G, G)
                 mask = mask.repeat_interleave(self.cfg.transformer.n_heads, dim=0)
-            aux_out = self.decode(enc, query, query_pos, group.reference, self_attn_mask=mask)
-            aux_losses = self.criterion.assigned_loss(
+            aux_out = self.detector.decode(enc, query, query_pos, group.reference, self_attn_mask=mask)
+            aux_losses = self.detector.criterion.assigned_loss(
                 aux_out.logits, aux_out.boxes, group.labels, group.target_boxes,
-                group.label_weights, group.box_weights, suffix=f"_pos_{name}",
+                group.label_weights, group.box_weights, suffix=f"_pos_{tag}",
             )
             losses.update({k: v * self.co.lambda1 for k, v in aux_losses.items()})
         return losses
 
+    def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The base detector's tensor-only inference (what the ONNX export runs)."""
+        return self.detector.predict_tensors(images, masks, image_sizes)
+
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[Detections]:
         if self.co.eval_head == "detr":
-            return super().predict(batch)
-        enc = self.encode(*self.extract_features(batch.images, batch.masks))
-        return self.aux_heads[self.co.eval_head].predict(self.aux_pyramid(enc), batch.image_sizes)
+            return self.detector.predict(batch)
+        head = self.aux_heads[self.co.aux_heads.index(self.co.eval_head)]
+        enc = self.detector.encode_images(batch.images, batch.masks)
+        return head.predict(self.aux_pyramid(enc), batch.image_sizes)
+
+
+def _drop_base_prefix(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for key in [k for k in state if k.startswith(prefix + BASE)]:
+        state[prefix + key[len(prefix + BASE):]] = state.pop(key)
+
+
+def _add_base_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+    for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + BASE)]:
+        if not key[len(prefix):].startswith(TRAINING_ONLY):
+            state[prefix + BASE + key[len(prefix):]] = state.pop(key)
+
+
+def _report_without_base_prefix(module: nn.Module, incompatible: Any) -> None:
+    for keys in (incompatible.missing_keys, incompatible.unexpected_keys):
+        keys[:] = [k.replace(BASE, "", 1) if k.startswith(BASE) else k for k in keys]

@@ -10,12 +10,13 @@ DINO) override or reuse one step:
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_convert, clip_boxes_to_image
+from torchvision.ops import box_convert
 
 from codetr.config import ModelConfig
 from codetr.models.backbones import build_backbone
@@ -46,11 +47,13 @@ class EncoderOutput:
 
 @dataclass
 class QuerySet:
-    """Decoder queries. query, query_pos (B, Q, d); reference (B, Q, 4) cxcywh or (B, Q, 2) xy,
-    normalised. enc_logits (B, S, C) / enc_boxes (B, S, 4) are the two-stage proposals, if any."""
+    """Decoder queries. query, query_pos (B, Q, d) (query_pos None when the decoder builds it from
+    the reference, as DINO's); reference (B, Q, 4) cxcywh or (B, Q, 2) xy, normalised.
+    enc_logits (B, S, C) / enc_boxes (B, S, 4) are the two-stage proposals (DINO: the selected
+    top-k), if any."""
 
     query: Tensor
-    query_pos: Tensor
+    query_pos: Tensor | None
     reference: Tensor
     enc_logits: Tensor | None = None
     enc_boxes: Tensor | None = None
@@ -107,6 +110,14 @@ class DeformableDETR(nn.Module):
             (lambda m: [m] * num_branches)
         self.class_branches = nn.ModuleList(copies(cls))
         self.box_branches = nn.ModuleList(copies(box))
+        self.build_query_parts()
+        self.criterion = DetrCriterion(cfg.num_classes, cfg.loss, class_agnostic_proposals=True)
+        self.reset_parameters()
+
+    def build_query_parts(self) -> None:
+        """The layers that make the initial decoder queries: the two-stage proposal head (with the
+        learned content of mixed selection), or learned queries with 2-d references."""
+        t = self.cfg.transformer
         if t.two_stage:
             self.enc_output = nn.Linear(t.d_model, t.d_model)
             self.enc_output_norm = nn.LayerNorm(t.d_model)
@@ -117,19 +128,19 @@ class DeformableDETR(nn.Module):
         else:
             self.query_embedding = nn.Embedding(t.num_queries, 2 * t.d_model)
             self.reference_points = nn.Linear(t.d_model, 2)
-        self.criterion = DetrCriterion(cfg.num_classes, cfg.loss)
-        self.reset_parameters()
+
+    def transformer_parts(self) -> list[nn.Module]:
+        """The modules of the official ``transformer`` (xavier-initialised weight matrices)."""
+        parts: list[nn.Module] = [self.encoder, self.decoder_layers]
+        if self.cfg.transformer.two_stage:
+            return parts + [self.enc_output, self.pos_trans]
+        return parts + [self.reference_points]
 
     def reset_parameters(self) -> None:
         """Official init: xavier for the transformer, deformable-attention init, focal prior for
         the class bias, zero last box layer (w/h bias -2 without two-stage)."""
         t = self.cfg.transformer
-        transformer_parts = [self.encoder, self.decoder_layers]
-        if t.two_stage:
-            transformer_parts += [self.enc_output, self.pos_trans]
-        else:
-            transformer_parts += [self.reference_points]
-        for part in transformer_parts:
+        for part in self.transformer_parts():
             for p in part.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
@@ -139,7 +150,7 @@ class DeformableDETR(nn.Module):
             if hasattr(m, "sampling_offsets"):
                 m.reset_parameters()
         nn.init.normal_(self.level_embed)
-        prior_bias = -torch.log(torch.tensor((1 - 0.01) / 0.01)).item()
+        prior_bias = -math.log((1 - 0.01) / 0.01)
         for cls in self.class_branches:
             nn.init.constant_(cls.bias, prior_bias)
         for box in self.box_branches:
@@ -147,6 +158,12 @@ class DeformableDETR(nn.Module):
             nn.init.zeros_(box[-1].bias)
         if not t.two_stage:
             nn.init.constant_(self.box_branches[0][-1].bias[2:], -2.0)
+
+    @property
+    def level_strides(self) -> list[int]:
+        """Stride of each encoder level: the first backbone map's, doubling level by level."""
+        first = 4 * 2 ** self.cfg.backbone.out_indices[0]
+        return [first * 2**i for i in range(self.cfg.transformer.num_feature_levels)]
 
     # ---- the transformer pass, step by step ----------------------------------------------
 
@@ -158,9 +175,9 @@ class DeformableDETR(nn.Module):
 
     def encode(self, feats: list[Tensor], masks: list[Tensor]) -> EncoderOutput:
         """Flatten the levels, add sine + level position embeddings, run the encoder."""
-        d = self.cfg.transformer.d_model
-        pos = [sine_position_embedding(m, d // 2).flatten(2).transpose(1, 2) + self.level_embed[i]
-               for i, m in enumerate(masks)]
+        t = self.cfg.transformer
+        pos = [sine_position_embedding(m, t.d_model // 2, t.pos_temperature, t.pos_offset).flatten(2).transpose(1, 2)
+               + self.level_embed[i] for i, m in enumerate(masks)]
         src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], 1)
         padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
         spatial_shapes = [(f.shape[-2], f.shape[-1]) for f in feats]
@@ -215,7 +232,7 @@ class DeformableDETR(nn.Module):
             query = self.query_embedding.weight[:k].unsqueeze(0).expand(batch, -1, -1)
         return QuerySet(query, query_pos, top_coords.sigmoid(), enc_logits, enc_coords.sigmoid())
 
-    def decode(self, enc: EncoderOutput, query: Tensor, query_pos: Tensor, reference: Tensor,
+    def decode(self, enc: EncoderOutput, query: Tensor, query_pos: Tensor | None, reference: Tensor,
                self_attn_mask: Tensor | None = None) -> DetrOutput:
         """Run the decoder from the given queries; predictions of every layer.
 
@@ -224,6 +241,8 @@ class DeformableDETR(nn.Module):
         layer refines the previous layer's boxes (detached for sampling; with look-forward-twice
         the next layer's prediction still back-propagates into this one).
         """
+        if query_pos is None:
+            raise ValueError("Deformable-DETR's decoder needs the query position")
         t = self.cfg.transformer
         ratios4 = torch.cat([enc.valid_ratios, enc.valid_ratios], -1)
         sample_ref = head_ref = reference
@@ -242,10 +261,14 @@ class DeformableDETR(nn.Module):
                 head_ref = new_ref if t.look_forward_twice else sample_ref
         return DetrOutput(torch.stack(logits), torch.stack(boxes))
 
+    def encode_images(self, images: Tensor, masks: Tensor) -> EncoderOutput:
+        """images (B, 3, H, W), masks (B, H, W) True on padding -> the encoder output."""
+        return self.encode(*self.extract_features(images, masks))
+
     def forward(self, images: Tensor, masks: Tensor) -> tuple[DetrOutput, EncoderOutput]:
         """images (B, 3, H, W), masks (B, H, W) True on padding -> predictions of every decoder
         layer (with the two-stage proposals) and the encoder output."""
-        enc = self.encode(*self.extract_features(images, masks))
+        enc = self.encode_images(images, masks)
         queries = self.select_queries(enc)
         out = self.decode(enc, queries.query, queries.query_pos, queries.reference)
         out.enc_logits, out.enc_boxes = queries.enc_logits, queries.enc_boxes
@@ -253,30 +276,49 @@ class DeformableDETR(nn.Module):
 
     # ---- the detector API -------------------------------------------------------------------
 
+    def detr_loss(self, batch: Batch) -> tuple[dict[str, Tensor], EncoderOutput]:
+        """The one-to-one losses of a training batch, and the encoder output (for Co-DETR)."""
+        out, enc = self(batch.images, batch.masks)
+        return self.criterion(out, batch.targets, batch.image_sizes), enc
+
     def loss(self, batch: Batch) -> dict[str, Tensor]:
         """Weighted loss terms of a training batch; the total is their sum."""
-        out, _ = self(batch.images, batch.masks)
-        return self.criterion(out, batch.targets, batch.image_sizes)
+        return self.detr_loss(batch)[0]
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[Detections]:
         """Top ``max_detections`` (query, class) pairs by sigmoid score, no NMS; boxes xyxy in
         pixels of each unpadded input image, clipped to it."""
-        out, _ = self(batch.images, batch.masks)
-        return self.postprocess(out.logits[-1], out.boxes[-1], batch.image_sizes)
+        boxes, scores, labels = self.predict_tensors(batch.images, batch.masks, batch.image_sizes)
+        return [Detections(*per_image) for per_image in zip(boxes, scores, labels)]
 
-    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor) -> list[Detections]:
-        """logits (B, Q, C), boxes (B, Q, 4) cxcywh normalised, image_sizes (B, 2) hw."""
-        batch, _, num_classes = logits.shape
+    def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Inference with tensors in and out (what ``predict`` and the ONNX export run).
+
+        images (B, 3, H, W) normalised, masks (B, H, W) True on padding, image_sizes (B, 2) (h, w)
+        of the frame the boxes are returned in (the unpadded input image, or the original image:
+        the boxes are normalised until scaled by it). Returns :meth:`postprocess`'s tensors.
+        """
+        out, _ = self(images, masks)
+        return self.postprocess(out.logits[-1], out.boxes[-1], image_sizes)
+
+    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor,
+                    top_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k over the sigmoid scores of every (query, class) pair, as tensor ops only.
+
+        logits (B, Q, C), boxes (B, Q, 4) cxcywh normalised, image_sizes (B, 2) (h, w).
+        Returns boxes (B, K, 4) xyxy in pixels of image_sizes, clipped to them; scores (B, K)
+        descending; labels (B, K) int64; K = min(top_k or max_detections, Q * C).
+        """
+        num_classes = logits.shape[-1]
         scores = logits.sigmoid().flatten(1)
-        k = min(self.cfg.max_detections, scores.shape[1])
+        k = min(top_k or self.cfg.max_detections, scores.shape[1])
         top_scores, top = scores.topk(k, dim=1)
         query, label = top // num_classes, top % num_classes
         xyxy = box_convert(torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4)), "cxcywh", "xyxy")
         h, w = image_sizes[:, 0:1].to(xyxy), image_sizes[:, 1:2].to(xyxy)
-        xyxy = xyxy * torch.stack([w, h, w, h], -1)
-        return [Detections(clip_boxes_to_image(xyxy[b], tuple(image_sizes[b].tolist())), top_scores[b], label[b])
-                for b in range(batch)]
+        scale = torch.stack([w, h, w, h], -1)  # (B, 1, 4)
+        return (xyxy * scale).clamp(min=0).minimum(scale), top_scores, label
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """Everything is needed at inference."""

@@ -8,9 +8,11 @@ Here those become one group of extra decoder queries per head:
    chosen at random) and pads every image to the same group size — the largest positive count
    in the batch, at least ``min_queries`` — with random negatives of the same head (background
    classification loss, no box loss), or with masked zero boxes when ``zero_padding``.
-2. ``PositiveQueryEmbedding`` turns the boxes into queries: a per-head Linear + LayerNorm on the
-   sine embedding of the box gives the positional and content parts, plus a per-head projection
-   of the content feature and a per-head embedding (Co-Deformable-DETR).
+2. A query embedding turns the boxes into queries, with its own weights per auxiliary head:
+   ``PositiveQueryEmbedding`` (Co-Deformable-DETR): a Linear + LayerNorm on the sine embedding of
+   the box gives the positional and content parts, plus a projection of the content feature and a
+   per-head embedding; ``DinoPositiveQueryEmbedding`` (Co-DINO): a Linear + LayerNorm on the sine
+   embedding gives the content only, and DINO's decoder builds the position from the box.
 
 The shared decoder then runs once per head on its group, and the targets are the auxiliary
 head's assignment (no Hungarian matching).
@@ -129,6 +131,14 @@ def select_positive_queries(
     )
 
 
+def _xavier_matrices(module: nn.Module) -> None:
+    """As the official transformer init: xavier-uniform for every weight matrix (Linear weights
+    and the head embedding); biases and LayerNorms keep PyTorch's defaults."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
 class PositiveQueryEmbedding(nn.Module):
     """Queries from auxiliary boxes, one set of weights per auxiliary head (Co-Deformable-DETR).
 
@@ -144,14 +154,7 @@ class PositiveQueryEmbedding(nn.Module):
         self.feat_proj = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(num_heads))
         self.feat_norm = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_heads))
         self.head_embed = nn.Embedding(num_heads, d_model)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """As the official transformer init: xavier-uniform for every weight matrix (Linear weights
-        and the head embedding); biases and LayerNorms keep PyTorch's defaults."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        _xavier_matrices(self)
 
     def forward(self, head: int, reference: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:
         """reference (B, G, 4) cxcywh normalised, feats (B, G, d) -> (query, query_pos), each (B, G, d)."""
@@ -160,3 +163,24 @@ class PositiveQueryEmbedding(nn.Module):
         query = query + self.feat_norm[head](self.feat_proj[head](feats))
         query_pos = query_pos + self.head_embed.weight[head]
         return query, query_pos
+
+
+class DinoPositiveQueryEmbedding(nn.Module):
+    """Queries from auxiliary boxes for Co-DINO, one set of weights per auxiliary head.
+
+    query = LN(Linear(PE(box))) with PE the 2d-wide sine embedding of the box; no content feature
+    and no head embedding (the released ``with_coord_feat=False``); the query position is left to
+    DINO's decoder, which builds it from the reference box at every layer.
+    """
+
+    def __init__(self, d_model: int, num_heads: int) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.box_proj = nn.ModuleList(nn.Linear(2 * d_model, d_model) for _ in range(num_heads))
+        self.box_norm = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_heads))
+        _xavier_matrices(self)
+
+    def forward(self, head: int, reference: Tensor, feats: Tensor) -> tuple[Tensor, None]:
+        """reference (B, G, 4) cxcywh normalised; feats unused -> (query (B, G, d), None)."""
+        embed = proposal_pos_embed(inverse_sigmoid(reference), self.d_model // 2)
+        return self.box_norm[head](self.box_proj[head](embed)), None

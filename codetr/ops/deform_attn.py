@@ -1,10 +1,63 @@
-"""Multi-scale deformable attention (Deformable-DETR) in pure PyTorch, via ``grid_sample``."""
+"""Multi-scale deformable attention (Deformable-DETR) in pure PyTorch.
+
+Two interchangeable bilinear samplers, with the same semantics (``align_corners=False``, zero
+outside the map): ``F.grid_sample`` (the default), and a gather of the four neighbouring pixels
+for ONNX runtimes without GridSample (``codetr export --no-grid-sample``). Select one for a
+block of code with :func:`use_sampler`.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+SAMPLERS = ("grid_sample", "gather")
+_sampler = "grid_sample"
+
+
+@contextlib.contextmanager
+def use_sampler(name: str) -> Iterator[None]:
+    """Make ``name`` (one of :data:`SAMPLERS`) the sampler of :func:`multi_scale_deformable_attn` in a block."""
+    global _sampler
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown bilinear sampler {name!r}; choose from {SAMPLERS}")
+    previous, _sampler = _sampler, name
+    try:
+        yield
+    finally:
+        _sampler = previous
+
+
+def grid_sample_bilinear(value: Tensor, locations: Tensor) -> Tensor:
+    """value (N, D, H, W), locations (N, Q, P, 2) normalised (x, y) in [0, 1] -> (N, D, Q, P)."""
+    return F.grid_sample(value, 2 * locations - 1, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def gather_bilinear(value: Tensor, locations: Tensor) -> Tensor:
+    """Same as :func:`grid_sample_bilinear`, as one gather of the four neighbouring pixels.
+
+    Pixel centres sit at (i + 0.5) / size; a neighbour outside the map contributes zero.
+    """
+    n, d, h, w = value.shape
+    _, q, p, _ = locations.shape
+    x = locations[..., 0] * w - 0.5  # (N, Q, P) in pixel units, pixel centres at integers
+    y = locations[..., 1] * h - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = x - x0, y - y0
+    # the four neighbours (N, Q, P, 4): top-left, top-right, bottom-left, bottom-right
+    xs = torch.stack([x0, x0 + 1, x0, x0 + 1], -1)
+    ys = torch.stack([y0, y0, y0 + 1, y0 + 1], -1)
+    weights = torch.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+    inside = (xs >= 0) & (xs <= w - 1) & (ys >= 0) & (ys <= h - 1)
+    # outside neighbours read pixel 0 with weight 0 (no clamp: its bounds would be constants in
+    # an ONNX trace, and the image size is dynamic there)
+    index = torch.where(inside, ys * w + xs, 0).long().reshape(n, 1, q * p * 4)
+    corners = value.flatten(2).gather(2, index.expand(n, d, q * p * 4)).view(n, d, q, p, 4)
+    return (corners * (weights * inside.to(value.dtype)).unsqueeze(1)).sum(-1)
 
 
 def multi_scale_deformable_attn(
@@ -12,6 +65,7 @@ def multi_scale_deformable_attn(
     spatial_shapes: list[tuple[int, int]],
     sampling_locations: Tensor,
     attention_weights: Tensor,
+    sampler: str | None = None,
 ) -> Tensor:
     """Weighted sum of bilinearly sampled values over levels and points.
 
@@ -20,19 +74,23 @@ def multi_scale_deformable_attn(
     sampling_locations: (B, Q, heads, levels, points, 2) normalised (x, y) in [0, 1]; outside
                         the map the value is zero.
     attention_weights:  (B, Q, heads, levels, points).
+    sampler:            one of :data:`SAMPLERS`; None: the one selected by :func:`use_sampler`.
     Returns (B, Q, heads * head_dim).
     """
+    sampler = _sampler if sampler is None else sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown bilinear sampler {sampler!r}; choose from {SAMPLERS}")
+    sample = grid_sample_bilinear if sampler == "grid_sample" else gather_bilinear
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
     value_levels = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = 2 * sampling_locations - 1  # grid_sample works in [-1, 1]
     sampled = []
     for level, (h, w) in enumerate(spatial_shapes):
         # (B, H*W, heads, D) -> (B*heads, D, H, W)
         v = value_levels[level].flatten(2).transpose(1, 2).reshape(batch * heads, head_dim, h, w)
         # (B, Q, heads, points, 2) -> (B*heads, Q, points, 2)
-        grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(v, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+        locations = sampling_locations[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(sample(v, locations))
     # (B*heads, D, Q, levels*points) weighted by (B*heads, 1, Q, levels*points)
     stacked = torch.stack(sampled, dim=-2).flatten(-2)
     weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, queries, levels * points)

@@ -83,7 +83,8 @@ class ATSSHead(nn.Module):
     def forward_train(self, feats: list[Tensor], image_sizes: Tensor,
                       targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:
         """Losses ``atss.loss_cls``, ``atss.loss_bbox``, ``atss.loss_centerness`` and, per image,
-        every anchor with its assignment (feats: the pyramid feature at the anchor)."""
+        every anchor with its assignment (feats: the pyramid feature at the anchor). Anchors at
+        locations outside the unpadded image are exported as zero boxes, background, zero target."""
         logits, deltas, centerness, anchors, counts = self(feats)
         batch = logits.shape[0]
         pyramid = torch.cat([x.flatten(2) for x in feats], 2).transpose(1, 2)  # (B, A, C)
@@ -101,7 +102,9 @@ class ATSSHead(nn.Module):
             labels[b, idx] = assignment.labels(targets[b].labels, self.num_classes)
             target_boxes[b, idx[pos]] = targets[b].boxes[assignment.gt[pos]]
             label_weights[b, idx] = 1.0
-            exports.append(PositiveSet(anchors, labels[b], target_boxes[b], pyramid[b]))
+            # as released (``unmap`` of the valid anchors): anchors of the padding region are zero boxes
+            exports.append(PositiveSet(torch.where(valid[:, None], anchors, 0.0), labels[b], target_boxes[b],
+                                       pyramid[b]))
         positive = labels < self.num_classes
         num_pos = mean_across_processes(float(positive.sum()), logits.device)
         onehot = F.one_hot(labels, self.num_classes + 1)[..., :self.num_classes].to(logits.dtype)
@@ -122,24 +125,29 @@ class ATSSHead(nn.Module):
         return losses, exports
 
     @torch.no_grad()
-    def predict(self, feats: list[Tensor], image_sizes: Tensor, pre_nms: int = 1000, iou_thr: float = 0.6,
-                max_per_image: int = 100) -> list[Detections]:
-        """Per level top ``pre_nms`` (location, class) pairs by score x centerness, decode,
-        class-wise NMS, keep ``max_per_image``."""
+    def predict(self, feats: list[Tensor], image_sizes: Tensor, pre_nms: int = 1000, score_thr: float = 0.0,
+                iou_thr: float = 0.6, max_per_image: int = 100) -> list[Detections]:
+        """Detections of the head alone, as mmdet 2.25's dense-head inference with the released
+        ``test_cfg`` (nms_pre 1000, score_thr 0, NMS IoU 0.6, max_per_img 100): per level, the
+        (location, class) pairs with class score ``sigmoid(logit) > score_thr``, the top ``pre_nms``
+        of them by that class score; their boxes decoded (xyxy, clipped to the unpadded image);
+        the score then multiplied by the sigmoid centerness; class-wise NMS over all levels,
+        keep ``max_per_image``."""
         logits, deltas, centerness, anchors, counts = self(feats)
-        scores = logits.sigmoid() * centerness.sigmoid()[..., None]
         results = []
         for b in range(logits.shape[0]):
             size = tuple(image_sizes[b].tolist())
-            boxes, kept_scores, labels, start = [], [], [], 0
-            for count in counts:
-                s = scores[b, start:start + count].flatten()
-                top_scores, top = s.topk(min(pre_nms, s.numel()))
-                loc = top // self.num_classes + start
-                boxes.append(self.coder.decode(anchors[loc], deltas[b, loc], size))
-                kept_scores.append(top_scores)
-                labels.append(top % self.num_classes)
-                start += count
+            boxes, kept_scores, labels = [], [], []
+            for level_logits, level_deltas, level_centerness, level_anchors in zip(
+                    logits[b].split(counts), deltas[b].split(counts), centerness[b].split(counts),
+                    anchors.split(counts)):
+                scores = level_logits.sigmoid()
+                candidates = torch.nonzero(scores > score_thr)  # (K, 2): location, class
+                top_scores, order = scores[candidates[:, 0], candidates[:, 1]].sort(descending=True)
+                loc, label = candidates[order[:pre_nms]].unbind(1)
+                boxes.append(self.coder.decode(level_anchors[loc], level_deltas[loc], size))
+                kept_scores.append(top_scores[:pre_nms] * level_centerness[loc].sigmoid())
+                labels.append(label)
             boxes, kept_scores, labels = torch.cat(boxes), torch.cat(kept_scores), torch.cat(labels)
             keep = batched_nms(boxes, kept_scores, labels, iou_thr)[:max_per_image]
             results.append(Detections(boxes[keep], kept_scores[keep], labels[keep]))

@@ -23,16 +23,17 @@ def roi_levels(boxes: Tensor, finest_scale: float, num_levels: int) -> Tensor:
 
 
 class RoIHead(nn.Module):
-    """RoIAlign 7x7 on the first levels of the pyramid, two shared FC 1024, class scores
+    """RoIAlign 7x7 on the encoder levels of the pyramid (``roi_strides``: all but the extra
+    downsampled level, as the released extractors), two shared FC 1024, class scores
     (num_classes + 1, softmax) and class-specific box deltas (stds 0.1, 0.1, 0.2, 0.2); CE and
     GIoU (weight 10) on decoded boxes, both times ``loss_scale``."""
 
-    def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
+    def __init__(self, num_classes: int, channels: int = 256, roi_strides: list[int] | None = None,
                  loss_scale: float = 1.0, finest_scale: float = 112.0, roi_size: int = 7, fc_dim: int = 1024,
                  num_samples: int = 512) -> None:
         super().__init__()
         self.num_classes, self.loss_scale, self.finest_scale, self.roi_size = num_classes, loss_scale, finest_scale, roi_size
-        self.strides = (strides or [8, 16, 32, 64, 128])[:4]  # the official extractor uses 4 levels
+        self.strides = roi_strides or [8, 16, 32, 64]
         self.shared_fcs = nn.Sequential(nn.Linear(channels * roi_size * roi_size, fc_dim), nn.ReLU(inplace=True),
                                         nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True))
         self.fc_cls = nn.Linear(fc_dim, num_classes + 1)
@@ -113,19 +114,22 @@ class RoIHead(nn.Module):
 
 
 class FasterRCNNAux(nn.Module):
-    """The "rcnn" auxiliary head: RPN (on every pyramid level) + RoI head (first 4 levels).
+    """The "rcnn" auxiliary head: RPN (on every pyramid level) + RoI head (all levels but the
+    last, extra one).
 
     rpn_pre_nms: proposals per level before NMS in training (1000 at test); rpn_proposals:
-    per image after NMS; roi_samples / roi_fc_dim: sampled RoIs per image and FC width."""
+    per image after NMS; roi_samples / roi_fc_dim: sampled RoIs per image and FC width;
+    roi_finest_scale: see ``roi_levels``."""
 
     def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
                  loss_scale: float = 1.0, rpn_pre_nms: int = 4000, rpn_proposals: int = 1000,
-                 roi_samples: int = 512, roi_fc_dim: int = 1024) -> None:
+                 roi_samples: int = 512, roi_fc_dim: int = 1024, roi_finest_scale: float = 112.0) -> None:
         super().__init__()
         strides = strides or [8, 16, 32, 64, 128]
         self.rpn_pre_nms, self.rpn_proposals = rpn_pre_nms, rpn_proposals
         self.rpn = RPNHead(channels, strides, loss_scale)
-        self.roi = RoIHead(num_classes, channels, strides, loss_scale, fc_dim=roi_fc_dim, num_samples=roi_samples)
+        self.roi = RoIHead(num_classes, channels, strides[:-1], loss_scale, finest_scale=roi_finest_scale,
+                           fc_dim=roi_fc_dim, num_samples=roi_samples)
 
     def forward_train(self, feats: list[Tensor], image_sizes: Tensor,
                       targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:

@@ -60,7 +60,10 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(batch, num_queries, self.n_heads, -1)
         weights = F.softmax(weights, -1).view(batch, num_queries, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
-            normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            # torch.full, not torch.tensor: an ONNX trace keeps the sizes symbolic (dynamic image size)
+            normaliser = torch.stack([torch.stack([torch.full((), w, dtype=query.dtype, device=query.device),
+                                                   torch.full((), h, dtype=query.dtype, device=query.device)])
+                                      for h, w in spatial_shapes])
             locations = reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
         elif reference_points.shape[-1] == 4:
             ref = reference_points[:, :, None, :, None, :]

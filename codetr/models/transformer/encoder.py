@@ -37,12 +37,12 @@ def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios
     """Pixel centres of every level, normalised by the valid extent of that level, as seen
     from every level: (B, S, levels, 2) in (x, y). valid_ratios (B, levels, 2) as (w, h)."""
     points = []
+    dtype, device = valid_ratios.dtype, valid_ratios.device
     for level, (h, w) in enumerate(spatial_shapes):
-        ys, xs = torch.meshgrid(
-            torch.linspace(0.5, h - 0.5, h, dtype=valid_ratios.dtype, device=valid_ratios.device),
-            torch.linspace(0.5, w - 0.5, w, dtype=valid_ratios.dtype, device=valid_ratios.device),
-            indexing="ij",
-        )
+        # arange + 0.5, not linspace: ONNX exports linspace with a step (end - start) / (h - 1),
+        # NaN on a level of height or width 1
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=dtype, device=device) + 0.5,
+                                torch.arange(w, dtype=dtype, device=device) + 0.5, indexing="ij")
         ys = ys.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * h)
         xs = xs.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * w)
         points.append(torch.stack((xs, ys), -1))

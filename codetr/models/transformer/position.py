@@ -47,3 +47,14 @@ def proposal_pos_embed(coords_logits: Tensor, num_feats: int = 128, temperature:
     coords = coords_logits.sigmoid().float() * (2 * math.pi)
     pos = coords[..., None] / _frequencies(num_feats, temperature, coords.device)
     return _interleave_sin_cos(pos).flatten(-2).to(coords_logits.dtype)
+
+
+def box_sine_embed(boxes: Tensor, num_feats: int = 128, temperature: float = 10000.0) -> Tensor:
+    """Sine encoding of normalised boxes for DINO's query positions (``ref_point_head`` input).
+
+    boxes: (B, Q, 4) cxcywh in [0, 1]. Returns (B, Q, 4 * num_feats) ordered y, x, w, h (DINO's
+    order; ``proposal_pos_embed`` keeps x, y, w, h).
+    """
+    pos = boxes[..., None].float() * (2 * math.pi) / _frequencies(num_feats, temperature, boxes.device)
+    pos = _interleave_sin_cos(pos)  # (B, Q, 4, F)
+    return pos[..., [1, 0, 2, 3], :].flatten(-2).to(boxes.dtype)

@@ -1,0 +1,290 @@
+"""The Python API: ``Detector`` wraps the same code paths as the ``codetr`` commands.
+
+    from codetr import Detector
+    det = Detector("co_deformable_detr_tiny", weights="runs/demo/model.safetensors")
+    result = det.predict("image.jpg")[0]
+    result.boxes, result.scores, result.labels, result.names   # xyxy pixels of the image
+
+``predict`` runs :meth:`codetr.engine.predictor.LoadedModel.detect` (what ``codetr predict``
+runs), ``evaluate`` :func:`codetr.engine.evaluator.evaluate_on_val` (``codetr eval``),
+``train`` :func:`codetr.engine.train` (``codetr train``) and ``export``
+:func:`codetr.export.export_onnx` (``codetr export``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms.v2 import functional as F
+
+from codetr.config import Config, config_to_dict, load_config, save_config
+from codetr.engine.checkpoint import save_inference_weights
+from codetr.engine.predictor import (
+    ImageDetector,
+    LoadedModel,
+    config_from_text,
+    list_images,
+    load_model,
+    load_weights,
+    read_image,
+    resolve_device,
+)
+from codetr.structures import Detections
+
+if TYPE_CHECKING:
+    import supervision
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.yaml"
+
+ImageSource = Union[str, Path, Image.Image, np.ndarray, Tensor]
+
+
+@dataclass
+class Prediction:
+    """Detections in one input image, best first.
+
+    boxes:  (K, 4) float32, xyxy in pixels of the input image.
+    scores: (K,) float32 in [0, 1], descending.
+    labels: (K,) int64 contiguous labels 0..C-1 (``category_ids[label]`` is the dataset id).
+    names:  the class name of each detection.
+    path:   the image file, when the input was one.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    names: list[str]
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def to_supervision(self) -> "supervision.Detections":
+        """These detections as ``supervision.Detections`` (needs ``pip install supervision``),
+        class names in ``data["class_name"]``."""
+        try:
+            import supervision
+        except ImportError:
+            raise ImportError("Prediction.to_supervision needs the optional package supervision: "
+                              "pip install supervision") from None
+        return supervision.Detections(xyxy=self.boxes.numpy().astype(np.float32),
+                                      confidence=self.scores.numpy().astype(np.float32),
+                                      class_id=self.labels.numpy().astype(int),
+                                      data={"class_name": np.array(self.names, dtype=str)})
+
+
+class Detector:
+    """A Co-DETR / DETR detector: predict, train, evaluate, save and export.
+
+    ``config`` is a YAML file or the name of a packaged config (``codetr/configs``);
+    ``weights`` a ``model.safetensors`` or a training checkpoint (``last.pt``), or None for the
+    config's initialisation (to train); ``device`` "auto" (CUDA when available), "cpu",
+    "cuda:1", ...
+    """
+
+    def __init__(self, config: str | Path, weights: str | Path | None = None, device: str = "auto") -> None:
+        self.device = resolve_device(device)
+        if weights is None:
+            from codetr.models.build import build_model
+
+            cfg = load_config(config)
+            self._use(LoadedModel(build_model(cfg.model).to(self.device).eval(), cfg, None, None), None)
+        else:
+            self._use(load_model(weights, config, device=self.device), Path(weights))
+
+    def _use(self, runner: ImageDetector, source: Path | None) -> None:
+        """Run ``runner`` (a PyTorch :class:`LoadedModel` or an ONNX model) from now on."""
+        self._runner = runner
+        self._loaded = runner if isinstance(runner, LoadedModel) else None
+        self.source = source  # the weights or ONNX file; None: the config's initialisation
+        self.cfg: Config = runner.cfg
+
+    # ---- other constructors ----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> Detector:
+        """Load a folder holding ``model.safetensors`` and ``config.yaml`` (what ``codetr train``
+        and :meth:`save_pretrained` write)."""
+        folder = Path(folder)
+        missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} is not a pretrained detector folder: no {' and no '.join(missing)}")
+        return cls(folder / CONFIG_FILE, folder / WEIGHTS_FILE, device)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, providers: list[str] | None = None) -> Detector:
+        """Run an ONNX file written by :meth:`export` / ``codetr export`` with onnxruntime
+        (``providers`` default to the CPU). Only ``predict`` is available on it."""
+        from codetr.export import OnnxDetector
+
+        det = cls.__new__(cls)
+        det.device = torch.device("cpu")
+        det._use(OnnxDetector(path, providers), Path(path))
+        return det
+
+    # ---- inference -------------------------------------------------------------------------
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The PyTorch detector (eval mode)."""
+        return self._torch("model").model
+
+    @property
+    def class_names(self) -> list[str]:
+        """Name of each contiguous label (``class_<i>`` when the weights store none)."""
+        return self._runner.labels()[0]
+
+    @property
+    def category_ids(self) -> list[int]:
+        """Dataset category id of each contiguous label (``0..C-1`` when the weights store none)."""
+        return self._runner.labels()[1]
+
+    def predict(self, source: ImageSource | Sequence[ImageSource], score_thr: float = 0.3) -> list[Prediction]:
+        """Detections with score >= ``score_thr``, one :class:`Prediction` per image.
+
+        ``source``: an image file, a folder (its images, sorted by name), a PIL image, an
+        ndarray (H, W, 3) uint8 RGB, a tensor (3, H, W) RGB (uint8, or float in [0, 1]), or a
+        list of those. Each image runs alone through the evaluation pre-processing (as
+        ``codetr predict`` and ``codetr eval``).
+        """
+        names = self.class_names
+        results = []
+        for image, path in _images(source):
+            det: Detections = self._runner.detect(image)
+            keep = det.scores >= score_thr
+            labels = det.labels[keep]
+            results.append(Prediction(det.boxes[keep], det.scores[keep], labels, [names[i] for i in labels.tolist()],
+                                      path))
+        return results
+
+    # ---- training, evaluation, saving, export ----------------------------------------------------
+
+    def train(self, out: str | Path, resume: bool = False, **overrides: Any) -> dict[str, float]:
+        """Train as ``codetr train CONFIG --out OUT [--resume] key=value ...``; returns the final
+        COCO metrics (percent) and loads the trained weights into this detector.
+
+        Overrides are dotted config keys (``**{"model.co.lambda1": 0.5}``) or a field name found
+        in one config section only (``epochs=2``, ``lr=1e-4``, ``batch_size=4``). A detector
+        loaded from weights trains from them; one built from a config alone starts from the
+        config's initialisation, as ``codetr train``.
+        """
+        from codetr.engine import train
+        from codetr.engine.trainer import WEIGHTS_NAME
+        from codetr.models.build import build_model
+
+        loaded = self._torch("train")
+        values = config_to_dict(self.cfg)
+        for name, value in overrides.items():
+            *parents, leaf = override_key(name).split(".")
+            node = values
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        cfg = config_from_text(yaml.safe_dump(values, sort_keys=False))
+        if cfg.train.device == "auto":
+            cfg.train.device = str(self.device)
+        start = None
+        if self.source is not None:
+            state, source = loaded.model.state_dict(), str(self.source)
+
+            def start(model_cfg: Any) -> torch.nn.Module:  # the loaded weights, in the (overridden) architecture
+                model = build_model(model_cfg)
+                load_weights(model, state, source)
+                return model
+
+        metrics = train(cfg, out, resume=resume, build_model=start)
+        out = Path(out)
+        self._use(load_model(out / WEIGHTS_NAME, out / CONFIG_FILE, device=self.device), out / WEIGHTS_NAME)
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        """COCO box metrics (percent) on the config's validation data, as ``codetr eval``."""
+        from codetr.engine.evaluator import evaluate_on_val
+
+        loaded = self._torch("evaluate")
+        return evaluate_on_val(loaded.model, self.cfg.data, loaded.category_ids, str(self.source or "the model"))
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``config.yaml`` and ``model.safetensors`` (inference weights, class names and
+        category ids) into ``folder``, for :meth:`from_pretrained`. Returns the folder."""
+        loaded = self._torch("save_pretrained")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, folder / CONFIG_FILE)
+        names, ids = loaded.labels()
+        save_inference_weights(folder / WEIGHTS_FILE, loaded.model.inference_state_dict(), names, ids,
+                               config_to_dict(self.cfg))
+        return folder
+
+    def export(self, path: str | Path, opset: int | None = None, grid_sample: bool = True) -> Path:
+        """Write the inference graph as ONNX (``codetr export``); see :mod:`codetr.export.onnx`."""
+        from codetr.export import DEFAULT_OPSET, export_onnx
+
+        return export_onnx(self._torch("export"), path, DEFAULT_OPSET if opset is None else opset, grid_sample)
+
+    def _torch(self, action: str) -> LoadedModel:
+        if self._loaded is None:
+            raise RuntimeError(f"Detector.{action} needs the PyTorch model; this detector runs an ONNX file "
+                               "(Detector.from_onnx), which only predicts")
+        return self._loaded
+
+    def __repr__(self) -> str:
+        return f"Detector({self.cfg.model.arch}, {self.cfg.model.num_classes} classes, source={self.source})"
+
+
+def override_key(name: str, keys: Sequence[str] | None = None) -> str:
+    """A dotted config key, or the one key among ``keys`` (default: every field of
+    :class:`~codetr.config.Config`, dotted) whose last part is ``name``."""
+    if "." in name:
+        return name
+    found = [key for key in (_dotted_fields(Config) if keys is None else keys) if key.rsplit(".", 1)[-1] == name]
+    if len(found) != 1:
+        raise KeyError(f"config override {name!r} " + (f"is ambiguous: {', '.join(found)}; pass the dotted key"
+                                                        if found else "names no config field"))
+    return found[0]
+
+
+def _dotted_fields(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += _dotted_fields(type(default), f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _images(source: ImageSource | Sequence[ImageSource]) -> Iterator[tuple[Tensor, Path | None]]:
+    """Every image of ``source`` as ((3, H, W) RGB tensor, file path or None), read one at a time."""
+    if isinstance(source, (list, tuple)):
+        for element in source:
+            yield from _images(element)
+    elif isinstance(source, (str, Path)):
+        for path in list_images(source):
+            yield read_image(path), path
+    elif isinstance(source, Image.Image):
+        yield F.pil_to_tensor(source.convert("RGB")), None
+    elif isinstance(source, np.ndarray):
+        if source.ndim != 3 or source.shape[-1] != 3 or source.dtype != np.uint8:
+            raise ValueError(f"an ndarray image must be (H, W, 3) uint8 RGB, got {source.shape} {source.dtype}")
+        yield torch.from_numpy(source.copy()).permute(2, 0, 1), None  # a copy: the array may be read-only
+    elif isinstance(source, Tensor):
+        if source.ndim != 3 or source.shape[0] != 3:
+            raise ValueError(f"a tensor image must be (3, H, W) RGB, got {tuple(source.shape)}")
+        if source.dtype != torch.uint8 and not source.is_floating_point():
+            raise ValueError(f"a tensor image must be uint8 or float in [0, 1], got {source.dtype}")
+        yield source.detach().cpu(), None
+    else:
+        raise TypeError(f"cannot read an image from {type(source).__name__}: give a path, folder, PIL image, "
+                        "ndarray (H, W, 3) uint8 or tensor (3, H, W)")

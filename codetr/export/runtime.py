@@ -1,0 +1,59 @@
+"""Run an exported ONNX detector with onnxruntime, with the PyTorch model's pre-processing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from codetr.config import Config
+from codetr.engine.predictor import config_from_text, preprocess
+from codetr.export.onnx import INPUT_NAMES, METADATA_KEYS
+from codetr.models.dino import apply_soft_nms
+from codetr.structures import Detections
+
+
+class OnnxDetector:
+    """An ONNX file written by :func:`codetr.export.export_onnx`, on onnxruntime.
+
+    ``detect`` and ``labels`` behave as :class:`codetr.engine.predictor.LoadedModel`'s, so
+    ``predict_images`` and :class:`codetr.Detector` run either.
+    """
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"ONNX model {path} not found")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for unreadable files
+            raise ValueError(f"{path} is not a readable ONNX model: {err}") from err
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        missing = [key for key in METADATA_KEYS if key not in metadata]
+        inputs = [i.name for i in self.session.get_inputs()]
+        if missing or inputs != INPUT_NAMES:
+            raise ValueError(f"{path} was not written by `codetr export` (inputs {inputs}, missing metadata {missing})")
+        self.path = path
+        self.cfg: Config = config_from_text(metadata["codetr_config"])
+        self.class_names: list[str] = json.loads(metadata["codetr_class_names"])
+        self.category_ids: list[int] = json.loads(metadata["codetr_category_ids"])
+
+    def labels(self) -> tuple[list[str], list[int]]:
+        """Class names and dataset category ids stored at export."""
+        return self.class_names, self.category_ids
+
+    def detect(self, image: Tensor) -> Detections:
+        """Detections in ``image`` (3, H, W) RGB, uint8 or float in [0, 1]; boxes xyxy in pixels of it."""
+        height, width = image.shape[-2:]
+        pixels = preprocess(self.cfg.data, image)[None].numpy()
+        boxes, scores, labels = self.session.run(None, {"images": pixels,
+                                                        "orig_sizes": np.array([[height, width]], dtype=np.int64)})
+        det = Detections(torch.from_numpy(boxes[0]), torch.from_numpy(scores[0]), torch.from_numpy(labels[0]))
+        if self.cfg.model.arch == "dino":  # DINO's Soft-NMS is not in the graph: it runs here, as in predict
+            det = apply_soft_nms(det, self.cfg.model)
+        return det
