@@ -233,8 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     mmdet = convert_commands.add_parser(
         "mmdet", help="official Co-DETR checkpoints (Sense-X/Co-DETR, mmdet)",
-        description="Convert an official Co-DETR checkpoint (Sense-X/Co-DETR release, mmdet 2.x names; ResNet or "
-                    "Swin backbone) to codetr safetensors for the config of its model-zoo row.")
+        description="Convert an official Co-DETR checkpoint (Co-Deformable-DETR or Co-DINO of the Sense-X/Co-DETR "
+                    "release, Co-DINO of mmdetection 3.x; ResNet or Swin backbone) to codetr safetensors for the "
+                    "config of its model-zoo row.")
     add_mmdet_arguments(mmdet)
     mmdet.set_defaults(func=cmd_convert_mmdet)
 

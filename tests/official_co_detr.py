@@ -5,8 +5,9 @@ the released Swin backbone. mmdet cannot be installed here; these stand in for i
 The lists follow the modules' registration order: ``CoDETR`` holds ``backbone``, ``neck``,
 ``query_head`` (``CoDeformDETRHead``: ``transformer``, ``downsample``, ``cls_branches``,
 ``reg_branches``, ``query_embedding``), ``rpn_head``, ``roi_head.<k>`` and ``bbox_head.<k>``.
-``tests/data/official/*.txt`` are these lists for the released configs (``write_lists`` writes them;
-a test checks they are current).
+``tests/data/official/*_mmdet2.txt`` are these lists for the released configs (``write_lists`` writes
+them; a test checks they are current); the mmdetection 3.x reference list there was produced by
+mmdetection itself and checks the Co-DINO list exactly.
 """
 
 from __future__ import annotations
@@ -123,51 +124,50 @@ def ffn(prefix: str, d: int, hidden: int) -> list[tuple[str, Shape]]:
     return linear(f"{prefix}.layers.0.0", hidden, d) + linear(f"{prefix}.layers.1", d, hidden)
 
 
-def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: int = 80,
-                       num_queries: int = 300, d: int = 256, ffn_dim: int = 2048, enc_layers: int = 6,
-                       dec_layers: int = 6, heads: int = 8, points: int = 4, levels: int = 4,
-                       atss_convs: int = 1, roi_fc: int = 1024) -> list[tuple[str, Shape]]:
-    """``CoDETR`` as configured by ``co_deformable_detr_*_coco.py``: ChannelMapper (1x1 conv per input,
-    3x3 stride-2 extra levels, GN, no conv bias), CoDeformDETRHead with two-stage, box refinement,
-    mixed selection and 2 co-heads; RPN (9 anchors), one Shared2FCBBoxHead RoI head, one ATSS head
-    (one scale per level of the 5-level auxiliary pyramid)."""
-    names = list(backbone)
+def channel_mapper(neck_in: list[int], d: int, levels: int) -> list[tuple[str, Shape]]:
+    """mmdet ``ChannelMapper``: ConvModule (conv without bias, gn) per input, 3x3 stride-2 extra levels."""
+    names = []
     for i, c in enumerate(neck_in):
         names += conv(f"neck.convs.{i}.conv", d, c, 1, bias=False) + norm(f"neck.convs.{i}.gn", d)
     for j in range(levels - len(neck_in)):
         names += conv(f"neck.extra_convs.{j}.conv", d, neck_in[-1] if j == 0 else d, 3, bias=False)
         names += norm(f"neck.extra_convs.{j}.gn", d)
+    return names
+
+
+def transformer_layers(d: int, ffn_dim: int, enc_layers: int, dec_layers: int, heads: int, points: int,
+                       levels: int) -> tuple[list[tuple[str, Shape]], list[tuple[str, Shape]]]:
+    """Encoder and decoder layers (mmcv BaseTransformerLayer / DetrTransformerDecoderLayer)."""
     t = "query_head.transformer"
-    names += [(f"{t}.level_embeds", (levels, d))]
+    encoder, decoder = [], []
     for n in range(enc_layers):
         p = f"{t}.encoder.layers.{n}"
-        names += msda(f"{p}.attentions.0", d, heads, levels, points) + ffn(f"{p}.ffns.0", d, ffn_dim)
-        names += norm(f"{p}.norms.0", d) + norm(f"{p}.norms.1", d)
+        encoder += msda(f"{p}.attentions.0", d, heads, levels, points) + ffn(f"{p}.ffns.0", d, ffn_dim)
+        encoder += norm(f"{p}.norms.0", d) + norm(f"{p}.norms.1", d)
     for n in range(dec_layers):
         p = f"{t}.decoder.layers.{n}"
-        names += [(f"{p}.attentions.0.attn.in_proj_weight", (3 * d, d)), (f"{p}.attentions.0.attn.in_proj_bias", (3 * d,))]
-        names += linear(f"{p}.attentions.0.attn.out_proj", d, d)
-        names += msda(f"{p}.attentions.1", d, heads, levels, points) + ffn(f"{p}.ffns.0", d, ffn_dim)
-        names += norm(f"{p}.norms.0", d) + norm(f"{p}.norms.1", d) + norm(f"{p}.norms.2", d)
-    names += linear(f"{t}.enc_output", d, d) + norm(f"{t}.enc_output_norm", d)
-    names += linear(f"{t}.pos_trans", 2 * d, 2 * d) + norm(f"{t}.pos_trans_norm", 2 * d)
-    names += [(f"{t}.head_pos_embed.weight", (2, 1))]  # nn.Embedding(num_co_heads, 1, ...)
-    for i in range(2):
-        names += linear(f"{t}.aux_pos_trans.{i}", 2 * d, 2 * d)
-    for i in range(2):
-        names += norm(f"{t}.aux_pos_trans_norm.{i}", 2 * d)
-    for i in range(2):
-        names += linear(f"{t}.pos_feats_trans.{i}", d, d)
-    for i in range(2):
-        names += norm(f"{t}.pos_feats_norm.{i}", d)
-    names += conv("query_head.downsample.0", d, d, 3) + norm("query_head.downsample.1", d)
+        decoder += [(f"{p}.attentions.0.attn.in_proj_weight", (3 * d, d)), (f"{p}.attentions.0.attn.in_proj_bias", (3 * d,))]
+        decoder += linear(f"{p}.attentions.0.attn.out_proj", d, d)
+        decoder += msda(f"{p}.attentions.1", d, heads, levels, points) + ffn(f"{p}.ffns.0", d, ffn_dim)
+        decoder += norm(f"{p}.norms.0", d) + norm(f"{p}.norms.1", d) + norm(f"{p}.norms.2", d)
+    return encoder, decoder
+
+
+def branches(num_classes: int, d: int, dec_layers: int) -> list[tuple[str, Shape]]:
+    """``cls_branches`` and ``reg_branches`` (Linear-ReLU-Linear-ReLU-Linear), one per decoder layer + 1."""
+    names = []
     for i in range(dec_layers + 1):
         names += linear(f"query_head.cls_branches.{i}", num_classes, d)
     for i in range(dec_layers + 1):
         names += linear(f"query_head.reg_branches.{i}.0", d, d) + linear(f"query_head.reg_branches.{i}.2", d, d)
         names += linear(f"query_head.reg_branches.{i}.4", 4, d)
-    names += [("query_head.query_embedding.weight", (num_queries, d))]
-    names += conv("rpn_head.rpn_conv", d, d, 3) + conv("rpn_head.rpn_cls", 9, d, 1) + conv("rpn_head.rpn_reg", 36, d, 1)
+    return names
+
+
+def aux_heads(num_classes: int, d: int, levels: int, atss_convs: int, roi_fc: int) -> list[tuple[str, Shape]]:
+    """RPN (9 anchors), one Shared2FCBBoxHead RoI head, one ATSS head (a scale per level of the auxiliary
+    pyramid: the encoder levels + 1)."""
+    names = conv("rpn_head.rpn_conv", d, d, 3) + conv("rpn_head.rpn_cls", 9, d, 1) + conv("rpn_head.rpn_reg", 36, d, 1)
     r = "roi_head.0.bbox_head"
     names += linear(f"{r}.fc_cls", num_classes + 1, roi_fc) + linear(f"{r}.fc_reg", 4 * num_classes, roi_fc)
     names += linear(f"{r}.shared_fcs.0", roi_fc, d * 7 * 7) + linear(f"{r}.shared_fcs.1", roi_fc, roi_fc)
@@ -177,8 +177,51 @@ def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], nu
             names += norm(f"bbox_head.0.{tower}_convs.{j}.gn", d)
     names += conv("bbox_head.0.atss_cls", num_classes, d, 3) + conv("bbox_head.0.atss_reg", 4, d, 3)
     names += conv("bbox_head.0.atss_centerness", 1, d, 3)
-    names += [(f"bbox_head.0.scales.{level}.scale", ()) for level in range(levels + 1)]
-    return names
+    return names + [(f"bbox_head.0.scales.{level}.scale", ()) for level in range(levels + 1)]
+
+
+def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: int = 80,
+                       num_queries: int = 300, d: int = 256, ffn_dim: int = 2048, enc_layers: int = 6,
+                       dec_layers: int = 6, heads: int = 8, points: int = 4, levels: int = 4,
+                       atss_convs: int = 1, roi_fc: int = 1024) -> list[tuple[str, Shape]]:
+    """``CoDETR`` as configured by ``co_deformable_detr_*_coco.py``: CoDeformDETRHead with two-stage,
+    box refinement, mixed selection and 2 co-heads (positive-query layers with content features and
+    the (2, 1) ``head_pos_embed``), RPN + RoI head and ATSS."""
+    t = "query_head.transformer"
+    encoder, decoder = transformer_layers(d, ffn_dim, enc_layers, dec_layers, heads, points, levels)
+    names = list(backbone) + channel_mapper(neck_in, d, levels) + [(f"{t}.level_embeds", (levels, d))] + encoder + decoder
+    names += linear(f"{t}.enc_output", d, d) + norm(f"{t}.enc_output_norm", d)
+    names += linear(f"{t}.pos_trans", 2 * d, 2 * d) + norm(f"{t}.pos_trans_norm", 2 * d)
+    names += [(f"{t}.head_pos_embed.weight", (2, 1))]  # nn.Embedding(num_co_heads, 1, ...)
+    names += [entry for i in range(2) for entry in linear(f"{t}.aux_pos_trans.{i}", 2 * d, 2 * d)]
+    names += [entry for i in range(2) for entry in norm(f"{t}.aux_pos_trans_norm.{i}", 2 * d)]
+    names += [entry for i in range(2) for entry in linear(f"{t}.pos_feats_trans.{i}", d, d)]
+    names += [entry for i in range(2) for entry in norm(f"{t}.pos_feats_norm.{i}", d)]
+    names += conv("query_head.downsample.0", d, d, 3) + norm("query_head.downsample.1", d)
+    names += branches(num_classes, d, dec_layers) + [("query_head.query_embedding.weight", (num_queries, d))]
+    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc)
+
+
+def co_dino(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: int = 80, num_queries: int = 900,
+            d: int = 256, ffn_dim: int = 2048, enc_layers: int = 6, dec_layers: int = 6, heads: int = 8,
+            points: int = 4, levels: int = 5, atss_convs: int = 1, roi_fc: int = 1024,
+            mmdet3: bool = False) -> list[tuple[str, Shape]]:
+    """``CoDETR`` as configured by ``co_dino_5scale_*``: CoDINOHead + CoDinoTransformer with the DINO
+    decoder (``ref_point_head``, final ``norm``), learned ``query_embed``, positive-query layers
+    without content features (``aux_pos_trans`` 2d -> d), the denoising ``label_embedding`` (in
+    ``query_head.dn_generator`` in the mmdetection 3.x port), RPN + RoI head and ATSS."""
+    t = "query_head.transformer"
+    encoder, decoder = transformer_layers(d, ffn_dim, enc_layers, dec_layers, heads, points, levels)
+    names = list(backbone) + channel_mapper(neck_in, d, levels) + [(f"{t}.level_embeds", (levels, d))] + encoder + decoder
+    names += linear(f"{t}.decoder.ref_point_head.0", d, 2 * d) + linear(f"{t}.decoder.ref_point_head.2", d, d)
+    names += norm(f"{t}.decoder.norm", d)
+    names += linear(f"{t}.enc_output", d, d) + norm(f"{t}.enc_output_norm", d) + [(f"{t}.query_embed.weight", (num_queries, d))]
+    names += [entry for i in range(2) for entry in linear(f"{t}.aux_pos_trans.{i}", d, 2 * d)]
+    names += [entry for i in range(2) for entry in norm(f"{t}.aux_pos_trans_norm.{i}", d)]
+    names += branches(num_classes, d, dec_layers)
+    names += conv("query_head.downsample.0", d, d, 3) + norm("query_head.downsample.1", d)
+    names += [(f"query_head.{'dn_generator.' if mmdet3 else ''}label_embedding.weight", (num_classes, d))]
+    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc)
 
 
 # The released Co-Deformable-DETR configs: (backbone names, neck input channels, queries).
@@ -191,7 +234,8 @@ SWIN_ARCH = {  # embed_dim, depths, heads, window of the released Swin configs
 
 
 def released_configs() -> dict[str, list[tuple[str, Shape]]]:
-    """Official key/shape list of every released Co-Deformable-DETR architecture (1x and 3x share one)."""
+    """Official key/shape list of every released Co-Deformable-DETR architecture (1x and 3x share one)
+    and of Co-DINO R50 (Sense-X names)."""
     lists = {"co_deformable_detr_r50": co_deformable_detr(resnet(50), [512, 1024, 2048])}
     for name, (dim, depths, heads, window) in SWIN_ARCH.items():
         backbone = swin_v1(dim, depths, heads, window, (1, 2, 3))
@@ -199,7 +243,13 @@ def released_configs() -> dict[str, list[tuple[str, Shape]]]:
     dim, depths, heads, window = SWIN_ARCH["swin_large"]
     lists["co_deformable_detr_swin_large_900q"] = co_deformable_detr(
         swin_v1(dim, depths, heads, window, (1, 2, 3)), [dim * 2, dim * 4, dim * 8], num_queries=900)
+    lists["co_dino_5scale_r50"] = co_dino(resnet(50), [256, 512, 1024, 2048])
     return lists
+
+
+# The state_dict mmdetection 3.x builds for Co-DINO R50 (co_dino_5scale_r50_lsj_8xb2_1x_coco with 3
+# classes), listed by running it: the ground truth the lists above are checked against.
+MMDET3_REFERENCE = DATA / "co_dino_5scale_r50_lsj_3classes_mmdet3_reference.txt"
 
 
 def format_list(names: list[tuple[str, Shape]]) -> str:

@@ -15,7 +15,9 @@ import torch.nn.functional as F
 import yaml
 from official_co_detr import (
     DATA,
+    MMDET3_REFERENCE,
     co_deformable_detr,
+    co_dino,
     format_list,
     read_list,
     random_state,
@@ -42,7 +44,6 @@ from codetr.structures import Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REFERENCE = Path("/work/shared/reference/co_dino_5scale_r50_mmdet3_state_dict.txt")
 ZOO = {  # packaged config -> official key/shape list
     "co_deformable_detr_r50_1x_coco": "co_deformable_detr_r50",
     "co_deformable_detr_swin_tiny_1x_coco": "co_deformable_detr_swin_tiny",
@@ -53,13 +54,17 @@ ZOO = {  # packaged config -> official key/shape list
     "co_deformable_detr_swin_base_3x_coco": "co_deformable_detr_swin_base",
     "co_deformable_detr_swin_large_1x_coco": "co_deformable_detr_swin_large",
     "co_deformable_detr_swin_large_900q_3x_coco": "co_deformable_detr_swin_large_900q",
+    "co_dino_5scale_r50_1x_coco": "co_dino_5scale_r50",
 }
 TINY_SIZES = dict(num_classes=6, num_queries=50, d=64, ffn_dim=256, enc_layers=2, dec_layers=3, heads=4, roi_fc=256)
 TINY_SWIN = {"embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8]}
 
 
 def tiny_official(backbone: str = "resnet18", **sizes: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The released Co-Deformable-DETR structure at the tiny config's widths."""
+    """The released Co-Deformable-DETR structure at the tiny config's widths (``co_dino_mmdet2`` /
+    ``co_dino_mmdet3``: Co-DINO's with a ResNet-18, at co_dino_tiny's widths)."""
+    if backbone.startswith("co_dino"):
+        return co_dino(resnet(18), [64, 128, 256, 512], mmdet3=backbone.endswith("3"), **(TINY_SIZES | {"num_queries": 100}))
     if backbone == "resnet18":
         return co_deformable_detr(resnet(18), [128, 256, 512], **(TINY_SIZES | sizes))
     names = (swin_v1 if backbone == "swin_v1" else swin_mmdet)(16, (2, 2, 2, 2), (1, 2, 4, 8), 7, (1, 2, 3))
@@ -87,6 +92,9 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg["model"]["backbone"] = {"name": "swin_tiny_patch4_window7_224", "weights": None, "frozen_stages": -1,
                                 "timm_args": TINY_SWIN}
     (root / "tiny_swin.yaml").write_text(yaml.safe_dump(cfg))
+    cfg["base"] = "co_dino_tiny"
+    cfg["model"]["backbone"] = {"name": "resnet18", "weights": None, "norm": "frozen_bn", "frozen_stages": 1}
+    (root / "tiny_co_dino.yaml").write_text(yaml.safe_dump(cfg))
     (root / "classes.txt").write_text("\n".join(["circle", "square", "triangle", "star", "ring", "cross"]) + "\n")
     return path
 
@@ -96,55 +104,42 @@ def save_mmdet(state: dict[str, torch.Tensor], path: Path, meta: dict | None = N
     return path
 
 
-def meta_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Build the models' backbones on the meta device (names and shapes only: Swin-L in a second)."""
-    import codetr.models.deformable_detr as deformable_detr
-    from codetr.models.backbones import build_backbone
-
-    def build(cfg):  # noqa: ANN001, ANN202
-        with torch.device("meta"):
-            return build_backbone(cfg)
-
-    monkeypatch.setattr(deformable_detr, "build_backbone", build)
-
-
 # ----------------------------------------------------------------------- the official lists
 
 
 def test_official_lists_are_current() -> None:
-    """tests/data/official/*.txt are the lists written from the released definitions."""
+    """tests/data/official/*_mmdet2.txt are the lists written from the released definitions."""
     lists = released_configs()
-    assert sorted(p.name for p in DATA.glob("*.txt")) == sorted(f"{name}_mmdet2.txt" for name in lists)
+    assert sorted(p.name for p in DATA.glob("*_mmdet2.txt")) == sorted(f"{name}_mmdet2.txt" for name in lists)
     for name, names in lists.items():
         assert (DATA / f"{name}_mmdet2.txt").read_text() == format_list(names), name
 
 
-@pytest.mark.skipif(not REFERENCE.is_file(), reason="shared reference list not present")
-def test_lists_agree_with_the_mmdet3_reference() -> None:
-    """The parts Co-DINO shares with Co-Deformable-DETR (ResNet, ChannelMapper, transformer layers,
-    branches, adapter, RPN, RoI and ATSS heads) have exactly the names and shapes of the state_dict
-    mmdetection 3.x builds (the shared reference list: Co-DINO R50, 3 classes, 5 levels)."""
-    reference = dict(read_list(REFERENCE))
-    ours = dict(co_deformable_detr(resnet(50), [256, 512, 1024, 2048], num_classes=3, num_queries=900, levels=5))
-    shared = re.compile(r"^(backbone|neck|rpn_head|roi_head|bbox_head|query_head\.(downsample|cls_branches|reg_branches)"
-                        r"|query_head\.transformer\.(level_embeds|enc_output|encoder\.layers|decoder\.layers))")
-    ours_shared = {k: v for k, v in ours.items() if shared.match(k)}
-    assert ours_shared == {k: v for k, v in reference.items() if shared.match(k)}
-    assert len(ours_shared) > 600
+def test_lists_agree_with_what_mmdetection_builds() -> None:
+    """The lists come from the same building blocks as this one, which equals, name for name, shape for
+    shape and in order, the state_dict mmdetection 3.x builds for Co-DINO R50 (3 classes)."""
+    ours = co_dino(resnet(50), [256, 512, 1024, 2048], num_classes=3, mmdet3=True)
+    assert ours == read_list(MMDET3_REFERENCE)
 
 
-@pytest.mark.parametrize("config", ["co_deformable_detr_r50_1x_coco", "co_deformable_detr_swin_tiny_1x_coco",
-                                    "co_deformable_detr_swin_small_3x_coco", "co_deformable_detr_swin_base_1x_coco",
-                                    "co_deformable_detr_swin_large_1x_coco", "co_deformable_detr_swin_large_900q_3x_coco"])
-def test_released_checkpoints_convert_without_leftovers(config: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every released tensor is used and every codetr tensor filled, shapes checked (full sizes)."""
-    meta_backbone(monkeypatch)
-    state = random_state(read_list(DATA / f"{ZOO[config]}_mmdet2.txt"), meta=True)
-    cfg = model_config_for(load_config(config).model, state)
-    assert cfg.num_classes == 80 and cfg.backbone.weights is None
+RELEASED = [(config, DATA / f"{ZOO[config]}_mmdet2.txt") for config in (
+    "co_deformable_detr_r50_1x_coco", "co_deformable_detr_swin_tiny_1x_coco", "co_deformable_detr_swin_small_3x_coco",
+    "co_deformable_detr_swin_base_1x_coco", "co_deformable_detr_swin_large_1x_coco",
+    "co_deformable_detr_swin_large_900q_3x_coco", "co_dino_5scale_r50_1x_coco")]
+RELEASED.append(("co_dino_5scale_lsj_r50_1x_coco", MMDET3_REFERENCE))
+
+
+@pytest.mark.parametrize(("config", "names"), RELEASED, ids=[f"{c}-{n.stem}" for c, n in RELEASED])
+def test_released_checkpoints_convert_without_leftovers(config: str, names: Path) -> None:
+    """Every released tensor is used and every codetr tensor filled, shapes checked (full sizes, on
+    the meta device)."""
     from codetr.models.build import build_model
 
-    model = build_model(cfg)
+    state = random_state(read_list(names), meta=True)
+    cfg = model_config_for(load_config(config).model, state)
+    assert cfg.num_classes == (3 if names == MMDET3_REFERENCE else 80) and cfg.backbone.weights is None
+    with torch.device("meta"):
+        model = build_model(cfg)
     full = convert_checkpoint(state, cfg, True, {k: tuple(v.shape) for k, v in model.state_dict().items()})
     assert full.ok, full.report()
     assert len(full.derived) + len(full.sources) + sum(len(s) - 1 for s in full.sources.values()) == len(state)
@@ -152,7 +147,19 @@ def test_released_checkpoints_convert_without_leftovers(config: str, monkeypatch
     assert inference.ok, inference.report()
     assert {k for k in inference.dropped_aux if not k.startswith(("rpn_head.", "roi_head.", "bbox_head."))} == {
         k for k in state if k.startswith(("query_head.downsample.", "query_head.transformer.aux_pos",
-                                          "query_head.transformer.pos_feats", "query_head.transformer.head_pos"))}
+                                          "query_head.transformer.pos_feats", "query_head.transformer.head_pos"))
+        or k.endswith("label_embedding.weight")}
+
+
+def test_co_dino_with_nine_encoder_layers_converts() -> None:
+    from codetr.models.build import build_model
+
+    state = random_state(co_dino(resnet(50), [256, 512, 1024, 2048], enc_layers=9, mmdet3=True), meta=True)
+    cfg = model_config_for(load_config("co_dino_5scale_9encoder_lsj_r50_1x_coco").model, state)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    conversion = convert_checkpoint(state, cfg, True, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    assert conversion.ok and "encoder.layers.8.ffn.3.weight" in conversion.state_dict, conversion.report()
 
 
 def test_every_zoo_config_matches_its_release() -> None:
@@ -160,10 +167,11 @@ def test_every_zoo_config_matches_its_release() -> None:
         state = random_state(read_list(DATA / f"{name}_mmdet2.txt"), meta=True)
         cfg = model_config_for(load_config(config).model, state)
         neck_in = [v.shape[1] for k, v in state.items() if re.match(r"neck\.convs\.\d\.conv\.weight", k)]
-        embed = state.get("backbone.patch_embed.proj.weight")
-        expected = [512, 1024, 2048] if embed is None else [embed.shape[0] * 2**i for i in (1, 2, 3)]
-        assert neck_in == expected, config
-        assert cfg.max_detections == (300 if "900q" in config else 100)
+        with torch.device("meta"):
+            from codetr.models.backbones import build_backbone
+
+            assert neck_in == build_backbone(cfg.backbone).out_channels, config
+        assert cfg.max_detections == (300 if "900q" in config or "dino" in config else 100)
     with pytest.raises(CheckpointError, match="900 queries .*num_queries=300"):
         model_config_for(load_config("co_deformable_detr_swin_large_1x_coco").model, random_state(
             read_list(DATA / "co_deformable_detr_swin_large_900q_mmdet2.txt"), meta=True))
@@ -180,16 +188,19 @@ def random_batch(size: tuple[int, int] = (64, 80)) -> object:
     return collate([(torch.randn(3, *size), target)])
 
 
-@pytest.mark.parametrize("backbone", ["resnet18", "swin_v1", "swin_mmdet"])
+@pytest.mark.parametrize("backbone", ["resnet18", "swin_v1", "swin_mmdet", "co_dino_mmdet2", "co_dino_mmdet3"])
 def test_converted_tiny_model_runs_and_evaluates(backbone: str, tiny_config: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    config = tiny_config if backbone == "resnet18" else tiny_config.parent / "tiny_swin.yaml"
+    configs = {"resnet18": tiny_config, "swin_v1": "tiny_swin.yaml", "swin_mmdet": "tiny_swin.yaml",
+               "co_dino_mmdet2": "tiny_co_dino.yaml", "co_dino_mmdet3": "tiny_co_dino.yaml"}
+    config = tiny_config.parent / configs[backbone]
     ckpt = save_mmdet(random_state(tiny_official(backbone), seed=3), tmp_path / "official.pth")
     out = tmp_path / "converted.safetensors"
     assert main(["convert", "mmdet", str(ckpt), "--config", str(config), "--out", str(out),
                  "--classes", str(tiny_config.parent / "classes.txt")]) == 0
     printed = capsys.readouterr().out
-    assert "dropped 52 auxiliary-head" in printed and f"wrote {out}" in printed
+    dropped = 45 if backbone.startswith("co_dino") else 52  # auxiliary heads, positive-query layers (DINO: label embedding)
+    assert f"dropped {dropped} auxiliary-head" in printed and f"wrote {out}" in printed
     loaded = load_model(out)  # the config and class names stored in the file
     assert loaded.class_names[:2] == ["circle", "square"] and loaded.category_ids == [1, 2, 3, 4, 5, 6]
     detections = loaded.model.predict(random_batch())[0]
@@ -302,7 +313,7 @@ def test_checkpoints_of_other_architectures_name_what_does_not_fit(tiny_config: 
     other = {"backbone.body.conv1.weight": torch.zeros(64, 3, 7, 7), "rpn.head.conv.0.0.weight": torch.zeros(1),
              "roi_heads.box_head.fc6.weight": torch.zeros(1)}  # a torchvision Faster R-CNN
     error = convert(other)
-    assert "not a Co-Deformable-DETR checkpoint" in error and "['backbone', 'roi_heads', 'rpn']" in error
+    assert "not a Co-DETR checkpoint" in error and "['backbone', 'roi_heads', 'rpn']" in error
     # ResNet-34 weights for the ResNet-18 config: the extra blocks are listed, grouped
     error = convert(random_state(co_deformable_detr(resnet(34), [128, 256, 512], **TINY_SIZES)))
     assert "source tensors no rule uses" not in error  # all are understood ...
@@ -319,9 +330,9 @@ def test_checkpoints_of_other_architectures_name_what_does_not_fit(tiny_config: 
     state = random_state(tiny_official())
     assert "1 rcnn auxiliary head(s) but the config's model.co.aux_heads is ['atss']" in convert(
         state, "--keep-aux", "model.co.aux_heads=[atss]")
-    with pytest.raises(CheckpointError, match="Co-DINO checkpoint"):
-        detect_detector(random_state(read_list(REFERENCE), meta=True) if REFERENCE.is_file()
-                        else {"query_head.dn_generator.label_embedding.weight": torch.zeros(1)})
+    assert detect_detector(random_state(read_list(MMDET3_REFERENCE), meta=True)) == "co_dino"
+    with pytest.raises(CheckpointError, match="the checkpoint is a co_dino but the config builds model.arch=deformable_detr"):
+        model_config_for(load_config(tiny_config).model, random_state(read_list(MMDET3_REFERENCE), meta=True))
 
 
 def test_code_in_a_checkpoint_is_refused_and_numpy_metadata_allowed(tmp_path: Path) -> None:

@@ -2,14 +2,16 @@
 
     codetr convert mmdet CHECKPOINT --config NAME --out W.safetensors [--keep-aux] [--classes FILE]
 
-Supported today: Co-Deformable-DETR as released by Sense-X/Co-DETR (mmdet 2.x names), with a
-ResNet backbone (mmdet's ResNet names are torchvision's) or a Swin backbone in the release's
-``SwinTransformerV1`` names or mmdet's ``SwinTransformer`` names (the mmdetection 3.x port's).
-The parameter names are translated by the rule tables below, one table per part; Co-DINO and the
-mmdetection 3.x transformer names will be further tables.
+Sources: Co-Deformable-DETR and Co-DINO as released by Sense-X/Co-DETR (mmdet 2.x names), and
+Co-DINO of the mmdetection 3.x port (``projects/CO-DETR``: the same names but the denoising label
+embedding under ``query_head.dn_generator``), with a ResNet backbone (mmdet's ResNet names are
+torchvision's) or a Swin backbone in the release's ``SwinTransformerV1`` names or mmdet's
+``SwinTransformer`` names. The parameter names are translated by the rule tables below, one table
+per part (``BACKBONE_TABLES``, ``DETECTOR_TABLES``; the codetr names of auxiliary heads come from
+:func:`aux_prefix`).
 
-Strict: every source tensor is used (or is a buffer codetr recomputes, checked and dropped, or an
-auxiliary-head tensor dropped without ``--keep-aux``), every target tensor is filled, every shape
+Strict: every source tensor is used (or is a buffer codetr recomputes, checked and dropped, or a
+training-only tensor dropped without ``--keep-aux``), every target tensor is filled, every shape
 is checked; anything else is an error listing what does not match. The number of classes is read
 from the weights. The output holds the class names, their dataset category ids and the config in
 its metadata, so ``codetr eval CONFIG --weights OUT`` and ``codetr predict`` use it directly.
@@ -192,8 +194,8 @@ class Rule:
     """Source names matching ``pattern`` become ``target`` (an ``re`` expand template, or a function
     of the match and the layout).
 
-    part: "inference" (kept), "aux" (auxiliary heads and positive-query layers: kept only with
-    --keep-aux), "derived" (a buffer codetr recomputes: verified with ``check``, then dropped).
+    part: "inference" (kept), "aux" (training-only: auxiliary heads, positive-query layers, the
+    denoising label embedding; kept only with --keep-aux), "derived" (a buffer codetr recomputes: verified with ``check``, then dropped).
     transform: (tensor, target shape, layout) -> tensor, for tensor layouts that differ. stack: sources with the
     same target are 0-d entries stacked by their ``idx`` group into one vector.
     """
@@ -303,12 +305,11 @@ CHANNEL_MAPPER = [
 
 _T = r"^query_head\.transformer\."
 _MSDA = r"(?:sampling_offsets|attention_weights|value_proj|output_proj)\.(?:weight|bias)"
-# The one-to-one detector of the Sense-X release (CoDeformDETRHead + CoDeformableDetrTransformer,
-# mmcv 1.x BaseTransformerLayer: attentions / ffns.0.layers.{0.0,1} / norms).
-DEFORMABLE_DETR_MMDET2 = [
+# Transformer layers and prediction branches, the same in both released detectors and in the
+# mmdetection 3.x port (mmcv-style BaseTransformerLayer names: attentions / ffns.0.layers.{0.0,1} / norms).
+TRANSFORMER_LAYERS = [
     Rule(_T + r"level_embeds$", "level_embed"),
-    Rule(_T + r"((?:enc_output|enc_output_norm|pos_trans|pos_trans_norm|reference_points)\.(?:weight|bias))$", r"\1"),
-    Rule(r"^query_head\.query_embedding\.weight$", "query_embedding.weight"),
+    Rule(_T + r"((?:enc_output|enc_output_norm)\.(?:weight|bias))$", r"\1"),
     Rule(r"^query_head\.cls_branches\.(\d+)\.(weight|bias)$", r"class_branches.\1.\2"),
     Rule(r"^query_head\.reg_branches\.(\d+)\.([024])\.(weight|bias)$", r"box_branches.\1.\2.\3"),
     Rule(_T + rf"encoder\.layers\.(\d+)\.attentions\.0\.({_MSDA})$", r"encoder.layers.\1.self_attn.\2"),
@@ -322,13 +323,29 @@ DEFORMABLE_DETR_MMDET2 = [
     Rule(_T + r"decoder\.layers\.(\d+)\.ffns\.0\.layers\.1\.(weight|bias)$", r"decoder_layers.\1.ffn.3.\2"),
     Rule(_T + r"decoder\.layers\.(\d+)\.norms\.([012])\.(weight|bias)$", lambda m, _: f"decoder_layers.{m[1]}.norm{int(m[2]) + 1}.{m[3]}"),
 ]
+# Deformable-DETR of the Sense-X release (CoDeformDETRHead + CoDeformableDetrTransformer).
+DEFORMABLE_DETR_MMDET2 = [
+    Rule(_T + r"((?:pos_trans|pos_trans_norm|reference_points)\.(?:weight|bias))$", r"\1"),
+    Rule(r"^query_head\.query_embedding\.weight$", "query_embedding.weight"),
+]
+# DINO of the Sense-X release (CoDINOHead + CoDinoTransformer + DinoTransformerDecoder) and of the
+# mmdetection 3.x port, whose denoising label embedding sits in query_head.dn_generator.
+DINO_MMDET = [
+    Rule(_T + r"query_embed\.weight$", "query_embedding.weight"),
+    Rule(_T + r"decoder\.ref_point_head\.([02])\.(weight|bias)$", r"ref_point_head.\1.\2"),
+    Rule(_T + r"decoder\.norm\.(weight|bias)$", r"decoder_norm.\1"),
+    Rule(r"^query_head\.(?:dn_generator\.)?label_embedding\.weight$", "denoising.label_embedding.weight", "aux"),
+]
 
-# Training-only parts of the release: the pyramid adapter's extra level, the positive-query layers
-# (index = the checkpoint's auxiliary head order), RPN + RoI head (roi_head.k) and ATSS (bbox_head.k).
-CO_DEFORMABLE_AUX_MMDET2 = [
+# Training-only parts: the pyramid adapter's extra level, the positive-query layers (index = the
+# checkpoint's auxiliary head order), RPN + RoI head (roi_head.k) and ATSS (bbox_head.k). Co-DINO's
+# positive queries have the box projection only.
+CO_AUX_MMDET = [
     Rule(r"^query_head\.downsample\.([01])\.(weight|bias)$", r"adapter.downsample.\1.\2", "aux"),
     Rule(_T + r"aux_pos_trans\.(\d+)\.(weight|bias)$", _positive("box_proj"), "aux"),
     Rule(_T + r"aux_pos_trans_norm\.(\d+)\.(weight|bias)$", _positive("box_norm"), "aux"),
+]
+CO_DEFORMABLE_AUX_MMDET2 = [
     Rule(_T + r"pos_feats_trans\.(\d+)\.(weight|bias)$", _positive("feat_proj"), "aux"),
     Rule(_T + r"pos_feats_norm\.(\d+)\.(weight|bias)$", _positive("feat_norm"), "aux"),
     Rule(_T + r"head_pos_embed\.weight$", f"{POSITIVE_QUERIES}head_embed.weight", "aux",
@@ -348,8 +365,14 @@ AUX_HEADS_MMDET = [
 ]
 
 BACKBONE_TABLES = {"resnet": RESNET, "swin_v1": SWIN_V1, "swin_mmdet": SWIN_MMDET}
-DETECTOR_TABLES = {"co_deformable_detr_mmdet2": CHANNEL_MAPPER + DEFORMABLE_DETR_MMDET2 + CO_DEFORMABLE_AUX_MMDET2
-                   + AUX_HEADS_MMDET}
+DETECTOR_TABLES = {
+    "co_deformable_detr": CHANNEL_MAPPER + TRANSFORMER_LAYERS + DEFORMABLE_DETR_MMDET2 + CO_AUX_MMDET
+    + CO_DEFORMABLE_AUX_MMDET2 + AUX_HEADS_MMDET,
+    "co_dino": CHANNEL_MAPPER + TRANSFORMER_LAYERS + DINO_MMDET + CO_AUX_MMDET + AUX_HEADS_MMDET,
+}
+# Per detector family: codetr's model.arch and the source tensor holding the learned queries.
+FAMILIES = {"co_deformable_detr": ("deformable_detr", "query_head.query_embedding.weight"),
+            "co_dino": ("dino", "query_head.transformer.query_embed.weight")}
 
 
 def detect_backbone(state: dict[str, Tensor]) -> str:
@@ -366,18 +389,17 @@ def detect_backbone(state: dict[str, Tensor]) -> str:
 
 
 def detect_detector(state: dict[str, Tensor]) -> str:
-    """The detector family of a checkpoint; Co-DINO is recognised and refused for now."""
-    if "query_head.dn_generator.label_embedding.weight" in state:
-        raise CheckpointError("this is an mmdetection 3.x Co-DINO checkpoint: Co-DINO conversion needs codetr's "
-                              "DINO detector, which is not built yet")
-    if "query_head.label_embedding.weight" in state or "query_head.transformer.query_embed.weight" in state:
-        raise CheckpointError("this is a Co-DINO checkpoint (Sense-X release): Co-DINO conversion needs codetr's "
-                              "DINO detector, which is not built yet")
-    if "query_head.query_embedding.weight" in state and "query_head.transformer.level_embeds" in state:
-        return "co_deformable_detr_mmdet2"
+    """The detector family of a checkpoint: "co_deformable_detr" or "co_dino" (Sense-X release, or
+    the mmdetection 3.x port of Co-DINO)."""
+    if "query_head.transformer.level_embeds" in state:
+        if "query_head.query_embedding.weight" in state:
+            return "co_deformable_detr"
+        if "query_head.transformer.query_embed.weight" in state:
+            return "co_dino"
     prefixes = sorted({k.split(".")[0] for k in state})
-    raise CheckpointError(f"not a Co-Deformable-DETR checkpoint: no query_head.query_embedding.weight and "
-                          f"query_head.transformer.level_embeds; its top-level modules are {prefixes[:12]}")
+    raise CheckpointError("not a Co-DETR checkpoint: no query_head.transformer.level_embeds with "
+                          "query_head.query_embedding (Co-Deformable-DETR) or query_head.transformer.query_embed "
+                          f"(Co-DINO); its top-level modules are {prefixes[:12]}")
 
 
 # ---------------------------------------------------------------------------------- conversion
@@ -494,14 +516,17 @@ def model_config_for(cfg: ModelConfig, state: dict[str, Tensor]) -> ModelConfig:
 
     from codetr.models.backbones import SWINS
 
-    detect_detector(state)
+    family = detect_detector(state)
+    arch, query_key = FAMILIES[family]
+    if cfg.arch != arch:
+        raise CheckpointError(f"the checkpoint is a {family} but the config builds model.arch={cfg.arch}")
     backbone = detect_backbone(state)
     if (backbone == "resnet") != (cfg.backbone.name not in SWINS):
         raise CheckpointError(f"the checkpoint has a {'ResNet' if backbone == 'resnet' else 'Swin'} backbone but the config "
                               f"builds {cfg.backbone.name}")
-    queries = state["query_head.query_embedding.weight"].shape[0]
+    queries = state[query_key].shape[0]
     if queries != cfg.transformer.num_queries:
-        raise CheckpointError(f"the checkpoint has {queries} queries (query_head.query_embedding.weight) but the config "
+        raise CheckpointError(f"the checkpoint has {queries} queries ({query_key}) but the config "
                               f"has model.transformer.num_queries={cfg.transformer.num_queries}: choose the config of the "
                               "checkpoint's model-zoo row")
     return dataclasses.replace(cfg, num_classes=classes_in_weights(state),
