@@ -13,6 +13,7 @@ from PIL import Image
 
 from codetr import __version__
 from codetr.cli import main
+from synthetic_config import synthetic_data
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,11 +26,7 @@ def config_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     synth = root / "synth"
     cfg = {
         "base": "co_deformable_detr_tiny",
-        "data": {"train_images": str(synth / "train"), "train_annotations": str(synth / "annotations/instances_train.json"),
-                 "val_images": str(synth / "val"), "val_annotations": str(synth / "annotations/instances_val.json"),
-                 "synthetic": True, "synthetic_train": 4, "synthetic_val": 2, "synthetic_size": 64,
-                 "train_scales": [64], "max_size": 80, "crop_resize_scales": [64], "crop_size": [48, 64],
-                 "test_scale": 64, "batch_size": 2, "num_workers": 0},
+        "data": synthetic_data(synth),
         "train": {"epochs": 1, "device": "cpu", "log_every": 1, "eval_every": 1},
     }
     path = root / "tiny.yaml"

@@ -41,6 +41,7 @@ from codetr.convert.mmdet import (
 from codetr.data import collate
 from codetr.engine import load_model
 from codetr.structures import Target
+from synthetic_config import synthetic_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,11 +81,7 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = {
         "base": "co_deformable_detr_tiny",
         "model": {"backbone": {"name": "resnet18", "weights": None, "norm": "frozen_bn", "frozen_stages": 1}},
-        "data": {"train_images": str(synth / "train"), "train_annotations": str(synth / "annotations/instances_train.json"),
-                 "val_images": str(synth / "val"), "val_annotations": str(synth / "annotations/instances_val.json"),
-                 "synthetic": True, "synthetic_train": 4, "synthetic_val": 2, "synthetic_size": 64,
-                 "train_scales": [64], "max_size": 80, "crop_resize_scales": [64], "crop_size": [48, 64],
-                 "test_scale": 64, "batch_size": 2, "num_workers": 0},
+        "data": synthetic_data(synth),
         "train": {"epochs": 1, "device": "cpu", "log_every": 1, "eval_every": 1},
     }
     path = root / "tiny_r18.yaml"

@@ -16,6 +16,7 @@ from codetr.cli import main
 from codetr.config import load_config
 from codetr.engine.trainer import CLASS_LAYERS, load_init_weights
 from codetr.models.build import build_model
+from synthetic_config import synthetic_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,11 +86,7 @@ def test_train_init_fine_tunes_on_another_class_count(published: tuple[Path, dic
     synth = tmp_path / "synth"
     cfg = {
         "base": "co_deformable_detr_tiny",
-        "data": {"train_images": str(synth / "train"), "train_annotations": str(synth / "annotations/instances_train.json"),
-                 "val_images": str(synth / "val"), "val_annotations": str(synth / "annotations/instances_val.json"),
-                 "synthetic": True, "synthetic_train": 4, "synthetic_val": 2, "synthetic_size": 64,
-                 "train_scales": [64], "max_size": 80, "crop_resize_scales": [64], "crop_size": [48, 64],
-                 "test_scale": 64, "batch_size": 2, "num_workers": 0},
+        "data": synthetic_data(synth),
         "train": {"epochs": 1, "device": "cpu", "log_every": 1, "eval_every": 1, "max_iters": 2},
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
