@@ -553,9 +553,10 @@ def model_config_for(cfg: ModelConfig, state: dict[str, Tensor]) -> ModelConfig:
     if cfg.arch != arch:
         raise CheckpointError(f"the checkpoint is a {family} but the config builds model.arch={cfg.arch}")
     backbone = detect_backbone(state).split("_")[0]  # resnet, swin or vit
-    kinds = {"resnet": RESNETS, "swin": SWINS, "vit": VITS}
-    if cfg.backbone.name not in kinds[backbone]:
-        raise CheckpointError(f"the checkpoint has a {backbone} backbone but the config builds {cfg.backbone.name}")
+    kinds = {"resnet": ("ResNet", RESNETS), "swin": ("Swin", SWINS), "vit": ("ViT", VITS)}
+    label, names = kinds[backbone]
+    if cfg.backbone.name not in names:
+        raise CheckpointError(f"the checkpoint has a {label} backbone but the config builds {cfg.backbone.name}")
     queries = state[query_key].shape[0]
     if queries != cfg.transformer.num_queries:
         raise CheckpointError(f"the checkpoint has {queries} queries ({query_key}) but the config "
@@ -574,8 +575,9 @@ def convert_checkpoint(state: dict[str, Tensor], cfg: ModelConfig, keep_aux: boo
     rules = TRAINING_STATE + BACKBONE_TABLES[backbone] + NECK_TABLES[cfg.neck] + DETECTOR_TABLES[detect_detector(state)]
     problems = _check_ema_entries(state)
     derived: list[str] = []
+    renamed: dict[str, str] = {}
     if backbone == "vit":
-        state, derived = _rename_vit(state, cfg)
+        state, derived, renamed = _rename_vit(state, cfg)
     if expected is None:
         from codetr.models.build import build_model
 
@@ -589,12 +591,14 @@ def convert_checkpoint(state: dict[str, Tensor], cfg: ModelConfig, keep_aux: boo
     conversion = convert_state_dict(state, rules, layout, expected, keep_aux)
     conversion.derived += derived
     conversion.problems += problems
+    conversion.sources = {target: [renamed.get(name, name) for name in names] for target, names in conversion.sources.items()}
     return conversion
 
 
-def _rename_vit(state: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], list[str]]:
+def _rename_vit(state: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], list[str], dict[str, str]]:
     """``state`` with its ``backbone.*`` tensors renamed by ``convert_vit_state_dict`` (the window
-    settings of ``cfg.backbone`` checked against the RoPE tables), and the dropped RoPE table names."""
+    settings of ``cfg.backbone`` checked against the RoPE tables), the dropped RoPE table names, and
+    new name -> released name."""
     from codetr.models.vit import convert_vit_state_dict, interleaved_window_blocks
 
     released = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
@@ -605,10 +609,12 @@ def _rename_vit(state: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, T
     except ValueError as err:
         raise CheckpointError(f"{err} (model.backbone.window_size={cfg.backbone.window_size}, "
                               f"global_every={cfg.backbone.global_every})") from err
-    kept = {id(v) for v in renamed.values()}  # renaming keeps the tensor objects; the RoPE tables are left out
-    derived = [f"backbone.{k}" for k, v in released.items() if id(v) not in kept]
+    origin = {id(v): k for k, v in released.items()}  # renaming keeps the tensor objects
+    kept = {id(v) for v in renamed.values()}
+    derived = [f"backbone.{k}" for k, v in released.items() if id(v) not in kept]  # the RoPE tables
     rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-    return {**{f"backbone.{k}": v for k, v in renamed.items()}, **rest}, derived
+    return ({**{f"backbone.{k}": v for k, v in renamed.items()}, **rest}, derived,
+            {f"backbone.{k}": f"backbone.{origin[id(v)]}" for k, v in renamed.items()})
 
 
 def _check_ema_entries(state: dict[str, Tensor]) -> list[str]:
