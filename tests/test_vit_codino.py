@@ -5,11 +5,14 @@ inside Co-DINO through the same code."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from official_co_detr import DATA, co_dino, random_state, read_list, sfp, vit
 
 from codetr.config import load_config
@@ -229,3 +232,30 @@ def test_vit_backbone_and_sfp_neck_errors() -> None:
     with pytest.raises(ValueError, match="unknown model.neck 'fpn'"):
         build_model(load_config("co_dino_tiny", ["model.neck=fpn"]).model)
 
+
+
+def test_codetr_convert_mmdet_on_a_tiny_vit_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``codetr convert mmdet`` end to end on an EMA-hook checkpoint of the tiny ViT Co-DINO: the report names
+    what it dropped, and the written weights load (config and classes from the file) and detect."""
+    from codetr.cli import main
+    from codetr.engine import load_model
+
+    config = tmp_path / "tiny_vit.yaml"
+    overrides = load_config("co_dino_5scale_vit_large_coco", TINY_VIT).model
+    config.write_text(yaml.safe_dump({"base": "co_dino_5scale_vit_large_coco", "model": {
+        "backbone": dataclasses.asdict(overrides.backbone), "transformer": dataclasses.asdict(overrides.transformer),
+        "co": dataclasses.asdict(overrides.co), "dino": dataclasses.asdict(overrides.dino), "max_detections": 50}}))
+    names = tiny_official()
+    ckpt = tmp_path / "official.pth"
+    torch.save({"meta": {"epoch": 12}, "state_dict": mmcv_ema_checkpoint(random_state(names, seed=1), random_state(names, seed=2))},
+               ckpt)
+    (tmp_path / "classes.txt").write_text("\n".join("abcde") + "\n")
+    out = tmp_path / "converted.safetensors"
+    assert main(["convert", "mmdet", str(ckpt), "--config", str(config), "--out", str(out),
+                 "--classes", str(tmp_path / "classes.txt")]) == 0
+    printed = capsys.readouterr().out
+    assert f"dropped {len(names)} ema_* entries" in printed and "dropped 55 auxiliary-head" in printed  # with the ConvFC RoI head
+    loaded = load_model(out)
+    assert loaded.cfg.model.neck == "sfp" and loaded.cfg.model.backbone.name == "vit_large"
+    detections = loaded.model.predict(tiny_batch())
+    assert torch.isfinite(detections[0].boxes).all() and len(detections[0].scores) == 30
