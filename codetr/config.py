@@ -56,7 +56,8 @@ class DataConfig:
 @dataclass
 class BackboneConfig:
     # resnet18/34/50/101 (torchvision) or a timm Swin: swin_{tiny,small}_patch4_window7_224,
-    # swin_{base,large}_patch4_window12_384 (as released; window7_224 variants of base/large too).
+    # swin_{base,large}_patch4_window12_384 (as released; window7_224 variants of base/large too);
+    # or vit_large: the EVA-02-style ViT-L of the released Co-DINO ViT-L (use with model.neck: sfp).
     name: str = "resnet50"
     # None: random init; "torchvision": torchvision's ImageNet V1 ResNet weights (= mmdet's
     # torchvision://resnet50 of the released configs); "torchvision_v2": its IMAGENET1K_V2 weights
@@ -76,8 +77,13 @@ class BackboneConfig:
     drop_path_rate: float = 0.0
     # Activation checkpointing of every residual / Swin block (less memory, slower backward).
     with_cp: bool = False
-    # Swin only: architecture overrides for timm.create_model (embed_dim, depths, num_heads, ...).
+    # Swin: architecture overrides for timm.create_model (embed_dim, depths, num_heads, ...);
+    # ViT: overrides of the ViT constructor (embed_dim, depth, num_heads, pretrain_img_size) for a tiny model.
     timm_args: dict[str, Any] = field(default_factory=dict)
+    # ViT only: window attention in window_size x window_size windows, every global_every-th block global
+    # (released COCO 24 / 4, LVIS 16 / 3). drop_path_rate and with_cp (activation checkpointing) apply too.
+    window_size: int = 24
+    global_every: int = 4
 
 
 @dataclass
@@ -150,6 +156,13 @@ class CoConfig:
     rpn_proposals: int = 1000  # proposals per image after NMS
     roi_samples: int = 512  # sampled RoIs per image
     roi_fc_dim: int = 1024
+    # RoI box head (mmdet ConvFCBBoxHead): roi_convs shared 3x3 convs (GroupNorm(32), ReLU) then roi_fcs
+    # shared FCs; released Shared2FCBBoxHead 0 / 2, class-specific deltas with stds 0.1, 0.1, 0.2, 0.2;
+    # Co-DINO ViT-L (COCO) 4 / 1, class-agnostic, stds 0.05, 0.05, 0.1, 0.1.
+    roi_convs: int = 0
+    roi_fcs: int = 2
+    roi_class_agnostic: bool = False
+    roi_target_stds: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.2, 0.2])
     # RoI level of a box: floor(log2(sqrt(area) / roi_finest_scale)) over the encoder levels;
     # official 112 with strides 8-64 (Co-Deformable-DETR), 56 with strides 4-64 (Co-DINO).
     roi_finest_scale: float = 112.0
@@ -163,6 +176,9 @@ class ModelConfig:
     # Bias in the channel mapper's convolutions: none as released; transformers' Deformable-DETR
     # input projections have one (set by its converter).
     neck_bias: bool = False
+    # "channel_mapper" (1x1 conv + GN per backbone map, extra stride-2 levels; ResNet / Swin) or "sfp"
+    # (simple feature pyramid p2-p6 at strides 4-64 from a ViT's single stride-16 map; 5 feature levels).
+    neck: str = "channel_mapper"
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -112,6 +112,44 @@ def swin_mmdet(embed_dim: int, depths: tuple[int, ...], heads: tuple[int, ...], 
     return names
 
 
+def vit(window_size: int, global_every: int, rope_glb_tokens: int | None = None, embed_dim: int = 1024, depth: int = 24,
+        heads: int = 16, hidden: int = 2730, pretrain_grid: int = 32) -> list[tuple[str, Shape]]:
+    """Sense-X ``ViT`` (mmdet/models/backbones/vit.py, EVA-02 style): ``pos_embed`` with a class-token slot,
+    ``patch_embed.proj``, the RoPE buffers (``rope_win``; ``rope_glb`` with ``use_lsj``, then shared by the
+    global blocks), blocks (q/k/v without bias + ``q_bias`` / ``v_bias``, SwiGLU ``w1``/``w2``/``ffn_ln``/``w3``),
+    ``out_norm``. Window blocks: all but every ``global_every``-th."""
+    head_dim = embed_dim // heads
+    names = [("backbone.pos_embed", (1, 1 + pretrain_grid**2, embed_dim))] + conv("backbone.patch_embed.proj", embed_dim, 3, 16)
+    rope_win = [(f"backbone.rope_win.freqs_{f}", (window_size**2, head_dim)) for f in ("cos", "sin")]
+    rope_glb = [(f"backbone.rope_glb.freqs_{f}", (rope_glb_tokens, head_dim)) for f in ("cos", "sin")] if rope_glb_tokens else []
+    names += rope_win + rope_glb
+    for i in range(depth):
+        p = f"backbone.blocks.{i}"
+        names += norm(f"{p}.norm1", embed_dim) + [(f"{p}.attn.q_bias", (embed_dim,)), (f"{p}.attn.v_bias", (embed_dim,))]
+        names += [(f"{p}.attn.{x}_proj.weight", (embed_dim, embed_dim)) for x in "qkv"]
+        rope = rope_win if i % global_every != global_every - 1 else rope_glb
+        names += [(name.replace("backbone.rope_win", f"{p}.attn.rope").replace("backbone.rope_glb", f"{p}.attn.rope"), shape)
+                  for name, shape in rope]
+        names += linear(f"{p}.attn.proj", embed_dim, embed_dim) + norm(f"{p}.norm2", embed_dim)
+        names += linear(f"{p}.mlp.w1", hidden, embed_dim) + linear(f"{p}.mlp.w2", hidden, embed_dim)
+        names += norm(f"{p}.mlp.ffn_ln", hidden) + linear(f"{p}.mlp.w3", embed_dim, hidden)
+    return names + norm("backbone.out_norm", embed_dim)
+
+
+def sfp(c: int = 1024, d: int = 256) -> list[tuple[str, Shape]]:
+    """Sense-X ``SFP`` (mmdet/models/necks/sfp.py, use_p2): per level a Sequential of upsampling / pooling,
+    bias-free convs and LayerNorm2d (weight, bias) at the released indexes."""
+    def conv_ln(prefix: str, i: int, out: int, inp: int, k: int) -> list[tuple[str, Shape]]:
+        return conv(f"{prefix}.{i}", out, inp, k, bias=False) + norm(f"{prefix}.{i + 1}", out)
+
+    def tail(prefix: str, i: int, inp: int) -> list[tuple[str, Shape]]:
+        return conv_ln(prefix, i, d, inp, 1) + conv_ln(prefix, i + 3, d, d, 3)
+
+    return (conv_ln("neck.p2", 1, c // 2, c, 3) + conv_ln("neck.p2", 5, c // 4, c // 2, 3) + tail("neck.p2", 8, c // 4)
+            + conv_ln("neck.p3", 1, c // 2, c, 3) + tail("neck.p3", 4, c // 2) + tail("neck.p4", 0, c)
+            + tail("neck.p5", 1, c) + conv_ln("neck.p6", 1, c, c, 3) + tail("neck.p6", 4, c))
+
+
 def msda(prefix: str, d: int, heads: int, levels: int, points: int) -> list[tuple[str, Shape]]:
     """mmcv ``MultiScaleDeformableAttention``."""
     return (linear(f"{prefix}.sampling_offsets", heads * levels * points * 2, d)
@@ -164,13 +202,18 @@ def branches(num_classes: int, d: int, dec_layers: int) -> list[tuple[str, Shape
     return names
 
 
-def aux_heads(num_classes: int, d: int, levels: int, atss_convs: int, roi_fc: int) -> list[tuple[str, Shape]]:
-    """RPN (9 anchors), one Shared2FCBBoxHead RoI head, one ATSS head (a scale per level of the auxiliary
-    pyramid: the encoder levels + 1)."""
+def aux_heads(num_classes: int, d: int, levels: int, atss_convs: int, roi_fc: int, roi_convs: int = 0, roi_fcs: int = 2,
+              roi_agnostic: bool = False) -> list[tuple[str, Shape]]:
+    """RPN (9 anchors), one ConvFCBBoxHead RoI head (default Shared2FCBBoxHead: 0 convs, 2 FCs, class-specific
+    deltas; fc_cls / fc_reg are registered first by BBoxHead), one ATSS head (a scale per level of the
+    auxiliary pyramid: the encoder levels + 1)."""
     names = conv("rpn_head.rpn_conv", d, d, 3) + conv("rpn_head.rpn_cls", 9, d, 1) + conv("rpn_head.rpn_reg", 36, d, 1)
     r = "roi_head.0.bbox_head"
-    names += linear(f"{r}.fc_cls", num_classes + 1, roi_fc) + linear(f"{r}.fc_reg", 4 * num_classes, roi_fc)
-    names += linear(f"{r}.shared_fcs.0", roi_fc, d * 7 * 7) + linear(f"{r}.shared_fcs.1", roi_fc, roi_fc)
+    names += linear(f"{r}.fc_cls", num_classes + 1, roi_fc) + linear(f"{r}.fc_reg", 4 * (1 if roi_agnostic else num_classes), roi_fc)
+    for j in range(roi_convs):  # ConvModule: conv (no bias before a norm), gn
+        names += conv(f"{r}.shared_convs.{j}.conv", d, d, 3, bias=False) + norm(f"{r}.shared_convs.{j}.gn", d)
+    for j in range(roi_fcs):
+        names += linear(f"{r}.shared_fcs.{j}", roi_fc, d * 7 * 7 if j == 0 else roi_fc)
     for tower in ("cls", "reg"):
         for j in range(atss_convs):
             names += conv(f"bbox_head.0.{tower}_convs.{j}.conv", d, d, 3, bias=False)
@@ -205,14 +248,16 @@ def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], nu
 def co_dino(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: int = 80, num_queries: int = 900,
             d: int = 256, ffn_dim: int = 2048, enc_layers: int = 6, dec_layers: int = 6, heads: int = 8,
             points: int = 4, levels: int = 5, atss_convs: int = 1, roi_fc: int = 1024,
-            mmdet3: bool = False) -> list[tuple[str, Shape]]:
+            mmdet3: bool = False, neck: list[tuple[str, Shape]] | None = None, **roi: int | bool) -> list[tuple[str, Shape]]:
     """``CoDETR`` as configured by ``co_dino_5scale_*``: CoDINOHead + CoDinoTransformer with the DINO
     decoder (``ref_point_head``, final ``norm``), learned ``query_embed``, positive-query layers
     without content features (``aux_pos_trans`` 2d -> d), the denoising ``label_embedding`` (in
-    ``query_head.dn_generator`` in the mmdetection 3.x port), RPN + RoI head and ATSS."""
+    ``query_head.dn_generator`` in the mmdetection 3.x port), RPN + RoI head (``roi``: aux_heads' RoI
+    arguments) and ATSS. ``neck``: the neck's list (default: the ChannelMapper of ``neck_in``)."""
     t = "query_head.transformer"
     encoder, decoder = transformer_layers(d, ffn_dim, enc_layers, dec_layers, heads, points, levels)
-    names = list(backbone) + channel_mapper(neck_in, d, levels) + [(f"{t}.level_embeds", (levels, d))] + encoder + decoder
+    neck = channel_mapper(neck_in, d, levels) if neck is None else neck
+    names = list(backbone) + neck + [(f"{t}.level_embeds", (levels, d))] + encoder + decoder
     names += linear(f"{t}.decoder.ref_point_head.0", d, 2 * d) + linear(f"{t}.decoder.ref_point_head.2", d, d)
     names += norm(f"{t}.decoder.norm", d)
     names += linear(f"{t}.enc_output", d, d) + norm(f"{t}.enc_output_norm", d) + [(f"{t}.query_embed.weight", (num_queries, d))]
@@ -221,7 +266,7 @@ def co_dino(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: 
     names += branches(num_classes, d, dec_layers)
     names += conv("query_head.downsample.0", d, d, 3) + norm("query_head.downsample.1", d)
     names += [(f"query_head.{'dn_generator.' if mmdet3 else ''}label_embedding.weight", (num_classes, d))]
-    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc)
+    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc, **roi)
 
 
 # The released Co-Deformable-DETR configs: (backbone names, neck input channels, queries).
@@ -244,6 +289,11 @@ def released_configs() -> dict[str, list[tuple[str, Shape]]]:
     lists["co_deformable_detr_swin_large_900q"] = co_deformable_detr(
         swin_v1(dim, depths, heads, window, (1, 2, 3)), [dim * 2, dim * 4, dim * 8], num_queries=900)
     lists["co_dino_5scale_r50"] = co_dino(resnet(50), [256, 512, 1024, 2048])
+    # Co-DINO ViT-L (projects/configs/co_dino_vit): COCO with the ConvFC RoI head; LVIS (use_lsj: the global
+    # RoPE table of the 1536 / 16 = 96 x 96 grid) with the Shared2FC head and 1203 classes.
+    lists["co_dino_5scale_vit_large_coco"] = co_dino(vit(24, 4), [], num_queries=1500, neck=sfp(), roi_convs=4, roi_fcs=1,
+                                                     roi_agnostic=True)
+    lists["co_dino_5scale_lsj_vit_large_lvis"] = co_dino(vit(16, 3, rope_glb_tokens=96 * 96), [], num_classes=1203, neck=sfp())
     return lists
 
 

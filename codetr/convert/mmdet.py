@@ -195,7 +195,8 @@ class Rule:
     of the match and the layout).
 
     part: "inference" (kept), "aux" (training-only: auxiliary heads, positive-query layers, the
-    denoising label embedding; kept only with --keep-aux), "derived" (a buffer codetr recomputes: verified with ``check``, then dropped).
+    denoising label embedding; kept only with --keep-aux), "derived" (a buffer codetr recomputes: verified with ``check``, then dropped),
+    "dropped" (a training-time tensor codetr has no use for, dropped and reported: ``reason``).
     transform: (tensor, target shape, layout) -> tensor, for tensor layouts that differ. stack: sources with the
     same target are 0-d entries stacked by their ``idx`` group into one vector.
     """
@@ -206,6 +207,7 @@ class Rule:
     transform: Transform | None = None
     stack: bool = False
     check: Callable[[Tensor], str | None] | None = None
+    reason: str = ""
 
 
 def _head(kind: str, match: re.Match[str], layout: Layout) -> str:
@@ -295,6 +297,12 @@ SWIN_MMDET = [
     Rule(r"^backbone\.(norm[0-3]\.(?:weight|bias))$", r"backbone.\1"),
 ]
 
+# The released EVA-02-style ViT (mmdet/models/backbones/vit.py): convert_checkpoint first renames its
+# tensors with codetr.models.vit.convert_vit_state_dict (which checks and drops the RoPE tables).
+VIT = [Rule(r"^backbone\.(.+)$", r"backbone.\1")]
+# The released simple feature pyramid (mmdet/models/necks/sfp.py): the same Sequential indexes.
+SFP = [Rule(r"^neck\.(p[2-6]\.\d+\.(?:weight|bias))$", r"neck.\1")]
+
 # mmdet's ChannelMapper: ConvModule(conv without bias, gn) per level; extra levels follow the inputs.
 CHANNEL_MAPPER = [
     Rule(r"^neck\.convs\.(\d+)\.conv\.weight$", r"neck.convs.\1.0.weight"),
@@ -356,6 +364,8 @@ AUX_HEADS_MMDET = [
     Rule(r"^roi_head\.(?P<k>\d+)\.bbox_head\.shared_fcs\.(?P<j>[01])\.(?P<p>weight|bias)$",  # Linear-ReLU-Linear-ReLU
          lambda m, layout: _head("rcnn", m, layout) + f"roi.shared_fcs.{2 * int(m['j'])}.{m['p']}", "aux"),
     Rule(r"^roi_head\.(?P<k>\d+)\.bbox_head\.(?P<name>fc_cls|fc_reg)\.(?P<p>weight|bias)$", _aux("rcnn", "roi.{name}.{p}"), "aux"),
+    Rule(r"^roi_head\.(?P<k>\d+)\.bbox_head\.shared_convs\.(?P<j>\d+)\.(?P<m>conv|gn)\.(?P<p>weight|bias)$",  # ConvFC: Conv-GN-ReLU
+         lambda m, layout: _head("rcnn", m, layout) + f"roi.shared_convs.{3 * int(m['j']) + (m['m'] == 'gn')}.{m['p']}", "aux"),
     Rule(r"^bbox_head\.(?P<k>\d+)\.(?P<tower>cls|reg)_convs\.(?P<j>\d+)\.(?P<m>conv|gn)\.(?P<p>weight|bias)$",  # Conv-GN-ReLU
          lambda m, layout: _head("atss", m, layout) + f"{m['tower']}_convs.{3 * int(m['j']) + (m['m'] == 'gn')}.{m['p']}",
          "aux"),
@@ -364,11 +374,25 @@ AUX_HEADS_MMDET = [
     Rule(r"^bbox_head\.(?P<k>\d+)\.scales\.(?P<idx>\d+)\.scale$", _aux("atss", "scales"), "aux", stack=True),
 ]
 
-BACKBONE_TABLES = {"resnet": RESNET, "swin_v1": SWIN_V1, "swin_mmdet": SWIN_MMDET}
+# Training-time tensors outside the model. mmcv's EMA hook (the ViT-L COCO config's ExpMomentumEMAHook) keeps
+# ema_<name with dots as underscores> buffers and, before every checkpoint, swaps them with the weights: the
+# weights saved under the model's names are the averages, the ema_* entries the raw last-step weights
+# (mmdet/core/hook/ema.py, ``_swap_ema_parameters`` in after_train_epoch, ahead of the CheckpointHook).
+# The released LVIS checkpoints carry FedLoss class weights in their classification losses (Sense-X/Co-DETR
+# issues #55, #152), although the released configs train with quality focal loss.
+TRAINING_STATE = [
+    Rule(r"^ema_.+$", None, "dropped", reason="ema_* entries (EMA hook: the raw weights; the averages are the "
+         "weights loaded)"),
+    Rule(r"^(?:query_head|bbox_head\.\d+|roi_head\.\d+\.bbox_head)\.loss_cls\.fed_loss_weight$", None, "dropped",
+         reason="FedLoss class-weight buffers (a training loss's state)"),
+]
+
+BACKBONE_TABLES = {"resnet": RESNET, "swin_v1": SWIN_V1, "swin_mmdet": SWIN_MMDET, "vit": VIT}
+NECK_TABLES = {"channel_mapper": CHANNEL_MAPPER, "sfp": SFP}
 DETECTOR_TABLES = {
-    "co_deformable_detr": CHANNEL_MAPPER + TRANSFORMER_LAYERS + DEFORMABLE_DETR_MMDET2 + CO_AUX_MMDET
-    + CO_DEFORMABLE_AUX_MMDET2 + AUX_HEADS_MMDET,
-    "co_dino": CHANNEL_MAPPER + TRANSFORMER_LAYERS + DINO_MMDET + CO_AUX_MMDET + AUX_HEADS_MMDET,
+    "co_deformable_detr": TRANSFORMER_LAYERS + DEFORMABLE_DETR_MMDET2 + CO_AUX_MMDET + CO_DEFORMABLE_AUX_MMDET2
+    + AUX_HEADS_MMDET,
+    "co_dino": TRANSFORMER_LAYERS + DINO_MMDET + CO_AUX_MMDET + AUX_HEADS_MMDET,
 }
 # Per detector family: codetr's model.arch and the source tensor holding the learned queries.
 FAMILIES = {"co_deformable_detr": ("deformable_detr", "query_head.query_embedding.weight"),
@@ -376,16 +400,19 @@ FAMILIES = {"co_deformable_detr": ("deformable_detr", "query_head.query_embeddin
 
 
 def detect_backbone(state: dict[str, Tensor]) -> str:
-    """"resnet", "swin_v1" or "swin_mmdet", from characteristic source names."""
+    """"resnet", "swin_v1", "swin_mmdet" or "vit", from characteristic source names."""
     if "backbone.conv1.weight" in state:
         return "resnet"
+    if "backbone.blocks.0.attn.q_proj.weight" in state:
+        return "vit"
     if "backbone.layers.0.blocks.0.attn.qkv.weight" in state:
         return "swin_v1"
     if "backbone.stages.0.blocks.0.attn.w_msa.qkv.weight" in state:
         return "swin_mmdet"
     sample = sorted(k for k in state if k.startswith("backbone."))[:5]
-    raise CheckpointError(f"unknown backbone: expected an mmdet ResNet (backbone.conv1.weight) or Swin "
-                          f"(backbone.layers.0.blocks.0.attn.qkv.weight or backbone.stages.0...), found {sample or 'no backbone.* keys'}")
+    raise CheckpointError(f"unknown backbone: expected an mmdet ResNet (backbone.conv1.weight), Swin "
+                          "(backbone.layers.0.blocks.0.attn.qkv.weight or backbone.stages.0...) or ViT "
+                          f"(backbone.blocks.0.attn.q_proj.weight), found {sample or 'no backbone.* keys'}")
 
 
 def detect_detector(state: dict[str, Tensor]) -> str:
@@ -413,6 +440,7 @@ class Conversion:
     sources: dict[str, list[str]] = field(default_factory=dict)  # target -> source names
     dropped_aux: list[str] = field(default_factory=list)
     derived: list[str] = field(default_factory=list)
+    dropped: dict[str, list[str]] = field(default_factory=dict)  # reason -> source names (part "dropped")
     unused: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
@@ -425,7 +453,8 @@ class Conversion:
     def report(self) -> str:
         lines = [f"converted {len(self.state_dict)} tensors",
                  f"checked and dropped {len(self.derived)} buffers codetr recomputes (num_batches_tracked, "
-                 "relative_position_index)"]
+                 "relative_position_index, RoPE tables)"]
+        lines += [f"dropped {len(names)} {reason}" for reason, names in self.dropped.items()]
         if self.dropped_aux:
             lines.append(f"dropped {len(self.dropped_aux)} auxiliary-head / positive-query tensors (--keep-aux keeps them)")
         for title, keys in (("source tensors no rule uses", self.unused),
@@ -467,6 +496,9 @@ def convert_state_dict(source: dict[str, Tensor], rules: list[Rule], layout: Lay
             if problem:
                 out.problems.append(f"{name}: {problem}")
             out.derived.append(name)
+            continue
+        if rule.part == "dropped":
+            out.dropped.setdefault(rule.reason, []).append(name)
             continue
         if rule.part == "aux" and not keep_aux:
             out.dropped_aux.append(name)
@@ -514,16 +546,17 @@ def model_config_for(cfg: ModelConfig, state: dict[str, Tensor]) -> ModelConfig:
     number of queries does not match the config."""
     import dataclasses
 
-    from codetr.models.backbones import SWINS
+    from codetr.models.backbones import RESNETS, SWINS, VITS
 
     family = detect_detector(state)
     arch, query_key = FAMILIES[family]
     if cfg.arch != arch:
         raise CheckpointError(f"the checkpoint is a {family} but the config builds model.arch={cfg.arch}")
-    backbone = detect_backbone(state)
-    if (backbone == "resnet") != (cfg.backbone.name not in SWINS):
-        raise CheckpointError(f"the checkpoint has a {'ResNet' if backbone == 'resnet' else 'Swin'} backbone but the config "
-                              f"builds {cfg.backbone.name}")
+    backbone = detect_backbone(state).split("_")[0]  # resnet, swin or vit
+    kinds = {"resnet": ("ResNet", RESNETS), "swin": ("Swin", SWINS), "vit": ("ViT", VITS)}
+    label, names = kinds[backbone]
+    if cfg.backbone.name not in names:
+        raise CheckpointError(f"the checkpoint has a {label} backbone but the config builds {cfg.backbone.name}")
     queries = state[query_key].shape[0]
     if queries != cfg.transformer.num_queries:
         raise CheckpointError(f"the checkpoint has {queries} queries ({query_key}) but the config "
@@ -538,7 +571,13 @@ def convert_checkpoint(state: dict[str, Tensor], cfg: ModelConfig, keep_aux: boo
     """Convert an official state_dict for the model of ``cfg`` (with the weights' class count, see
     :func:`model_config_for`). ``expected`` (target name -> shape) defaults to the model's
     inference tensors, or all its tensors with ``keep_aux``."""
-    rules = BACKBONE_TABLES[detect_backbone(state)] + DETECTOR_TABLES[detect_detector(state)]
+    backbone = detect_backbone(state)
+    rules = TRAINING_STATE + BACKBONE_TABLES[backbone] + NECK_TABLES[cfg.neck] + DETECTOR_TABLES[detect_detector(state)]
+    problems = _check_ema_entries(state)
+    derived: list[str] = []
+    renamed: dict[str, str] = {}
+    if backbone == "vit":
+        state, derived, renamed = _rename_vit(state, cfg)
     if expected is None:
         from codetr.models.build import build_model
 
@@ -549,7 +588,41 @@ def convert_checkpoint(state: dict[str, Tensor], cfg: ModelConfig, keep_aux: boo
     if keep_aux:
         for kind, k in layout.checkpoint_heads:
             layout.aux_index(kind, k)  # every auxiliary head of the checkpoint has a place in the config
-    return convert_state_dict(state, rules, layout, expected, keep_aux)
+    conversion = convert_state_dict(state, rules, layout, expected, keep_aux)
+    conversion.derived += derived
+    conversion.problems += problems
+    conversion.sources = {target: [renamed.get(name, name) for name in names] for target, names in conversion.sources.items()}
+    return conversion
+
+
+def _rename_vit(state: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, Tensor], list[str], dict[str, str]]:
+    """``state`` with its ``backbone.*`` tensors renamed by ``convert_vit_state_dict`` (the window
+    settings of ``cfg.backbone`` checked against the RoPE tables), the dropped RoPE table names, and
+    new name -> released name."""
+    from codetr.models.vit import convert_vit_state_dict, interleaved_window_blocks
+
+    released = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    depth = len({k.split(".")[1] for k in released if k.startswith("blocks.")})
+    try:
+        renamed = convert_vit_state_dict(released, cfg.backbone.window_size,
+                                         interleaved_window_blocks(depth, cfg.backbone.global_every))
+    except ValueError as err:
+        raise CheckpointError(f"{err} (model.backbone.window_size={cfg.backbone.window_size}, "
+                              f"global_every={cfg.backbone.global_every})") from err
+    origin = {id(v): k for k, v in released.items()}  # renaming keeps the tensor objects
+    kept = {id(v) for v in renamed.values()}
+    derived = [f"backbone.{k}" for k, v in released.items() if id(v) not in kept]  # the RoPE tables
+    rest = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    return ({**{f"backbone.{k}": v for k, v in renamed.items()}, **rest}, derived,
+            {f"backbone.{k}": f"backbone.{origin[id(v)]}" for k, v in renamed.items()})
+
+
+def _check_ema_entries(state: dict[str, Tensor]) -> list[str]:
+    """Every ``ema_*`` entry must shadow a tensor of the checkpoint (same name with dots as underscores,
+    same shape): otherwise the file is not what the EMA hook saves."""
+    shapes = {"ema_" + k.replace(".", "_"): tuple(v.shape) for k, v in state.items() if not k.startswith("ema_")}
+    return [f"{k}: an ema_* entry {'of shape ' + str(tuple(v.shape)) + ' ' if k in shapes else ''}without a matching "
+            "model tensor" for k, v in state.items() if k.startswith("ema_") and shapes.get(k) != tuple(v.shape)]
 
 
 # ------------------------------------------------------------------------------------- classes

@@ -1,5 +1,6 @@
-"""Backbones: torchvision ResNets with frozen batch norm, and timm Swin Transformers run as the
-released detection backbone. Each returns the stages in ``out_indices`` and has ``out_channels``
+"""Backbones: torchvision ResNets with frozen batch norm, timm Swin Transformers run as the
+released detection backbone, and the plain EVA-02-style ViT of Co-DINO ViT-L (``codetr.models.vit``,
+one stride-16 map). ResNet and Swin return the stages in ``out_indices``; each has ``out_channels``
 (one per returned map).
 
 ImageNet weights (``model.backbone.weights``):
@@ -36,6 +37,9 @@ SWINS = ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_
          "swin_base_patch4_window12_384", "swin_large_patch4_window7_224", "swin_large_patch4_window12_384")
 NORMS = {"frozen_bn": FrozenBatchNorm2d, "group_norm": lambda channels: nn.GroupNorm(32, channels)}
 TORCHVISION_WEIGHTS = {"torchvision": "IMAGENET1K_V1", "torchvision_v2": "IMAGENET1K_V2"}
+# Plain ViTs (codetr.models.vit, built from timm parts): name -> architecture (released Co-DINO ViT-L:
+# 16x16 patches, 24 blocks of 1024 channels and 16 heads, position embedding of a 512 px pretraining).
+VITS = {"vit_large": dict(embed_dim=1024, depth=24, num_heads=16, pretrain_img_size=512)}
 
 
 def load_weights_file(path: str | Path) -> dict[str, Tensor]:
@@ -121,7 +125,7 @@ class ResNetBackbone(nn.Module):
         super().__init__()
         _check_out_indices(out_indices)
         if name not in RESNETS:
-            raise ValueError(f"unknown backbone {name!r}; choose from {list(RESNETS) + list(SWINS)}")
+            raise ValueError(f"unknown backbone {name!r}; choose from {list(RESNETS) + list(SWINS) + list(VITS)}")
         if norm not in NORMS:
             raise ValueError(f"unknown backbone norm {norm!r}; choose from {list(NORMS)}")
         net = torchvision_resnet(name, weights, NORMS[norm])
@@ -219,7 +223,7 @@ class SwinBackbone(nn.Module):
 
         _check_out_indices(out_indices)
         if name not in SWINS:
-            raise ValueError(f"unknown backbone {name!r}; choose from {list(RESNETS) + list(SWINS)}")
+            raise ValueError(f"unknown backbone {name!r}; choose from {list(RESNETS) + list(SWINS) + list(VITS)}")
         if weights == "timm" and timm_args:
             raise ValueError(f"model.backbone.timm_args {timm_args} change the architecture; timm's pretrained {name} "
                              "weights do not fit it")
@@ -275,8 +279,28 @@ class SwinBackbone(nn.Module):
         return outs
 
 
+def build_vit(cfg: BackboneConfig) -> nn.Module:
+    """The plain ViT of ``cfg.name`` (architecture overridable by ``timm_args``), window blocks of
+    ``window_size`` with every ``global_every``-th block global; one map at stride 16. Its weights come
+    with the detector's (``codetr convert mmdet``, ``train.init``): the released configs start from a
+    detection checkpoint, not from ImageNet weights."""
+    from codetr.models.vit import ViT, interleaved_window_blocks
+
+    if cfg.weights is not None:
+        raise ValueError(f"model.backbone.weights={cfg.weights!r}: {cfg.name} loads its weights with the detector's "
+                         "(codetr convert mmdet, then train.init or --weights); set model.backbone.weights=null")
+    unknown = set(cfg.timm_args) - set(VITS[cfg.name])
+    if unknown:
+        raise ValueError(f"model.backbone.timm_args {sorted(unknown)} are not ViT arguments; choose from {sorted(VITS[cfg.name])}")
+    arch = VITS[cfg.name] | cfg.timm_args
+    return ViT(**arch, window_size=cfg.window_size, window_block_indexes=interleaved_window_blocks(arch["depth"], cfg.global_every),
+               drop_path_rate=cfg.drop_path_rate, use_act_checkpoint=cfg.with_cp)
+
+
 def build_backbone(cfg: BackboneConfig) -> nn.Module:
     """The backbone of a config; it has ``out_channels`` (one per returned map)."""
+    if cfg.name in VITS:
+        return build_vit(cfg)
     if cfg.name in SWINS:
         return SwinBackbone(cfg.name, cfg.weights, cfg.frozen_stages, tuple(cfg.out_indices), cfg.drop_path_rate,
                             cfg.with_cp, cfg.timm_args)

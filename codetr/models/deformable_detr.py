@@ -21,7 +21,7 @@ from torchvision.ops import box_convert
 from codetr.config import ModelConfig
 from codetr.models.backbones import build_backbone
 from codetr.models.heads.detr_loss import DetrCriterion
-from codetr.models.neck import ChannelMapper
+from codetr.models.neck import build_neck
 from codetr.models.transformer.decoder import DeformableDecoderLayer
 from codetr.models.transformer.encoder import DeformableEncoder
 from codetr.models.transformer.position import proposal_pos_embed, sine_position_embedding
@@ -95,7 +95,7 @@ class DeformableDETR(nn.Module):
         if t.two_stage and not t.box_refine:
             raise ValueError("model.transformer.two_stage needs model.transformer.box_refine")
         self.backbone = build_backbone(cfg.backbone)
-        self.neck = ChannelMapper(self.backbone.out_channels, t.d_model, t.num_feature_levels, cfg.neck_bias)
+        self.neck = build_neck(cfg, self.backbone.out_channels)
         self.level_embed = nn.Parameter(torch.empty(t.num_feature_levels, t.d_model))
         self.encoder = DeformableEncoder(t.enc_layers, t.d_model, t.ffn_dim, t.num_feature_levels, t.n_heads,
                                          t.n_points, t.dropout)
@@ -161,8 +161,9 @@ class DeformableDETR(nn.Module):
 
     @property
     def level_strides(self) -> list[int]:
-        """Stride of each encoder level: the first backbone map's, doubling level by level."""
-        first = 4 * 2 ** self.cfg.backbone.out_indices[0]
+        """Stride of each encoder level: the first neck map's (the simple feature pyramid's p2: 4; else
+        the first backbone map's), doubling level by level."""
+        first = 4 if self.cfg.neck == "sfp" else 4 * 2 ** self.cfg.backbone.out_indices[0]
         return [first * 2**i for i in range(self.cfg.transformer.num_feature_levels)]
 
     # ---- the transformer pass, step by step ----------------------------------------------

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from codetr.config import ModelConfig
+
+NECKS = ("channel_mapper", "sfp")
+
 
 def conv_gn(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, bias: bool = True) -> nn.Sequential:
     return nn.Sequential(
@@ -54,3 +58,19 @@ class PyramidAdapter(nn.Module):
         maps = [level.transpose(1, 2).reshape(batch, d, h, w)
                 for level, (h, w) in zip(memory.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)]
         return maps + [self.downsample(maps[-1])]
+
+
+def build_neck(cfg: ModelConfig, in_channels: list[int]) -> nn.Module:
+    """The neck of ``cfg.neck`` from the backbone maps of ``in_channels`` to ``num_feature_levels``
+    maps of ``d_model`` channels: ``ChannelMapper``, or the ViT's ``SimpleFeaturePyramid`` (p2-p6)."""
+    t = cfg.transformer
+    if cfg.neck == "channel_mapper":
+        return ChannelMapper(in_channels, t.d_model, t.num_feature_levels, cfg.neck_bias)
+    if cfg.neck != "sfp":
+        raise ValueError(f"unknown model.neck {cfg.neck!r}; choose from {NECKS}")
+    from codetr.models.sfp import SimpleFeaturePyramid
+
+    if len(in_channels) != 1 or t.num_feature_levels != 5:
+        raise ValueError(f"model.neck=sfp makes 5 levels (p2-p6) from one backbone map; got {len(in_channels)} backbone "
+                         f"maps and model.transformer.num_feature_levels={t.num_feature_levels}")
+    return SimpleFeaturePyramid(in_channels[0], t.d_model, use_p2=True)

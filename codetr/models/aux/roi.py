@@ -22,22 +22,47 @@ def roi_levels(boxes: Tensor, finest_scale: float, num_levels: int) -> Tensor:
     return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
 
 
+# Weight of the RoI head's GIoU loss relative to its classification loss (both also times loss_scale).
+ROI_GIOU_WEIGHT = 10.0
+
+
+def shared_convs(channels: int, num_convs: int) -> nn.Sequential:
+    """mmdet ``ConvModule`` x num_convs: 3x3 conv (no bias: a norm follows), GroupNorm(32), ReLU; conv
+    weights kaiming-normal (fan_out, relu) as mmcv initialises them."""
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        layers += [conv, nn.GroupNorm(32, channels), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
 class RoIHead(nn.Module):
     """RoIAlign 7x7 on the encoder levels of the pyramid (``roi_strides``: all but the extra
-    downsampled level, as the released extractors), two shared FC 1024, class scores
-    (num_classes + 1, softmax) and class-specific box deltas (stds 0.1, 0.1, 0.2, 0.2); CE and
-    GIoU (weight 10) on decoded boxes, both times ``loss_scale``."""
+    downsampled level, as the released extractors), then mmdet's ``ConvFCBBoxHead`` with shared
+    layers only: ``num_convs`` 3x3 convs (``channels`` wide, GroupNorm, ReLU) and ``num_fcs`` FCs of
+    ``fc_dim`` (ReLU); class scores (num_classes + 1, softmax) and box deltas, class-specific or (with
+    ``class_agnostic``) one per RoI, decoded with ``target_stds``. Released: Shared2FCBBoxHead (0 convs,
+    2 FCs, class-specific, stds 0.1, 0.1, 0.2, 0.2); Co-DINO ViT-L COCO: 4 convs, 1 FC, class-agnostic,
+    stds 0.05, 0.05, 0.1, 0.1. CE and GIoU (``ROI_GIOU_WEIGHT``) on decoded boxes, both times ``loss_scale``."""
 
     def __init__(self, num_classes: int, channels: int = 256, roi_strides: list[int] | None = None,
                  loss_scale: float = 1.0, finest_scale: float = 112.0, roi_size: int = 7, fc_dim: int = 1024,
-                 num_samples: int = 512) -> None:
+                 num_samples: int = 512, num_convs: int = 0, num_fcs: int = 2, class_agnostic: bool = False,
+                 target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)) -> None:
         super().__init__()
+        if num_fcs < 1:
+            raise ValueError(f"the RoI head needs at least one shared FC (model.co.roi_fcs), got {num_fcs}")
         self.num_classes, self.loss_scale, self.finest_scale, self.roi_size = num_classes, loss_scale, finest_scale, roi_size
         self.strides = roi_strides or [8, 16, 32, 64]
-        self.shared_fcs = nn.Sequential(nn.Linear(channels * roi_size * roi_size, fc_dim), nn.ReLU(inplace=True),
-                                        nn.Linear(fc_dim, fc_dim), nn.ReLU(inplace=True))
+        self.shared_convs = shared_convs(channels, num_convs)
+        fcs: list[nn.Module] = []
+        for i in range(num_fcs):
+            fcs += [nn.Linear(channels * roi_size * roi_size if i == 0 else fc_dim, fc_dim), nn.ReLU(inplace=True)]
+        self.shared_fcs = nn.Sequential(*fcs)
+        self.reg_classes = 1 if class_agnostic else num_classes
         self.fc_cls = nn.Linear(fc_dim, num_classes + 1)
-        self.fc_reg = nn.Linear(fc_dim, 4 * num_classes)
+        self.fc_reg = nn.Linear(fc_dim, 4 * self.reg_classes)
         nn.init.normal_(self.fc_cls.weight, std=0.01)
         nn.init.normal_(self.fc_reg.weight, std=0.001)
         nn.init.zeros_(self.fc_cls.bias)
@@ -46,7 +71,7 @@ class RoIHead(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.coder = DeltaXYWHCoder((0.1, 0.1, 0.2, 0.2))
+        self.coder = DeltaXYWHCoder(tuple(target_stds))
         self.assigner = MaxIoUAssigner(0.5, 0.5, 0.5, match_low_quality=False)
         self.sampler = RandomSampler(num_samples, 0.25, add_gt_as_proposals=True)
 
@@ -65,9 +90,11 @@ class RoIHead(nn.Module):
         return out
 
     def forward(self, roi_feats: Tensor) -> tuple[Tensor, Tensor]:
-        """(R, C, 7, 7) -> class logits (R, num_classes + 1), deltas (R, num_classes, 4)."""
-        h = self.shared_fcs(roi_feats.flatten(1))
-        return self.fc_cls(h), self.fc_reg(h).view(-1, self.num_classes, 4)
+        """(R, C, 7, 7) -> class logits (R, num_classes + 1), deltas (R, num_classes, 4) (class-agnostic:
+        the RoI's one delta repeated for every class)."""
+        h = self.shared_fcs(self.shared_convs(roi_feats).flatten(1))
+        deltas = self.fc_reg(h).view(-1, self.reg_classes, 4)
+        return self.fc_cls(h), deltas.expand(-1, self.num_classes, -1)
 
     def forward_train(self, feats: list[Tensor], proposals: list[Tensor], image_sizes: Tensor,
                       targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:
@@ -86,7 +113,7 @@ class RoIHead(nn.Module):
         pos_deltas = deltas[pos, labels[pos]]
         decoded = self.coder.decode(boxes[pos], pos_deltas)
         loss_bbox = generalized_box_iou_loss(decoded, gt_boxes[pos], reduction="sum") / num_rois
-        losses = {"rcnn.loss_cls": loss_cls * self.loss_scale, "rcnn.loss_bbox": loss_bbox * 10.0 * self.loss_scale}
+        losses = {"rcnn.loss_cls": loss_cls * self.loss_scale, "rcnn.loss_bbox": loss_bbox * ROI_GIOU_WEIGHT * self.loss_scale}
         pooled = roi_feats.mean((2, 3))
         exports, start = [], 0
         for r in rois:
@@ -119,17 +146,21 @@ class FasterRCNNAux(nn.Module):
 
     rpn_pre_nms: proposals per level before NMS in training (1000 at test); rpn_proposals:
     per image after NMS; roi_samples / roi_fc_dim: sampled RoIs per image and FC width;
-    roi_finest_scale: see ``roi_levels``."""
+    roi_finest_scale: see ``roi_levels``; roi_convs, roi_fcs, roi_class_agnostic, roi_target_stds:
+    the box head's layers and deltas (``RoIHead``)."""
 
     def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
                  loss_scale: float = 1.0, rpn_pre_nms: int = 4000, rpn_proposals: int = 1000,
-                 roi_samples: int = 512, roi_fc_dim: int = 1024, roi_finest_scale: float = 112.0) -> None:
+                 roi_samples: int = 512, roi_fc_dim: int = 1024, roi_finest_scale: float = 112.0, roi_convs: int = 0,
+                 roi_fcs: int = 2, roi_class_agnostic: bool = False,
+                 roi_target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)) -> None:
         super().__init__()
         strides = strides or [8, 16, 32, 64, 128]
         self.rpn_pre_nms, self.rpn_proposals = rpn_pre_nms, rpn_proposals
         self.rpn = RPNHead(channels, strides, loss_scale)
         self.roi = RoIHead(num_classes, channels, strides[:-1], loss_scale, finest_scale=roi_finest_scale,
-                           fc_dim=roi_fc_dim, num_samples=roi_samples)
+                           fc_dim=roi_fc_dim, num_samples=roi_samples, num_convs=roi_convs, num_fcs=roi_fcs,
+                           class_agnostic=roi_class_agnostic, target_stds=roi_target_stds)
 
     def forward_train(self, feats: list[Tensor], image_sizes: Tensor,
                       targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:
