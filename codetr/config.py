@@ -50,6 +50,9 @@ class DataConfig:
     # Evaluation images per forward. 1, as released: in a padded batch an image's detections would
     # depend on the size of its batch partners (zero padding at the convolutions' borders).
     eval_batch_size: int = 1
+    # Batches are padded to a multiple of this (the released ViT-L configs: 32, so the patch grid
+    # covers the whole image; the ResNet / Swin ones: 1).
+    pad_size_divisor: int = 1
     num_workers: int = 2
 
 

@@ -242,3 +242,16 @@ def test_val_batches_hold_eval_batch_size_images(tmp_path):
     cfg.eval_batch_size = 0
     with pytest.raises(ValueError, match="data.eval_batch_size"):
         build_dataloader(cfg, "val")
+
+
+def test_collate_pads_to_a_multiple_of_the_size_divisor():
+    images = [torch.ones(3, 50, 70), torch.ones(3, 64, 33)]
+    targets = [Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)) for _ in images]
+    batch = collate(list(zip(images, targets)), size_divisor=32)
+    assert batch.images.shape == (2, 3, 64, 96)
+    assert batch.image_sizes.tolist() == [[50, 70], [64, 33]]
+    for i, image in enumerate(images):  # padding is masked and zero, the image itself is not
+        h, w = image.shape[-2:]
+        assert not batch.masks[i, :h, :w].any() and batch.masks[i].sum() == 64 * 96 - h * w
+        assert batch.images[i, :, h:].abs().sum() == 0 and batch.images[i, :, :, w:].abs().sum() == 0
+    assert collate(list(zip(images, targets))).images.shape == (2, 3, 64, 70)  # default: no rounding

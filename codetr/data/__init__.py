@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def build_dataloader(
         shuffle=shuffle,
         sampler=sampler,
         num_workers=cfg.num_workers,
-        collate_fn=collate,
+        collate_fn=functools.partial(collate, size_divisor=cfg.pad_size_divisor),
         generator=generator,
         drop_last=False,
         persistent_workers=cfg.num_workers > 0,

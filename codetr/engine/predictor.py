@@ -54,7 +54,7 @@ class LoadedModel:
         sample = transformed_sample(tv_tensors.Image(image), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64),
                                     build_transforms(self.cfg.data, train=False))
         device = next(self.model.parameters()).device
-        batch = collate([sample]).to(device)
+        batch = collate([sample], self.cfg.data.pad_size_divisor).to(device)
         det = self.model.predict(batch)[0]
         boxes = rescale_boxes(det.boxes.float(), tuple(batch.image_sizes[0].tolist()), (height, width),
                               batch.targets[0].content_size)

@@ -11,6 +11,7 @@ continues with exactly the batches and random draws of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -167,12 +168,15 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-def train_loader(dataset: Dataset, sampler: TrainBatchSampler, num_workers: int, seed: int) -> DataLoader:
-    """The training DataLoader: batches from ``sampler``, each sample under its own seed.
+def train_loader(dataset: Dataset, sampler: TrainBatchSampler, num_workers: int, seed: int,
+                 size_divisor: int = 1) -> DataLoader:
+    """The training DataLoader: batches from ``sampler``, each sample under its own seed, padded
+    to a multiple of ``size_divisor``.
 
     The loader has its own generator, so iterating it never draws from the global torch RNG.
     """
-    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=functools.partial(collate, size_divisor=size_divisor),
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
@@ -613,7 +617,7 @@ def train(
     groups = train_set.aspect_ratio_groups() if cfg.data.group_by_aspect_ratio else None
     sampler = TrainBatchSampler(len(train_set), cfg.data.batch_size, cfg.train.seed, dist.rank(), dist.world_size(),
                                 groups)
-    loader = train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed)
+    loader = train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed, cfg.data.pad_size_divisor)
 
     metrics = MetricsFile(out / METRICS_NAME)
     names, ids = list(train_set.class_names), [int(i) for i in train_set.category_ids]
