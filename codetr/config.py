@@ -174,6 +174,14 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     log_every: int = 10
+    # Exponential moving average of the weights, as mmdet's ExpMomentumEMAHook (released ViT-L COCO
+    # config: momentum 1e-4, total_iter 2000, interval 1): after step i (0-based), every ema_interval
+    # steps, average = (1 - m) * average + m * weights, m = (1 - ema_momentum) * exp(-(1 + i) /
+    # ema_total_iter) + ema_momentum. When on, evaluation and model.safetensors use the average.
+    ema: bool = False
+    ema_momentum: float = 1e-4
+    ema_total_iter: int = 2000
+    ema_interval: int = 1
 
 
 @dataclass

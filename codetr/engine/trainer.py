@@ -3,8 +3,8 @@
 Reproducibility: the order of training samples and the seed of each sample's augmentation
 are a pure function of ``(train.seed, epoch, position)`` (see :class:`TrainBatchSampler`), and
 each sample is loaded under its own torch seed without touching the main process' RNG. The
-checkpoint holds the model, optimizer, scheduler, position and the python / numpy / torch /
-CUDA RNG states, so a resumed run (after a kill, or after stopping at ``train.max_iters``)
+checkpoint holds the model, optimizer, scheduler, position, the hooks' states (the EMA of the
+weights) and the python / numpy / torch / CUDA RNG states, so a resumed run (after a kill, or after stopping at ``train.max_iters``)
 continues with exactly the batches and random draws of an uninterrupted run.
 """
 
@@ -40,6 +40,7 @@ from codetr.engine.checkpoint import (
     restore_rng_state,
     save_inference_weights,
 )
+from codetr.engine.ema import ExpMomentumEMA
 from codetr.engine.evaluator import METRIC_NAMES, evaluate
 from codetr.engine.plots import plot_training, read_metrics
 from codetr.engine.predictor import resolve_device
@@ -232,6 +233,13 @@ class Hook:
     def after_train(self, trainer: Trainer) -> None:
         """Called once when training ends (all epochs done or ``max_iters`` reached)."""
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """The hook's own training state, saved in the checkpoint under its class name (None: none)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (called on resume, before ``before_train``)."""
+
 
 class Trainer:
     """Runs ``detector.loss`` / backward / AdamW steps over epochs, calling hooks.
@@ -239,6 +247,7 @@ class Trainer:
     State: ``epoch`` (completed epochs), ``iter_in_epoch`` (steps done in the current epoch)
     and ``iteration`` (steps done in all). After a step, ``losses`` holds the loss terms as
     floats, ``loss`` their sum and ``step_time`` the seconds since the previous step.
+    Hooks with a state (:meth:`Hook.state_dict`) are checkpointed with the trainer.
     """
 
     def __init__(
@@ -277,6 +286,12 @@ class Trainer:
         groups = self.optimizer.param_groups
         group = next((g for g in groups if g.get("lr_mult", 1.0)), groups[0])
         return group["lr"] / (group.get("lr_mult", 1.0) or 1.0)
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager[None]:
+        """A block in which the detector holds the weights to evaluate and save: the EMA average
+        when an :class:`EMAHook` trains one, else its own."""
+        ema = next((h for h in self.hooks if isinstance(h, EMAHook)), None)
+        return ema.ema.applied(self.detector) if ema is not None else contextlib.nullcontext()
 
     def run(self) -> None:
         for hook in self.hooks:
@@ -329,6 +344,7 @@ class Trainer:
             "iteration": self.iteration,
             "batches_per_epoch": len(self.sampler),
             "rng": capture_rng_state(),
+            "hooks": {type(h).__name__: s for h in self.hooks if (s := h.state_dict()) is not None},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -341,6 +357,10 @@ class Trainer:
         self.epoch, self.iter_in_epoch = state["epoch"], state["iter_in_epoch"]
         self.iteration = state["iteration"]
         restore_rng_state(state["rng"])
+        saved = state.get("hooks", {})
+        for hook in self.hooks:
+            if type(hook).__name__ in saved:
+                hook.load_state_dict(saved[type(hook).__name__])
 
 
 # -------------------------------------------------------------------------------- hooks
@@ -409,6 +429,34 @@ class LoggerHook(Hook):
             f"lr {trainer.lr:.2e} loss {loss:.4f} ({shown}) {seconds:.3f} s/it eta {eta}")
 
 
+class EMAHook(Hook):
+    """Keeps an :class:`ExpMomentumEMA` of the detector's weights, updated after every step;
+    :meth:`Trainer.evaluation_weights` puts it in the detector for evaluation and saving.
+
+    Resuming a checkpoint without an average (trained with ``train.ema`` off) starts the average
+    from the resumed weights, as mmdet's hook does.
+    """
+
+    def __init__(self, detector: nn.Module, momentum: float, total_iter: int, interval: int) -> None:
+        self.ema = ExpMomentumEMA(detector, momentum, total_iter, interval)
+        self._restored = False
+
+    def before_train(self, trainer: Trainer) -> None:
+        if trainer.iteration and not self._restored:
+            log("the checkpoint holds no EMA of the weights: the average starts from the resumed weights")
+            self.ema.reset(trainer.detector)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.ema.update(trainer.detector, trainer.iteration - 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state)
+        self._restored = True
+
+
 class CheckpointHook(Hook):
     """Atomically writes ``last.pt`` after every epoch and when training ends."""
 
@@ -468,7 +516,7 @@ class EvalHook(Hook):
 
     def run(self, trainer: Trainer) -> None:
         log(f"evaluating on {len(self.dataset)} images (epoch {trainer.epoch}, iteration {trainer.iteration})")
-        with preserved_rng():
+        with preserved_rng(), trainer.evaluation_weights():
             self.latest = evaluate(trainer.detector, self.dataset, self.loader)
         self._evaluated_at = trainer.iteration
         if self.write:
@@ -563,8 +611,11 @@ def train(
     names, ids = list(train_set.class_names), [int(i) for i in train_set.category_ids]
     extra = {"config": config_to_dict(cfg), "class_names": names, "category_ids": ids}
     eval_hook = EvalHook(val_set, val_loader, cfg.train.eval_every, metrics, write=main)
-    hooks: list[Hook] = [LoggerHook(metrics, cfg.train.log_every), CheckpointHook(ckpt_path, extra), eval_hook,
-                         PlotHook(metrics, out / PLOT_NAME)] if main else [eval_hook]
+    # the EMA first: the other hooks see the average of the step just done
+    hooks: list[Hook] = [EMAHook(detector, cfg.train.ema_momentum, cfg.train.ema_total_iter, cfg.train.ema_interval)
+                         ] if cfg.train.ema else []
+    hooks += [LoggerHook(metrics, cfg.train.log_every), CheckpointHook(ckpt_path, extra), eval_hook,
+              PlotHook(metrics, out / PLOT_NAME)] if main else [eval_hook]
 
     trainer = Trainer(detector, loss_module, optimizer, scheduler, loader, sampler, device,
                       cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks)
@@ -582,7 +633,9 @@ def train(
     trainer.run()
 
     if main:
-        save_inference_weights(out / WEIGHTS_NAME, detector.inference_state_dict(), names, ids, config_to_dict(cfg))
+        with trainer.evaluation_weights():
+            weights = detector.inference_state_dict()
+            save_inference_weights(out / WEIGHTS_NAME, weights, names, ids, config_to_dict(cfg))
         log(f"inference weights: {out / WEIGHTS_NAME}")
     dist.barrier()
     return eval_hook.latest

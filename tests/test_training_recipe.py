@@ -1,0 +1,168 @@
+"""Training recipe: EMA of the weights, layer-wise lr decay, warm-up, mixed precision, gradient
+accumulation, TensorBoard."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from codetr.engine import train
+from codetr.engine import trainer as trainer_module
+from codetr.engine.checkpoint import load_checkpoint
+from codetr.engine.ema import ExpMomentumEMA
+from codetr.engine.trainer import Trainer
+from codetr.structures import Batch
+from test_engine import FakeDetector, safetensors_of, tiny_config, write_coco
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 training images (one without objects) and 2 validation images, 40-56 px, dataset ids 3, 17, 90."""
+    root = tmp_path_factory.mktemp("coco")
+    write_coco(root, "train", [(48, 40, [(4, 6, 20, 16, 3), (26, 20, 18, 14, 90)]), (40, 48, [(10, 10, 16, 24, 17)]),
+                               (56, 40, [(2, 2, 30, 30, 90), (36, 8, 12, 20, 3)]), (40, 40, [])])
+    write_coco(root, "val", [(48, 40, [(6, 4, 24, 20, 17)]), (40, 40, [(12, 12, 20, 16, 3)])])
+    return root
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training plot is not under test here and takes most of a tiny run's time."""
+    monkeypatch.setattr(trainer_module, "plot_training", lambda *args: None)
+
+
+# ---------------------------------------------------------------------------------- EMA
+
+
+def released_momentum(i: int, momentum: float, total_iter: int) -> float:
+    """mmdet ExpMomentumEMAHook's momentum after iteration i (0-based)."""
+    return (1 - momentum) * math.exp(-(1 + i) / total_iter) + momentum
+
+
+def closed_form_ema(start: torch.Tensor, weights: list[torch.Tensor], momenta: list[float]) -> torch.Tensor:
+    """sum over the updates of m_i * prod_{j > i} (1 - m_j) * w_i, plus prod (1 - m_j) * start (float64)."""
+    total = start.double() * math.prod(1 - m for m in momenta)
+    for i, (w, m) in enumerate(zip(weights, momenta)):
+        total += w.double() * m * math.prod(1 - n for n in momenta[i + 1:])
+    return total
+
+
+@pytest.mark.parametrize("interval", [1, 2])
+def test_ema_follows_the_released_update_rule(interval: int) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = ExpMomentumEMA(model, momentum=0.05, total_iter=3, interval=interval)
+    assert "1.num_batches_tracked" not in ema.averages  # integers are not averaged
+    history: dict[str, list[torch.Tensor]] = {k: [] for k in ema.averages}
+    momenta = []
+    for i in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(4, 3))  # moves the batch-norm running statistics (buffers are averaged too)
+        ema.update(model, i)
+        if (i + 1) % interval == 0:
+            momenta.append(released_momentum(i, 0.05, 3))
+            for k in history:
+                history[k].append(model.state_dict()[k].clone())
+    assert len(momenta) == 5 // interval
+    for k, average in ema.averages.items():
+        torch.testing.assert_close(average.double(), closed_form_ema(start[k], history[k], momenta), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(average, model.state_dict()[k])
+    # the released schedule: the average follows the weights at first, then moves by `momentum`
+    default = ExpMomentumEMA(model)
+    assert default.momentum_at(0) > 0.999 and default.momentum_at(100_000) == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_ema_applied_swaps_weights_in_and_back_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    ema = ExpMomentumEMA(model, momentum=0.5, total_iter=1)
+    with torch.no_grad():
+        model[0].weight.mul_(3.0)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    with ema.applied(model):
+        for k, average in ema.averages.items():
+            assert torch.equal(model.state_dict()[k], average)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, own[k])
+
+
+def test_training_with_ema_evaluates_and_saves_the_average(coco: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2-step run: the average follows the rule over the weights after each step (iteration
+    0 and 1); evaluation sees it; model.safetensors holds it; the checkpoint holds both."""
+    cfg = tiny_config(coco, epochs=1, ema=True, ema_momentum=0.1, ema_total_iter=2)
+    after_steps: list[dict[str, torch.Tensor]] = []
+    real_step = Trainer.step
+
+    def recording_step(self: Trainer, batch: Batch) -> None:
+        if not after_steps:
+            after_steps.append({k: v.clone() for k, v in self.detector.state_dict().items()})
+        real_step(self, batch)
+        after_steps.append({k: v.clone() for k, v in self.detector.state_dict().items()})
+
+    evaluated: list[torch.Tensor] = []
+    real_evaluate = trainer_module.evaluate
+
+    def recording_evaluate(model: nn.Module, *args: object) -> dict[str, float]:
+        evaluated.append(model.head.weight.detach().clone())
+        return real_evaluate(model, *args)
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", recording_step)
+    monkeypatch.setattr(trainer_module, "evaluate", recording_evaluate)
+    train(cfg, tmp_path / "run", build_model=FakeDetector)
+
+    start, *steps = after_steps
+    assert len(steps) == 2
+    momenta = [released_momentum(i, 0.1, 2) for i in range(2)]
+    expected = closed_form_ema(start["head.weight"], [s["head.weight"] for s in steps], momenta).float()
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    average = ckpt["hooks"]["EMAHook"]["averages"]["head.weight"]
+    torch.testing.assert_close(average, expected)
+    assert torch.equal(ckpt["model"]["head.weight"], steps[-1]["head.weight"])  # the trained weights themselves
+    assert not torch.allclose(average, steps[-1]["head.weight"])
+    weights, _ = safetensors_of(tmp_path / "run" / "model.safetensors")
+    assert torch.equal(weights["head.weight"], average)
+    assert len(evaluated) == 1 and torch.equal(evaluated[0], average)
+
+
+# ----------------------------------------------------------------------- exact resume
+
+
+RECIPES = {
+    "ema": dict(ema=True, ema_momentum=0.3, ema_total_iter=3),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_resume_is_exact_with_the_recipe(recipe: str, coco: Path, tmp_path: Path) -> None:
+    """Stopped mid-epoch by max_iters and resumed: the same final weights, averages and losses
+    as an uninterrupted run."""
+    settings = RECIPES[recipe]
+    train(tiny_config(coco, eval_every=0, **settings), tmp_path / "straight", build_model=FakeDetector)
+    train(tiny_config(coco, eval_every=0, max_iters=3, **settings), tmp_path / "resumed", build_model=FakeDetector)
+    train(tiny_config(coco, eval_every=0, **settings), tmp_path / "resumed", resume=True, build_model=FakeDetector)
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert straight["iteration"] == resumed["iteration"] == 6
+    for part in ("model", "hooks"):
+        flat_a, flat_b = _flatten(straight[part]), _flatten(resumed[part])
+        assert flat_a.keys() == flat_b.keys()
+        assert all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), part
+    a, _ = safetensors_of(tmp_path / "straight" / "model.safetensors")
+    b, _ = safetensors_of(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix: torch.as_tensor(tree)}
