@@ -159,6 +159,17 @@ class ModelConfig:
 
 
 @dataclass
+class LayerDecayConfig:
+    """Layer-wise learning-rate decay of a ViT backbone, as the released LayerDecayOptimizerConstructor
+    (ViT-L: rate 0.8 over 24 layers): block i trains at lr * rate ** (num_layers - i), the patch and
+    position embeddings at lr * rate ** (num_layers + 1), the rest of the detector at lr; no weight
+    decay for 1-d parameters and biases. Replaces ``lr_mult`` when on."""
+
+    rate: float | None = None  # None: off
+    num_layers: int = 24  # the number of ViT blocks
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 12
     lr: float = 2e-4
@@ -167,6 +178,7 @@ class TrainConfig:
     lr_mult: dict[str, float] = field(
         default_factory=lambda: {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
     )
+    layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
     grad_clip: float = 0.1
     lr_steps: list[int] = field(default_factory=lambda: [11])  # epochs where lr is x0.1
     max_iters: int | None = None  # stop after this many iterations in all (tiny runs)

@@ -13,8 +13,11 @@ from torch import nn
 from codetr.engine import train
 from codetr.engine import trainer as trainer_module
 from codetr.engine.checkpoint import load_checkpoint
+from codetr.config import LayerDecayConfig, TrainConfig
 from codetr.engine.ema import ExpMomentumEMA
-from codetr.engine.trainer import Trainer
+from codetr.engine.layer_decay import layer_decay_param_groups
+from codetr.engine.trainer import Trainer, build_optimizer
+from codetr.models.vit import ViT
 from codetr.structures import Batch
 from test_engine import FakeDetector, safetensors_of, tiny_config, write_coco
 
@@ -166,3 +169,76 @@ def _flatten(tree: object, prefix: str = "") -> dict[str, torch.Tensor]:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
     return {prefix: torch.as_tensor(tree)}
+
+
+# ------------------------------------------------------------------ layer-wise lr decay
+
+
+def test_layer_decay_ids_and_scales_are_the_released_ones_for_vit_large() -> None:
+    """The released ViT-L setting (rate 0.8, 24 layers): lr scale per parameter name, by hand
+    from get_layer_id_for_vit and decay_rate ** (num_layers + 2 - layer_id - 1)."""
+    names = {"backbone.patch_embed.proj.weight": 0.8 ** 25, "backbone.pos_embed": 0.8 ** 25,
+             "backbone.blocks.0.attn.q_proj.weight": 0.8 ** 24, "backbone.blocks.7.norm1.weight": 0.8 ** 17,
+             "backbone.blocks.23.mlp.w3.weight": 0.8, "backbone.out_norm.weight": 1.0,
+             "neck.convs.0.weight": 1.0, "transformer.encoder.layers.0.attn.value_proj.weight": 1.0}
+
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            for name in names:
+                module = self
+                for part in name.split(".")[:-1]:
+                    if not hasattr(module, part):
+                        module.add_module(part, nn.Module())
+                    module = getattr(module, part)
+                module.register_parameter(name.split(".")[-1], nn.Parameter(torch.zeros(2, 2)))
+
+    model = Named()
+    assert sorted(n for n, _ in model.named_parameters()) == sorted(names)
+    groups = layer_decay_param_groups(model, lr=1.0, weight_decay=0.05, rate=0.8, num_layers=24)
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        assert group_of[id(param)]["lr"] == pytest.approx(names[name], rel=1e-12), name
+
+
+def test_layer_decay_groups_of_a_tiny_vit_detector() -> None:
+    """A tiny ViT as a detector's ``backbone`` (also inside a Co-DETR wrapper, ``detector.``
+    prefix): each block at the released rate, no weight decay on 1-d parameters and biases."""
+    rate, depth = 0.8, 3
+
+    class TinyDetector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.backbone = ViT(embed_dim=32, depth=depth, num_heads=2, window_size=0, pretrain_img_size=32)
+            self.neck = nn.Conv2d(32, 16, 1)
+            self.head = nn.Linear(16, 4)
+            self.frozen = nn.Linear(2, 2).requires_grad_(False)
+
+    for model, prefix in ((TinyDetector(), ""), (nn.Module(), "detector.")):
+        if prefix:
+            model.detector = TinyDetector()
+        cfg = TrainConfig(lr=1e-3, weight_decay=0.05, layer_decay=LayerDecayConfig(rate=rate, num_layers=depth))
+        optimizer = build_optimizer(model, cfg)
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        assert len(group_of) == len(trainable)  # each trainable parameter once, the frozen one left out
+        for full_name, param in trainable:
+            name = full_name.removeprefix(prefix)
+            group = group_of[id(param)]
+            if name.startswith("backbone.blocks."):
+                block = int(name.split(".")[2])
+                expected = rate ** (depth - block)
+            elif name.startswith(("backbone.patch_embed.", "backbone.pos_embed")):
+                expected = rate ** (depth + 1)
+            else:  # the final norm of the backbone, the neck, the head
+                expected = 1.0
+            assert group["lr"] == pytest.approx(1e-3 * expected, rel=1e-12), name
+            no_decay = param.ndim == 1 or name.endswith(".bias")
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        detector = model.detector if prefix else model
+        assert group_of[id(detector.backbone.pos_embed)]["weight_decay"] == 0.05  # as released (see layer_decay.py)
+
+    with pytest.raises(ValueError, match="needs a ViT backbone"):
+        build_optimizer(nn.Linear(2, 2), TrainConfig(layer_decay=LayerDecayConfig(rate=0.8)))
+    with pytest.raises(ValueError, match="num_layers is 2, but the backbone has backbone.blocks.2"):
+        build_optimizer(TinyDetector(), TrainConfig(layer_decay=LayerDecayConfig(rate=0.8, num_layers=2)))

@@ -42,6 +42,7 @@ from codetr.engine.checkpoint import (
 )
 from codetr.engine.ema import ExpMomentumEMA
 from codetr.engine.evaluator import METRIC_NAMES, evaluate
+from codetr.engine.layer_decay import layer_decay_param_groups
 from codetr.engine.plots import plot_training, read_metrics
 from codetr.engine.predictor import resolve_device
 from codetr.structures import Batch
@@ -198,7 +199,11 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg)
+    """AdamW over :func:`param_groups`, or over the layer-wise decay groups when ``cfg.layer_decay.rate`` is set."""
+    if cfg.layer_decay.rate is not None:
+        groups = layer_decay_param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay.rate, cfg.layer_decay.num_layers)
+    else:
+        groups = param_groups(model, cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters")
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
