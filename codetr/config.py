@@ -181,6 +181,11 @@ class TrainConfig:
     layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
     grad_clip: float = 0.1
     lr_steps: list[int] = field(default_factory=lambda: [11])  # epochs where lr is x0.1
+    # Linear warm-up, as mmcv's warmup="linear" (released ViT-L config: 500 iterations, ratio 0.01):
+    # before iteration i < warmup_iters (0-based) the learning rate is multiplied by
+    # 1 - (1 - i / warmup_iters) * (1 - warmup_ratio). 0: off.
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.1
     max_iters: int | None = None  # stop after this many iterations in all (tiny runs)
     eval_every: int = 1  # epochs
     seed: int = 42

@@ -242,3 +242,29 @@ def test_layer_decay_groups_of_a_tiny_vit_detector() -> None:
         build_optimizer(nn.Linear(2, 2), TrainConfig(layer_decay=LayerDecayConfig(rate=0.8)))
     with pytest.raises(ValueError, match="num_layers is 2, but the backbone has backbone.blocks.2"):
         build_optimizer(TinyDetector(), TrainConfig(layer_decay=LayerDecayConfig(rate=0.8, num_layers=2)))
+
+
+# ---------------------------------------------------------------------------- warm-up
+
+
+def test_linear_warmup_composed_with_the_step_schedule(coco: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """mmcv's linear warm-up: lr_i = lr * (1 - (1 - i / W) * (1 - ratio)) for iteration i < W
+    (0-based), times 0.1 from epoch lr_steps on; every group keeps its multiplier."""
+    used: list[list[float]] = []
+    real_step = Trainer.step
+
+    def recording_step(self: Trainer, batch: Batch) -> None:
+        real_step(self, batch)
+        used.append([g["lr"] for g in self.optimizer.param_groups])
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", recording_step)
+    cfg = tiny_config(coco, eval_every=0, lr=1e-2, lr_steps=[2], warmup_iters=5, warmup_ratio=0.01)
+    train(cfg, tmp_path / "run", build_model=FakeDetector)
+    # 3 epochs of 2 iterations: warm-up over iterations 0-4, lr x 0.1 in epoch 2 (iterations 4, 5)
+    expected = [1e-2 * (1 - (1 - i / 5) * (1 - 0.01)) * (0.1 if i >= 4 else 1.0) if i < 5 else 1e-3 for i in range(6)]
+    names = [g["name"] for g in build_optimizer(FakeDetector(cfg.model), cfg.train).param_groups]
+    assert names == ["backbone", "default"]
+    assert [lrs[1] for lrs in used] == pytest.approx(expected, rel=1e-12)
+    assert [lrs[0] for lrs in used] == pytest.approx([0.1 * lr for lr in expected], rel=1e-12)  # backbone x0.1
+    assert expected[0] == pytest.approx(1e-4) and expected[1] == pytest.approx(1e-2 * 0.208)

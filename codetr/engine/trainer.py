@@ -3,7 +3,7 @@
 Reproducibility: the order of training samples and the seed of each sample's augmentation
 are a pure function of ``(train.seed, epoch, position)`` (see :class:`TrainBatchSampler`), and
 each sample is loaded under its own torch seed without touching the main process' RNG. The
-checkpoint holds the model, optimizer, scheduler, position, the hooks' states (the EMA of the
+checkpoint holds the model, optimizer, position, the hooks' states (the EMA of the
 weights) and the python / numpy / torch / CUDA RNG states, so a resumed run (after a kill, or after stopping at ``train.max_iters``)
 continues with exactly the batches and random draws of an uninterrupted run.
 """
@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
@@ -206,7 +207,35 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         groups = param_groups(model, cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    for group in groups:
+        group["initial_lr"] = group["lr"]  # the base of the schedule (LrSchedule), as torch's schedulers
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class LrSchedule:
+    """mmcv's ``policy='step'`` with ``warmup='linear'``: the multiplier of each group's
+    ``initial_lr`` at a step, from the completed ``epoch`` and ``iteration`` before it:
+    ``gamma ** (number of steps <= epoch)``, times ``1 - (1 - iteration / warmup_iters) * (1 - warmup_ratio)``
+    during the first ``warmup_iters`` iterations (from ``warmup_ratio`` up towards 1).
+    """
+
+    steps: Sequence[int]
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.1
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.warmup_iters < 0:
+            raise ValueError(f"train.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if not 0.0 < self.warmup_ratio <= 1.0:
+            raise ValueError(f"train.warmup_ratio must be in (0, 1], got {self.warmup_ratio}")
+
+    def factor(self, epoch: int, iteration: int) -> float:
+        factor = self.gamma ** sum(epoch >= step for step in self.steps)
+        if iteration < self.warmup_iters:
+            factor *= 1 - (1 - iteration / self.warmup_iters) * (1 - self.warmup_ratio)
+        return factor
 
 
 class _LossForward(nn.Module):
@@ -260,7 +289,7 @@ class Trainer:
         detector: nn.Module,
         loss_module: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        schedule: LrSchedule,
         loader: DataLoader,
         sampler: TrainBatchSampler,
         device: torch.device,
@@ -270,7 +299,7 @@ class Trainer:
         hooks: list[Hook],
     ) -> None:
         self.detector, self.loss_module = detector, loss_module
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.optimizer, self.schedule = optimizer, schedule
         self.loader, self.sampler, self.device = loader, sampler, device
         self.epochs, self.max_iters, self.grad_clip = epochs, max_iters, grad_clip
         self.hooks = hooks
@@ -312,13 +341,15 @@ class Trainer:
             if self.iter_in_epoch == len(self.sampler):
                 self.epoch += 1
                 self.iter_in_epoch = 0
-                self.scheduler.step()
                 for hook in self.hooks:
                     hook.after_epoch(self)
         for hook in self.hooks:
             hook.after_train(self)
 
     def step(self, batch: Batch) -> None:
+        factor = self.schedule.factor(self.epoch, self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
         batch = batch.to(self.device)
         losses = self.loss_module(batch)
         total = sum(losses.values())
@@ -339,11 +370,10 @@ class Trainer:
         self.step_time, self._tick = now - self._tick, now
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, optimizer, scheduler, position, RNG."""
+        """Everything needed to continue exactly: weights, optimizer, position, RNG, hook states."""
         return {
             "model": self.detector.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "iter_in_epoch": self.iter_in_epoch,
             "iteration": self.iteration,
@@ -358,7 +388,6 @@ class Trainer:
                              f"epoch, but the data now gives {len(self.sampler)} (changed data or batch size?)")
         self.detector.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.iter_in_epoch = state["epoch"], state["iter_in_epoch"]
         self.iteration = state["iteration"]
         restore_rng_state(state["rng"])
@@ -601,7 +630,7 @@ def train(
             "norm, i.e. no normalisation at all; to train it from scratch set model.backbone.norm=group_norm")
     detector = build_model(cfg.model).to(device)
     optimizer = build_optimizer(detector, cfg.train)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.train.lr_steps), gamma=0.1)
+    schedule = LrSchedule(cfg.train.lr_steps, cfg.train.warmup_iters, cfg.train.warmup_ratio)
     loss_module: nn.Module = _LossForward(detector)
     if dist.is_distributed():
         loss_module = DistributedDataParallel(
@@ -622,7 +651,7 @@ def train(
     hooks += [LoggerHook(metrics, cfg.train.log_every), CheckpointHook(ckpt_path, extra), eval_hook,
               PlotHook(metrics, out / PLOT_NAME)] if main else [eval_hook]
 
-    trainer = Trainer(detector, loss_module, optimizer, scheduler, loader, sampler, device,
+    trainer = Trainer(detector, loss_module, optimizer, schedule, loader, sampler, device,
                       cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks)
     if resume:
         state = load_checkpoint(ckpt_path)
