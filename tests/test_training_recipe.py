@@ -13,12 +13,17 @@ from torch import nn
 from codetr.engine import train
 from codetr.engine import trainer as trainer_module
 from codetr.engine.checkpoint import load_checkpoint
-from codetr.config import LayerDecayConfig, TrainConfig
+from codetr.config import LayerDecayConfig, TrainConfig, load_config
+from codetr.data import collate
+from codetr.engine.amp import keep_float32
 from codetr.engine.ema import ExpMomentumEMA
 from codetr.engine.layer_decay import layer_decay_param_groups
-from codetr.engine.trainer import Trainer, build_optimizer
+from codetr.engine.trainer import LrSchedule, Trainer, build_optimizer
+from codetr.models.build import build_model
+from codetr.models.heads.detr_loss import DetrCriterion
+from codetr.models.transformer import deformable_attention
 from codetr.models.vit import ViT
-from codetr.structures import Batch
+from codetr.structures import Batch, Target
 from test_engine import FakeDetector, safetensors_of, tiny_config, write_coco
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,6 +147,8 @@ def test_training_with_ema_evaluates_and_saves_the_average(coco: Path, tmp_path:
 
 RECIPES = {
     "ema": dict(ema=True, ema_momentum=0.3, ema_total_iter=3),
+    "fp16": dict(amp="fp16"),
+    "all": dict(ema=True, ema_momentum=0.3, ema_total_iter=3, warmup_iters=4, warmup_ratio=0.01, amp="bf16"),
 }
 
 
@@ -156,6 +163,8 @@ def test_resume_is_exact_with_the_recipe(recipe: str, coco: Path, tmp_path: Path
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert straight["iteration"] == resumed["iteration"] == 6
+    if settings.get("amp") == "fp16":  # the loss scale of the gradient scaler is checkpointed too
+        assert straight["grad_scaler"]["scale"] == resumed["grad_scaler"]["scale"] > 0
     for part in ("model", "hooks"):
         flat_a, flat_b = _flatten(straight[part]), _flatten(resumed[part])
         assert flat_a.keys() == flat_b.keys()
@@ -268,3 +277,54 @@ def test_linear_warmup_composed_with_the_step_schedule(coco: Path, tmp_path: Pat
     assert [lrs[1] for lrs in used] == pytest.approx(expected, rel=1e-12)
     assert [lrs[0] for lrs in used] == pytest.approx([0.1 * lr for lr in expected], rel=1e-12)  # backbone x0.1
     assert expected[0] == pytest.approx(1e-4) and expected[1] == pytest.approx(1e-2 * 0.208)
+
+
+# --------------------------------------------------------------------- mixed precision
+
+
+def test_bf16_autocast_trains_a_tiny_co_deformable_detr_with_float32_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Autocast is on in the transformer's layers; the deformable attention, the DETR losses and
+    the auxiliary heads see float32; on a repeated batch the loss is finite and goes down."""
+    cfg = load_config("co_deformable_detr_tiny", [
+        "model.num_classes=3", "model.transformer.enc_layers=1", "model.transformer.dec_layers=2",
+        "model.transformer.num_queries=20", "model.co.max_pos_queries=20",
+        "model.backbone.frozen_stages=4",  # bfloat16 convolution gradients are slow on CPUs
+        "train.lr=5e-4"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    assert keep_float32(model) == 1 + 2 + 1 + 2  # deformable attention x 3 layers, criterion, ATSS, Faster R-CNN
+
+    dtypes: dict[str, set[torch.dtype]] = {"deform_attn": set(), "detr_loss": set(), "ffn": set(), "atss": set()}
+    real_attn = deformable_attention.multi_scale_deformable_attn
+
+    def recording_attn(value: torch.Tensor, shapes: list, locations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        dtypes["deform_attn"] |= {value.dtype, locations.dtype, weights.dtype}
+        return real_attn(value, shapes, locations, weights)
+
+    real_layer_loss = DetrCriterion.layer_loss
+
+    def recording_layer_loss(self: DetrCriterion, logits: torch.Tensor, boxes: torch.Tensor, *args: object) -> dict:
+        dtypes["detr_loss"] |= {logits.dtype, boxes.dtype}
+        return real_layer_loss(self, logits, boxes, *args)
+
+    monkeypatch.setattr(deformable_attention, "multi_scale_deformable_attn", recording_attn)
+    monkeypatch.setattr(DetrCriterion, "layer_loss", recording_layer_loss)
+    model.detector.encoder.layers[0].ffn[0].register_forward_hook(lambda m, i, out: dtypes["ffn"].add(out.dtype))
+    atss = model.aux_heads[list(cfg.model.co.aux_heads).index("atss")]
+    atss.register_forward_hook(lambda m, i, out: dtypes["atss"].update(t.dtype for t in out[:3]))
+
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    targets = [Target(torch.tensor([[2.0, 3.0, 20.0, 18.0], [12.0, 8.0, 30.0, 30.0]]), torch.tensor([0, 2])),
+               Target(torch.tensor([[4.0, 4.0, 28.0, 24.0]]), torch.tensor([1]))]
+    batch = collate(list(zip(images, targets)))
+    trainer = Trainer(model, trainer_module._LossForward(model), build_optimizer(model, cfg.train), LrSchedule([]),
+                      loader=None, sampler=None, device=torch.device("cpu"), epochs=1, max_iters=None,  # type: ignore[arg-type]
+                      grad_clip=0.1, hooks=[], amp=torch.bfloat16)
+    losses = []
+    for _ in range(4):
+        trainer.step(batch)
+        losses.append(trainer.loss)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 1.0, losses
+    assert dtypes == {"deform_attn": {torch.float32}, "detr_loss": {torch.float32}, "ffn": {torch.bfloat16},
+                      "atss": {torch.float32}}
+    assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from codetr.config import Config, ModelConfig, TrainConfig, config_to_dict, save_config
 from codetr.data import build_dataloader, build_dataset, collate
 from codetr.engine import distributed as dist
+from codetr.engine.amp import amp_dtype, keep_float32
 from codetr.engine.checkpoint import (
     CHECKPOINT_VERSION,
     atomic_save,
@@ -297,12 +298,16 @@ class Trainer:
         max_iters: int | None,
         grad_clip: float | None,
         hooks: list[Hook],
+        amp: torch.dtype | None = None,
     ) -> None:
         self.detector, self.loss_module = detector, loss_module
         self.optimizer, self.schedule = optimizer, schedule
         self.loader, self.sampler, self.device = loader, sampler, device
         self.epochs, self.max_iters, self.grad_clip = epochs, max_iters, grad_clip
         self.hooks = hooks
+        self.amp = amp
+        # fp16 gradients underflow without loss scaling; a disabled scaler is a plain optimizer step
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         self.epoch = self.iter_in_epoch = self.iteration = 0
         self.losses: dict[str, float] = {}
         self.loss = 0.0
@@ -351,17 +356,20 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
         batch = batch.to(self.device)
-        losses = self.loss_module(batch)
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            losses = self.loss_module(batch)
         total = sum(losses.values())
         if not torch.isfinite(total):
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             raise FloatingPointError(f"loss is not finite at iteration {self.iteration + 1}: {terms}")
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        self.scaler.scale(total).backward()
         if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.iteration += 1
         self.iter_in_epoch += 1
         self.losses = {k: v.item() for k, v in losses.items()}
@@ -380,6 +388,7 @@ class Trainer:
             "batches_per_epoch": len(self.sampler),
             "rng": capture_rng_state(),
             "hooks": {type(h).__name__: s for h in self.hooks if (s := h.state_dict()) is not None},
+            "grad_scaler": self.scaler.state_dict(),  # empty unless fp16
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -391,6 +400,8 @@ class Trainer:
         self.epoch, self.iter_in_epoch = state["epoch"], state["iter_in_epoch"]
         self.iteration = state["iteration"]
         restore_rng_state(state["rng"])
+        if self.scaler.is_enabled() and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
         saved = state.get("hooks", {})
         for hook in self.hooks:
             if type(hook).__name__ in saved:
@@ -629,6 +640,10 @@ def train(
         log("warning: the backbone starts from random weights (model.backbone.weights: null) with frozen batch "
             "norm, i.e. no normalisation at all; to train it from scratch set model.backbone.norm=group_norm")
     detector = build_model(cfg.model).to(device)
+    amp = amp_dtype(cfg.train.amp)
+    if amp is not None:
+        kept = keep_float32(detector)
+        log(f"mixed precision {cfg.train.amp}: {kept} modules (deformable attention, losses, auxiliary heads) kept in float32")
     optimizer = build_optimizer(detector, cfg.train)
     schedule = LrSchedule(cfg.train.lr_steps, cfg.train.warmup_iters, cfg.train.warmup_ratio)
     loss_module: nn.Module = _LossForward(detector)
@@ -652,7 +667,7 @@ def train(
               PlotHook(metrics, out / PLOT_NAME)] if main else [eval_hook]
 
     trainer = Trainer(detector, loss_module, optimizer, schedule, loader, sampler, device,
-                      cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks)
+                      cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks, amp)
     if resume:
         state = load_checkpoint(ckpt_path)
         changed = _changed_keys(state["config"]["model"], extra["config"]["model"], "model")
