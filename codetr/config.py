@@ -195,6 +195,10 @@ class TrainConfig:
     # config: momentum 1e-4, total_iter 2000, interval 1): after step i (0-based), every ema_interval
     # steps, average = (1 - m) * average + m * weights, m = (1 - ema_momentum) * exp(-(1 + i) /
     # ema_total_iter) + ema_momentum. When on, evaluation and model.safetensors use the average.
+    # Gradient accumulation: an iteration (optimizer step) runs `accumulate` micro-batches of
+    # data.batch_size images per process; epochs, lr_steps, warmup_iters, max_iters, log_every and
+    # the EMA count iterations, as with a batch `accumulate` times larger.
+    accumulate: int = 1
     # Mixed precision: "bf16" (CPU or GPU), "fp16" (GPU; with gradient scaling) or null (float32).
     # torch.autocast over the training forward; the deformable attention, the matching, the losses and
     # the auxiliary heads' training step stay in float32 (codetr/engine/amp.py). Evaluation runs in float32.

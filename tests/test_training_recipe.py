@@ -3,6 +3,7 @@ accumulation, TensorBoard."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -13,12 +14,12 @@ from torch import nn
 from codetr.engine import train
 from codetr.engine import trainer as trainer_module
 from codetr.engine.checkpoint import load_checkpoint
-from codetr.config import LayerDecayConfig, TrainConfig, load_config
+from codetr.config import Config, LayerDecayConfig, ModelConfig, TrainConfig, load_config
 from codetr.data import collate
 from codetr.engine.amp import keep_float32
 from codetr.engine.ema import ExpMomentumEMA
 from codetr.engine.layer_decay import layer_decay_param_groups
-from codetr.engine.trainer import LrSchedule, Trainer, build_optimizer
+from codetr.engine.trainer import LrSchedule, Trainer, build_optimizer, micro_batches
 from codetr.models.build import build_model
 from codetr.models.heads.detr_loss import DetrCriterion
 from codetr.models.transformer import deformable_attention
@@ -111,10 +112,10 @@ def test_training_with_ema_evaluates_and_saves_the_average(coco: Path, tmp_path:
     after_steps: list[dict[str, torch.Tensor]] = []
     real_step = Trainer.step
 
-    def recording_step(self: Trainer, batch: Batch) -> None:
+    def recording_step(self: Trainer, batches: list[Batch]) -> None:
         if not after_steps:
             after_steps.append({k: v.clone() for k, v in self.detector.state_dict().items()})
-        real_step(self, batch)
+        real_step(self, batches)
         after_steps.append({k: v.clone() for k, v in self.detector.state_dict().items()})
 
     evaluated: list[torch.Tensor] = []
@@ -148,8 +149,16 @@ def test_training_with_ema_evaluates_and_saves_the_average(coco: Path, tmp_path:
 RECIPES = {
     "ema": dict(ema=True, ema_momentum=0.3, ema_total_iter=3),
     "fp16": dict(amp="fp16"),
-    "all": dict(ema=True, ema_momentum=0.3, ema_total_iter=3, warmup_iters=4, warmup_ratio=0.01, amp="bf16"),
+    "accumulate": dict(accumulate=2),  # with data.batch_size 1: iterations of 2 images, as the others
+    "all": dict(ema=True, ema_momentum=0.3, ema_total_iter=3, warmup_iters=4, warmup_ratio=0.01, amp="bf16",
+                accumulate=2),
 }
+
+
+def recipe_config(root: Path, settings: dict, **train_settings: object) -> Config:
+    cfg = tiny_config(root, eval_every=0, **settings, **train_settings)
+    cfg.data.batch_size = 2 // cfg.train.accumulate
+    return cfg
 
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
@@ -157,9 +166,9 @@ def test_resume_is_exact_with_the_recipe(recipe: str, coco: Path, tmp_path: Path
     """Stopped mid-epoch by max_iters and resumed: the same final weights, averages and losses
     as an uninterrupted run."""
     settings = RECIPES[recipe]
-    train(tiny_config(coco, eval_every=0, **settings), tmp_path / "straight", build_model=FakeDetector)
-    train(tiny_config(coco, eval_every=0, max_iters=3, **settings), tmp_path / "resumed", build_model=FakeDetector)
-    train(tiny_config(coco, eval_every=0, **settings), tmp_path / "resumed", resume=True, build_model=FakeDetector)
+    train(recipe_config(coco, settings), tmp_path / "straight", build_model=FakeDetector)
+    train(recipe_config(coco, settings, max_iters=3), tmp_path / "resumed", build_model=FakeDetector)
+    train(recipe_config(coco, settings), tmp_path / "resumed", resume=True, build_model=FakeDetector)
     straight = load_checkpoint(tmp_path / "straight" / "last.pt")
     resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
     assert straight["iteration"] == resumed["iteration"] == 6
@@ -263,8 +272,8 @@ def test_linear_warmup_composed_with_the_step_schedule(coco: Path, tmp_path: Pat
     used: list[list[float]] = []
     real_step = Trainer.step
 
-    def recording_step(self: Trainer, batch: Batch) -> None:
-        real_step(self, batch)
+    def recording_step(self: Trainer, batches: list[Batch]) -> None:
+        real_step(self, batches)
         used.append([g["lr"] for g in self.optimizer.param_groups])
 
     monkeypatch.setattr(trainer_module.Trainer, "step", recording_step)
@@ -322,9 +331,53 @@ def test_bf16_autocast_trains_a_tiny_co_deformable_detr_with_float32_boundaries(
                       grad_clip=0.1, hooks=[], amp=torch.bfloat16)
     losses = []
     for _ in range(4):
-        trainer.step(batch)
+        trainer.step([batch])
         losses.append(trainer.loss)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 1.0, losses
     assert dtypes == {"deform_attn": {torch.float32}, "detr_loss": {torch.float32}, "ffn": {torch.bfloat16},
                       "atss": {torch.float32}}
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ---------------------------------------------------------------- gradient accumulation
+
+
+class DeterministicDetector(FakeDetector):
+    """FakeDetector without dropout: its losses are means over the images, and its random box
+    jitter is drawn image after image, the same in micro-batches as in one batch."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.dropout = nn.Identity()
+
+
+@pytest.mark.parametrize("num_images", [4, 3])
+def test_accumulated_micro_batches_make_the_step_of_one_batch(num_images: int) -> None:
+    """Micro-batches of 2 images (the last of 1 when 3 images) give the gradients, the step and
+    the logged losses of one batch of all the images."""
+    generator = torch.Generator().manual_seed(0)
+    samples = [(torch.randn(3, 32, 32, generator=generator),
+                Target(torch.tensor([[2.0, 4.0, 20.0 + i, 30.0]])[:i % 3], torch.tensor([i % 3])[:i % 3]))
+               for i in range(num_images)]
+    torch.manual_seed(0)
+    model = DeterministicDetector(ModelConfig(num_classes=3))
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(lr=1e-2, lr_mult={"backbone": 0.1}, grad_clip=1.0)
+
+    def one_step(detector: nn.Module, batches: list[Batch]) -> Trainer:
+        trainer = Trainer(detector, trainer_module._LossForward(detector), build_optimizer(detector, cfg), LrSchedule([]),
+                          loader=None, sampler=None, device=torch.device("cpu"), epochs=1, max_iters=None,  # type: ignore[arg-type]
+                          grad_clip=cfg.grad_clip, hooks=[])
+        torch.manual_seed(5)
+        trainer.step(batches)
+        return trainer
+
+    micro = micro_batches(samples, 2)
+    assert [len(b.targets) for b in micro] == [2, num_images - 2]
+    accumulated, whole = one_step(model, micro), one_step(twin, micro_batches(samples, num_images))
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+    assert accumulated.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert accumulated.losses == pytest.approx(whole.losses, rel=1e-6)

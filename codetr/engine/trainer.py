@@ -11,6 +11,7 @@ continues with exactly the batches and random draws of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -169,12 +170,20 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-def train_loader(dataset: Dataset, sampler: TrainBatchSampler, num_workers: int, seed: int) -> DataLoader:
-    """The training DataLoader: batches from ``sampler``, each sample under its own seed.
+def micro_batches(samples: Sequence[Any], size: int) -> list[Batch]:
+    """The samples of one iteration, collated in consecutive micro-batches of ``size`` (the last may be smaller)."""
+    return [collate(samples[i:i + size]) for i in range(0, len(samples), size)]
+
+
+def train_loader(dataset: Dataset, sampler: TrainBatchSampler, num_workers: int, seed: int,
+                 micro_batch_size: int | None = None) -> DataLoader:
+    """The training DataLoader: batches from ``sampler``, each sample under its own seed, each
+    batch as a list of micro-batches of ``micro_batch_size`` samples (None: one micro-batch).
 
     The loader has its own generator, so iterating it never draws from the global torch RNG.
     """
-    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+    collate_fn = functools.partial(micro_batches, size=micro_batch_size or sampler.batch_size)
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
@@ -351,19 +360,37 @@ class Trainer:
         for hook in self.hooks:
             hook.after_train(self)
 
-    def step(self, batch: Batch) -> None:
+    def step(self, batches: list[Batch]) -> None:
+        """One optimizer step over the micro-batches of an iteration (``train.accumulate`` of them).
+
+        Each micro-batch's losses are weighted by its share of the iteration's images before its
+        backward pass, so the accumulated gradient is that of one batch of all the images for losses
+        that are means over images (the DETR losses are normalised by each micro-batch's own number
+        of boxes, which makes them an approximation there). Logged losses are weighted the same way.
+        """
         factor = self.schedule.factor(self.epoch, self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-            losses = self.loss_module(batch)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise FloatingPointError(f"loss is not finite at iteration {self.iteration + 1}: {terms}")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(total).backward()
+        num_images = sum(len(b.targets) for b in batches)
+        self.losses, self.loss = {}, 0.0
+        for index, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            share = len(batch.targets) / num_images
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if index < len(batches) - 1 and isinstance(self.loss_module, DistributedDataParallel):
+                sync = self.loss_module.no_sync()  # gradients are averaged across processes after the last one only
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    losses = self.loss_module(batch)
+                total = sum(losses.values())
+                if not torch.isfinite(total):
+                    terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                    raise FloatingPointError(f"loss is not finite at iteration {self.iteration + 1}: {terms}")
+                self.scaler.scale(total * share).backward()
+            for key, value in losses.items():
+                self.losses[key] = self.losses.get(key, 0.0) + value.item() * share
+            self.loss += total.item() * share
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -372,8 +399,6 @@ class Trainer:
         self.scaler.update()
         self.iteration += 1
         self.iter_in_epoch += 1
-        self.losses = {k: v.item() for k, v in losses.items()}
-        self.loss = total.item()
         now = time.perf_counter()
         self.step_time, self._tick = now - self._tick, now
 
@@ -652,9 +677,12 @@ def train(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     groups = train_set.aspect_ratio_groups() if cfg.data.group_by_aspect_ratio else None
-    sampler = TrainBatchSampler(len(train_set), cfg.data.batch_size, cfg.train.seed, dist.rank(), dist.world_size(),
-                                groups)
-    loader = train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed)
+    if cfg.train.accumulate < 1:
+        raise ValueError(f"train.accumulate must be >= 1, got {cfg.train.accumulate}")
+    # an iteration (optimizer step) takes accumulate micro-batches of data.batch_size images per process
+    sampler = TrainBatchSampler(len(train_set), cfg.data.batch_size * cfg.train.accumulate, cfg.train.seed,
+                                dist.rank(), dist.world_size(), groups)
+    loader = train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed, cfg.data.batch_size)
 
     metrics = MetricsFile(out / METRICS_NAME)
     names, ids = list(train_set.class_names), [int(i) for i in train_set.category_ids]
