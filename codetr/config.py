@@ -191,6 +191,11 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"
     log_every: int = 10
+    # TensorBoard event files in <out>/tensorboard (needs the tensorboard package): loss terms and
+    # learning rate every log_every iterations; after each evaluation the COCO metrics and the first
+    # tensorboard_images validation images with their detections drawn.
+    tensorboard: bool = False
+    tensorboard_images: int = 4
     # Exponential moving average of the weights, as mmdet's ExpMomentumEMAHook (released ViT-L COCO
     # config: momentum 1e-4, total_iter 2000, interval 1): after step i (0-based), every ema_interval
     # steps, average = (1 - m) * average + m * weights, m = (1 - ema_momentum) * exp(-(1 + i) /

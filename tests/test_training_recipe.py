@@ -4,11 +4,15 @@ accumulation, TensorBoard."""
 from __future__ import annotations
 
 import copy
+import io
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from codetr.engine import train
@@ -151,7 +155,7 @@ RECIPES = {
     "fp16": dict(amp="fp16"),
     "accumulate": dict(accumulate=2),  # with data.batch_size 1: iterations of 2 images, as the others
     "all": dict(ema=True, ema_momentum=0.3, ema_total_iter=3, warmup_iters=4, warmup_ratio=0.01, amp="bf16",
-                accumulate=2),
+                accumulate=2, tensorboard=True),
 }
 
 
@@ -381,3 +385,40 @@ def test_accumulated_micro_batches_make_the_step_of_one_batch(num_images: int) -
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
     assert accumulated.loss == pytest.approx(whole.loss, rel=1e-6)
     assert accumulated.losses == pytest.approx(whole.losses, rel=1e-6)
+
+
+# ------------------------------------------------------------------------- TensorBoard
+
+
+def read_events(log_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, bytes]]]]:
+    """Scalars (step, value) and images (step, PNG bytes) per tag, as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    images = {tag: [(e.step, e.encoded_image_string) for e in events.Images(tag)] for tag in events.Tags()["images"]}
+    return scalars, images
+
+
+def test_tensorboard_holds_losses_lr_metrics_and_drawn_predictions(coco: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    train(tiny_config(coco, tensorboard=True, tensorboard_images=1, max_iters=3), out, build_model=FakeDetector)
+    train(tiny_config(coco, tensorboard=True, tensorboard_images=1), out, resume=True, build_model=FakeDetector)
+    scalars, images = read_events(out / "tensorboard")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    # every step once, also across the resume (log_every 1), with the values of metrics.jsonl
+    assert scalars["loss/total"] == [(r["iter"], pytest.approx(r["loss"], rel=1e-6)) for r in steps]
+    assert scalars["train/lr"] == [(r["iter"], pytest.approx(r["lr"], rel=1e-6)) for r in steps]
+    assert scalars["loss/loss_cls"] == [(r["iter"], pytest.approx(r["losses"]["loss_cls"], rel=1e-6)) for r in steps]
+    assert [s for s, _ in scalars["loss/total"]] == [1, 2, 3, 4, 5, 6]
+    for metric in ("AP", "AP50", "APs"):
+        assert scalars[f"val/{metric}"] == [(r["iter"], pytest.approx(r[metric], rel=1e-6)) for r in evals]
+    assert [r["iter"] for r in evals] == [2, 3, 4, 6]  # each epoch, and where the first run stopped
+    assert list(images) == ["val/image_0"] and [step for step, _ in images["val/image_0"]] == [2, 3, 4, 6]
+    drawn = np.asarray(Image.open(io.BytesIO(images["val/image_0"][-1][1])).convert("RGB"))
+    raw = np.asarray(Image.open(coco / "val" / "0001.png").convert("RGB"))
+    assert drawn.shape == raw.shape and (drawn != raw).any(2).sum() > 50  # the image, with boxes drawn on it

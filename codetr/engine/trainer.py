@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from codetr.config import Config, ModelConfig, TrainConfig, config_to_dict, save_config
@@ -44,16 +45,17 @@ from codetr.engine.checkpoint import (
     save_inference_weights,
 )
 from codetr.engine.ema import ExpMomentumEMA
-from codetr.engine.evaluator import METRIC_NAMES, evaluate
+from codetr.engine.evaluator import METRIC_NAMES, detection_records, evaluate
 from codetr.engine.layer_decay import layer_decay_param_groups
 from codetr.engine.plots import plot_training, read_metrics
-from codetr.engine.predictor import resolve_device
-from codetr.structures import Batch
+from codetr.engine.predictor import LoadedModel, draw_detections, resolve_device
+from codetr.structures import Batch, Detections
 
 CHECKPOINT_NAME = "last.pt"
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "training.png"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def log(message: str) -> None:
@@ -560,6 +562,7 @@ class EvalHook(Hook):
         self.dataset, self.loader, self.every = dataset, loader, every
         self.metrics, self.write = metrics, write
         self.latest: dict[str, float] = {}
+        self.runs = 0  # evaluations run by this hook (not counting results reused on resume)
         self._evaluated_at = -1
 
     def before_train(self, trainer: Trainer) -> None:
@@ -589,6 +592,7 @@ class EvalHook(Hook):
         with preserved_rng(), trainer.evaluation_weights():
             self.latest = evaluate(trainer.detector, self.dataset, self.loader)
         self._evaluated_at = trainer.iteration
+        self.runs += 1
         if self.write:
             self.metrics.append({"type": "eval", "iter": trainer.iteration, "epoch": trainer.epoch, **self.latest})
             log("eval " + " ".join(f"{k} {self.latest[k]:.2f}" for k in METRIC_NAMES))
@@ -605,6 +609,73 @@ class PlotHook(Hook):
 
     def after_train(self, trainer: Trainer) -> None:
         plot_training(self.metrics.path, self.png)
+
+
+class TensorBoardHook(Hook):
+    """TensorBoard event files in ``log_dir``: every ``every`` steps the loss terms
+    (``loss/<term>``, ``loss/total``) and the learning rate (``train/lr``); after each evaluation
+    the COCO metrics (``val/AP``, ...) and the first ``num_images`` validation images with the
+    detections scoring at least ``score_thr`` drawn (``val/image_<i>``), by the evaluated weights
+    (the EMA when on). A resumed run hides the events logged after its checkpoint (purge_step).
+    """
+
+    def __init__(self, log_dir: Path, every: int, eval_hook: EvalHook, cfg: Config, class_names: list[str],
+                 category_ids: list[int], num_images: int, score_thr: float = 0.3) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError("train.tensorboard needs the tensorboard package: pip install tensorboard") from err
+        self._writer_class = SummaryWriter
+        self.log_dir, self.every, self.eval_hook, self.cfg = log_dir, max(1, every), eval_hook, cfg
+        self.class_names, self.category_ids = class_names, category_ids
+        self.num_images, self.score_thr = num_images, score_thr
+        self.writer: Any = None
+        self._logged_runs = 0
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.writer = self._writer_class(str(self.log_dir), purge_step=trainer.iteration + 1 if trainer.iteration else None)
+        self._log_evaluation(trainer)  # one run on resume, before the first step
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.iteration % self.every == 0:
+            for key, value in {**trainer.losses, "total": trainer.loss}.items():
+                self.writer.add_scalar(f"loss/{key}", value, trainer.iteration)
+            self.writer.add_scalar("train/lr", trainer.lr, trainer.iteration)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self._log_evaluation(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self._log_evaluation(trainer)
+        self.writer.close()
+
+    def _log_evaluation(self, trainer: Trainer) -> None:
+        if self.eval_hook.runs == self._logged_runs:
+            return
+        self._logged_runs = self.eval_hook.runs
+        for key, value in self.eval_hook.latest.items():
+            self.writer.add_scalar(f"val/{key}", value, trainer.iteration)
+        self._draw_predictions(trainer)
+        self.writer.flush()
+
+    @torch.no_grad()
+    def _draw_predictions(self, trainer: Trainer) -> None:
+        dataset = self.eval_hook.dataset
+        model = LoadedModel(trainer.detector, self.cfg, self.class_names, self.category_ids)
+        was_training = trainer.detector.training
+        trainer.detector.eval()
+        try:
+            with preserved_rng(), trainer.evaluation_weights():
+                for index in range(min(self.num_images, len(dataset))):
+                    image = dataset.load_image(index)
+                    det = model.detect(pil_to_tensor(image))
+                    keep = det.scores >= self.score_thr
+                    records = detection_records(Detections(det.boxes[keep], det.scores[keep], det.labels[keep]), 0,
+                                                self.category_ids)
+                    drawn = draw_detections(image, records, self.class_names, self.category_ids)
+                    self.writer.add_image(f"val/image_{index}", np.asarray(drawn), trainer.iteration, dataformats="HWC")
+        finally:
+            trainer.detector.train(was_training)
 
 
 # ---------------------------------------------------------------------------------- train
@@ -693,6 +764,9 @@ def train(
                          ] if cfg.train.ema else []
     hooks += [LoggerHook(metrics, cfg.train.log_every), CheckpointHook(ckpt_path, extra), eval_hook,
               PlotHook(metrics, out / PLOT_NAME)] if main else [eval_hook]
+    if main and cfg.train.tensorboard:
+        hooks.append(TensorBoardHook(out / TENSORBOARD_DIR, cfg.train.log_every, eval_hook, cfg, names, ids,
+                                     cfg.train.tensorboard_images))
 
     trainer = Trainer(detector, loss_module, optimizer, schedule, loader, sampler, device,
                       cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks, amp)
