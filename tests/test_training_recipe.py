@@ -7,6 +7,7 @@ import copy
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -415,6 +416,7 @@ def test_tensorboard_holds_losses_lr_metrics_and_drawn_predictions(coco: Path, t
     assert scalars["train/lr"] == [(r["iter"], pytest.approx(r["lr"], rel=1e-6)) for r in steps]
     assert scalars["loss/loss_cls"] == [(r["iter"], pytest.approx(r["losses"]["loss_cls"], rel=1e-6)) for r in steps]
     assert [s for s, _ in scalars["loss/total"]] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, v in scalars["train/images_per_s"] if v > 0] == [1, 2, 3, 4, 5, 6]
     for metric in ("AP", "AP50", "APs"):
         assert scalars[f"val/{metric}"] == [(r["iter"], pytest.approx(r[metric], rel=1e-6)) for r in evals]
     assert [r["iter"] for r in evals] == [2, 3, 4, 6]  # each epoch, and where the first run stopped
@@ -422,3 +424,23 @@ def test_tensorboard_holds_losses_lr_metrics_and_drawn_predictions(coco: Path, t
     drawn = np.asarray(Image.open(io.BytesIO(images["val/image_0"][-1][1])).convert("RGB"))
     raw = np.asarray(Image.open(coco / "val" / "0001.png").convert("RGB"))
     assert drawn.shape == raw.shape and (drawn != raw).any(2).sum() > 50  # the image, with boxes drawn on it
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def test_log_lines_show_iteration_losses_lr_throughput_and_eta(coco: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    train(tiny_config(coco, eval_every=0, log_every=2, accumulate=2), tmp_path / "run", build_model=FakeDetector)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    pattern = (r"epoch (\d)/3 iter (\d)/6 lr (\S+) loss (\S+) \(loss_bbox \S+ loss_cls \S+\) "
+               r"(\S+) s/it (\S+) img/s eta 0:00:0\d")
+    parsed = [re.fullmatch(pattern, line) for line in lines]
+    # 4 images per iteration (2 x 2); each orientation group padded to 4: 2 iterations per epoch
+    assert len(lines) == 3 and all(parsed), lines
+    for match, record in zip(parsed, [r for r in records if r["type"] == "train"]):
+        assert int(match[2]) == record["iter"] and float(match[3]) == pytest.approx(record["lr"], rel=1e-2)
+        assert float(match[4]) == pytest.approx(record["loss"], abs=1e-4)
+        # images per second over the logged steps: 4 images per step
+        assert float(match[6]) == pytest.approx(4 / record["time"], rel=0.05, abs=0.1)

@@ -292,7 +292,8 @@ class Trainer:
 
     State: ``epoch`` (completed epochs), ``iter_in_epoch`` (steps done in the current epoch)
     and ``iteration`` (steps done in all). After a step, ``losses`` holds the loss terms as
-    floats, ``loss`` their sum and ``step_time`` the seconds since the previous step.
+    floats, ``loss`` their sum, ``step_time`` the seconds since the previous step and
+    ``step_images`` the number of images of the step in all processes.
     Hooks with a state (:meth:`Hook.state_dict`) are checkpointed with the trainer.
     """
 
@@ -323,6 +324,7 @@ class Trainer:
         self.losses: dict[str, float] = {}
         self.loss = 0.0
         self.step_time = 0.0
+        self.step_images = 0
         self._tick = time.perf_counter()
 
     @property
@@ -401,6 +403,7 @@ class Trainer:
         self.scaler.update()
         self.iteration += 1
         self.iter_in_epoch += 1
+        self.step_images = num_images * dist.world_size()  # each process takes as many images
         now = time.perf_counter()
         self.step_time, self._tick = now - self._tick, now
 
@@ -459,12 +462,14 @@ class MetricsFile:
 
 
 class LoggerHook(Hook):
-    """Progress bar, plus every ``every`` steps a metrics record and a log line with the means
-    of the loss terms, learning rate and seconds per iteration over those steps."""
+    """Progress bar (iterations, iterations per second and time left, with the loss, learning
+    rate and epoch), plus every ``every`` steps a metrics record and a log line with the means of
+    the loss terms, learning rate, seconds per iteration, images per second (all processes) and
+    the time left over those steps."""
 
     def __init__(self, metrics: MetricsFile, every: int) -> None:
         self.metrics, self.every = metrics, max(1, every)
-        self._window: list[tuple[float, dict[str, float], float]] = []
+        self._window: list[tuple[float, dict[str, float], float, int]] = []
         self._bar: tqdm | None = None
 
     def before_train(self, trainer: Trainer) -> None:
@@ -473,9 +478,9 @@ class LoggerHook(Hook):
                          dynamic_ncols=True, disable=None)
 
     def after_step(self, trainer: Trainer) -> None:
-        self._window.append((trainer.loss, trainer.losses, trainer.step_time))
+        self._window.append((trainer.loss, trainer.losses, trainer.step_time, trainer.step_images))
         assert self._bar is not None
-        self._bar.set_postfix(loss=f"{trainer.loss:.4f}", epoch=trainer.epoch + 1, refresh=False)
+        self._bar.set_postfix(loss=f"{trainer.loss:.4f}", lr=f"{trainer.lr:.2e}", epoch=trainer.epoch + 1, refresh=False)
         self._bar.update(1)
         if trainer.iteration % self.every == 0:
             self._flush(trainer)
@@ -491,6 +496,7 @@ class LoggerHook(Hook):
         loss = sum(w[0] for w in self._window) / n
         terms = {k: sum(w[1][k] for w in self._window) / n for k in self._window[-1][1]}
         seconds = sum(w[2] for w in self._window) / n
+        throughput = sum(w[3] for w in self._window) / max(n * seconds, 1e-9)
         self._window.clear()
         epoch = trainer.epoch + (trainer.iter_in_epoch > 0)  # 1-based epoch of the last step
         self.metrics.append({"type": "train", "iter": trainer.iteration, "epoch": epoch, "lr": trainer.lr,
@@ -498,7 +504,7 @@ class LoggerHook(Hook):
         shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k.startswith("loss_"))
         eta = timedelta(seconds=round(seconds * (trainer.total_iters - trainer.iteration)))
         log(f"epoch {epoch}/{trainer.epochs} iter {trainer.iteration}/{trainer.total_iters} "
-            f"lr {trainer.lr:.2e} loss {loss:.4f} ({shown}) {seconds:.3f} s/it eta {eta}")
+            f"lr {trainer.lr:.2e} loss {loss:.4f} ({shown}) {seconds:.3f} s/it {throughput:.1f} img/s eta {eta}")
 
 
 class EMAHook(Hook):
@@ -613,7 +619,8 @@ class PlotHook(Hook):
 
 class TensorBoardHook(Hook):
     """TensorBoard event files in ``log_dir``: every ``every`` steps the loss terms
-    (``loss/<term>``, ``loss/total``) and the learning rate (``train/lr``); after each evaluation
+    (``loss/<term>``, ``loss/total``), the learning rate (``train/lr``) and the images per second
+    of the step (``train/images_per_s``); after each evaluation
     the COCO metrics (``val/AP``, ...) and the first ``num_images`` validation images with the
     detections scoring at least ``score_thr`` drawn (``val/image_<i>``), by the evaluated weights
     (the EMA when on). A resumed run hides the events logged after its checkpoint (purge_step).
@@ -641,6 +648,8 @@ class TensorBoardHook(Hook):
             for key, value in {**trainer.losses, "total": trainer.loss}.items():
                 self.writer.add_scalar(f"loss/{key}", value, trainer.iteration)
             self.writer.add_scalar("train/lr", trainer.lr, trainer.iteration)
+            self.writer.add_scalar("train/images_per_s", trainer.step_images / max(trainer.step_time, 1e-9),
+                                   trainer.iteration)
 
     def after_epoch(self, trainer: Trainer) -> None:
         self._log_evaluation(trainer)
