@@ -178,40 +178,40 @@ class TrainConfig:
     lr_mult: dict[str, float] = field(
         default_factory=lambda: {"backbone": 0.1, "sampling_offsets": 0.1, "reference_points": 0.1}
     )
-    layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
     grad_clip: float = 0.1
     lr_steps: list[int] = field(default_factory=lambda: [11])  # epochs where lr is x0.1
-    # Linear warm-up, as mmcv's warmup="linear" (released ViT-L config: 500 iterations, ratio 0.01):
-    # before iteration i < warmup_iters (0-based) the learning rate is multiplied by
-    # 1 - (1 - i / warmup_iters) * (1 - warmup_ratio). 0: off.
-    warmup_iters: int = 0
-    warmup_ratio: float = 0.1
     max_iters: int | None = None  # stop after this many iterations in all (tiny runs)
     eval_every: int = 1  # epochs
     seed: int = 42
     device: str = "auto"
     log_every: int = 10
-    # TensorBoard event files in <out>/tensorboard (needs the tensorboard package): loss terms and
-    # learning rate every log_every iterations; after each evaluation the COCO metrics and the first
-    # tensorboard_images validation images with their detections drawn.
-    tensorboard: bool = False
-    tensorboard_images: int = 4
+    # Linear warm-up, as mmcv's warmup="linear" (released ViT-L config: 500 iterations, ratio 0.01):
+    # before iteration i < warmup_iters (0-based) the learning rate is multiplied by
+    # 1 - (1 - i / warmup_iters) * (1 - warmup_ratio). 0: off.
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.1
+    layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
     # Exponential moving average of the weights, as mmdet's ExpMomentumEMAHook (released ViT-L COCO
     # config: momentum 1e-4, total_iter 2000, interval 1): after step i (0-based), every ema_interval
     # steps, average = (1 - m) * average + m * weights, m = (1 - ema_momentum) * exp(-(1 + i) /
     # ema_total_iter) + ema_momentum. When on, evaluation and model.safetensors use the average.
-    # Gradient accumulation: an iteration (optimizer step) runs `accumulate` micro-batches of
-    # data.batch_size images per process; epochs, lr_steps, warmup_iters, max_iters, log_every and
-    # the EMA count iterations, as with a batch `accumulate` times larger.
-    accumulate: int = 1
-    # Mixed precision: "bf16" (CPU or GPU), "fp16" (GPU; with gradient scaling) or null (float32).
-    # torch.autocast over the training forward; the deformable attention, the matching, the losses and
-    # the auxiliary heads' training step stay in float32 (codetr/engine/amp.py). Evaluation runs in float32.
-    amp: str | None = None
     ema: bool = False
     ema_momentum: float = 1e-4
     ema_total_iter: int = 2000
     ema_interval: int = 1
+    # Mixed precision: "bf16" (CPU or GPU), "fp16" (GPU; with gradient scaling) or null (float32).
+    # torch.autocast over the training forward; the deformable attention, the matching, the losses and
+    # the auxiliary heads' training step stay in float32 (codetr/engine/amp.py). Evaluation runs in float32.
+    amp: str | None = None
+    # Gradient accumulation: an iteration (optimizer step) runs `accumulate` micro-batches of
+    # data.batch_size images per process; epochs, lr_steps, warmup_iters, max_iters, log_every and
+    # the EMA count iterations, as with a batch `accumulate` times larger.
+    accumulate: int = 1
+    # TensorBoard event files in <out>/tensorboard (needs the tensorboard package): loss terms,
+    # learning rate and images/s every log_every iterations; after each evaluation the COCO metrics
+    # and the first tensorboard_images validation images with their detections drawn.
+    tensorboard: bool = False
+    tensorboard_images: int = 4
 
 
 @dataclass
