@@ -190,6 +190,17 @@ class ModelConfig:
 
 
 @dataclass
+class LayerDecayConfig:
+    """Layer-wise learning-rate decay of a ViT backbone, as the released LayerDecayOptimizerConstructor
+    (ViT-L: rate 0.8 over 24 layers): block i trains at lr * rate ** (num_layers - i), the patch and
+    position embeddings at lr * rate ** (num_layers + 1), the rest of the detector at lr; no weight
+    decay for 1-d parameters and biases. Replaces ``lr_mult`` when on."""
+
+    rate: float | None = None  # None: off
+    num_layers: int = 24  # the number of ViT blocks
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 12
     lr: float = 2e-4
@@ -210,6 +221,33 @@ class TrainConfig:
     # classes differs (those keep their fresh initialisation). The backbone's ImageNet weights
     # are then not loaded.
     init: str | None = None
+    # Linear warm-up, as mmcv's warmup="linear" (released ViT-L config: 500 iterations, ratio 0.01):
+    # before iteration i < warmup_iters (0-based) the learning rate is multiplied by
+    # 1 - (1 - i / warmup_iters) * (1 - warmup_ratio). 0: off.
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.1
+    layer_decay: LayerDecayConfig = field(default_factory=LayerDecayConfig)
+    # Exponential moving average of the weights, as mmdet's ExpMomentumEMAHook (released ViT-L COCO
+    # config: momentum 1e-4, total_iter 2000, interval 1): after step i (0-based), every ema_interval
+    # steps, average = (1 - m) * average + m * weights, m = (1 - ema_momentum) * exp(-(1 + i) /
+    # ema_total_iter) + ema_momentum. When on, evaluation and model.safetensors use the average.
+    ema: bool = False
+    ema_momentum: float = 1e-4
+    ema_total_iter: int = 2000
+    ema_interval: int = 1
+    # Mixed precision: "bf16" (CPU or GPU), "fp16" (GPU; with gradient scaling) or null (float32).
+    # torch.autocast over the training forward; the deformable attention, the matching, the losses and
+    # the auxiliary heads' training step stay in float32 (codetr/engine/amp.py). Evaluation runs in float32.
+    amp: str | None = None
+    # Gradient accumulation: an iteration (optimizer step) runs `accumulate` micro-batches of
+    # data.batch_size images per process; epochs, lr_steps, warmup_iters, max_iters, log_every and
+    # the EMA count iterations, as with a batch `accumulate` times larger.
+    accumulate: int = 1
+    # TensorBoard event files in <out>/tensorboard (needs the tensorboard package): loss terms,
+    # learning rate and images/s every log_every iterations; after each evaluation the COCO metrics
+    # and the first tensorboard_images validation images with their detections drawn.
+    tensorboard: bool = False
+    tensorboard_images: int = 4
 
 
 @dataclass

@@ -264,10 +264,10 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     # Killed during iteration 6 (after the epoch-2 checkpoint at iteration 4 and the log of 5).
     real_step = Trainer.step
 
-    def dying_step(self: Trainer, batch: Batch) -> None:
+    def dying_step(self: Trainer, batches: list[Batch]) -> None:
         if self.iteration == 5:
             raise KeyboardInterrupt
-        real_step(self, batch)
+        real_step(self, batches)
 
     monkeypatch.setattr(trainer_module.Trainer, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
@@ -335,9 +335,9 @@ def test_training_batches_do_not_depend_on_workers(tiny_data: Path) -> None:
         out = []
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
-            out += [b.images for b in loader]
+            out += [batch.images for batches in loader for batch in batches]
         sampler.set_epoch(1, start_batch=1)
-        return out + [b.images for b in loader]
+        return out + [batch.images for batches in loader for batch in batches]
 
     torch.manual_seed(0)
     state = torch.get_rng_state()
@@ -386,9 +386,9 @@ def test_aspect_ratio_groups_and_grouped_training(tiny_data: Path, tmp_path: Pat
     seen: list[list[int]] = []
     real_step = Trainer.step
 
-    def recording_step(self: Trainer, batch: Batch) -> None:
-        seen.append([t.image_id for t in batch.targets])
-        real_step(self, batch)
+    def recording_step(self: Trainer, batches: list[Batch]) -> None:
+        seen.append([t.image_id for batch in batches for t in batch.targets])
+        real_step(self, batches)
 
     monkeypatch.setattr(trainer_module.Trainer, "step", recording_step)
     train(tiny_config(tiny_data, epochs=2, eval_every=0), tmp_path / "grouped", build_model=FakeDetector)

@@ -3,8 +3,8 @@
 Reproducibility: the order of training samples and the seed of each sample's augmentation
 are a pure function of ``(train.seed, epoch, position)`` (see :class:`TrainBatchSampler`), and
 each sample is loaded under its own torch seed without touching the main process' RNG. The
-checkpoint holds the model, optimizer, scheduler, position and the python / numpy / torch /
-CUDA RNG states, so a resumed run (after a kill, or after stopping at ``train.max_iters``)
+checkpoint holds the model, optimizer, position, the hooks' states (the EMA of the
+weights) and the python / numpy / torch / CUDA RNG states, so a resumed run (after a kill, or after stopping at ``train.max_iters``)
 continues with exactly the batches and random draws of an uninterrupted run.
 """
 
@@ -18,7 +18,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from itertools import islice
 from pathlib import Path
@@ -29,11 +29,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from codetr.config import Config, ModelConfig, TrainConfig, config_to_dict, save_config
 from codetr.data import build_dataloader, build_dataset, collate
 from codetr.engine import distributed as dist
+from codetr.engine.amp import amp_dtype, keep_float32
 from codetr.engine.checkpoint import (
     CHECKPOINT_VERSION,
     atomic_save,
@@ -43,15 +45,18 @@ from codetr.engine.checkpoint import (
     restore_rng_state,
     save_inference_weights,
 )
-from codetr.engine.evaluator import METRIC_NAMES, evaluate
+from codetr.engine.ema import ExpMomentumEMA
+from codetr.engine.evaluator import METRIC_NAMES, detection_records, evaluate
+from codetr.engine.layer_decay import layer_decay_param_groups
 from codetr.engine.plots import plot_training, read_metrics
-from codetr.engine.predictor import resolve_device
-from codetr.structures import Batch
+from codetr.engine.predictor import LoadedModel, draw_detections, resolve_device
+from codetr.structures import Batch, Detections
 
 CHECKPOINT_NAME = "last.pt"
 WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "training.png"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def log(message: str) -> None:
@@ -168,15 +173,23 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
+def micro_batches(samples: Sequence[Any], size: int, size_divisor: int = 1) -> list[Batch]:
+    """The samples of one iteration, collated in consecutive micro-batches of ``size`` (the last may be
+    smaller), each padded to a multiple of ``size_divisor``."""
+    return [collate(samples[i:i + size], size_divisor) for i in range(0, len(samples), size)]
+
+
 def train_loader(dataset: Dataset, sampler: TrainBatchSampler, num_workers: int, seed: int,
-                 size_divisor: int = 1) -> DataLoader:
-    """The training DataLoader: batches from ``sampler``, each sample under its own seed, padded
-    to a multiple of ``size_divisor``.
+                 micro_batch_size: int | None = None, size_divisor: int = 1) -> DataLoader:
+    """The training DataLoader: batches from ``sampler``, each sample under its own seed, each
+    batch as a list of micro-batches of ``micro_batch_size`` samples (None: one micro-batch),
+    padded to a multiple of ``size_divisor``.
 
     The loader has its own generator, so iterating it never draws from the global torch RNG.
     """
-    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=functools.partial(collate, size_divisor=size_divisor),
+    collate_fn = functools.partial(micro_batches, size=micro_batch_size or sampler.batch_size,
+                                   size_divisor=size_divisor)
+    return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
                       persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
@@ -203,10 +216,42 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg)
+    """AdamW over :func:`param_groups`, or over the layer-wise decay groups when ``cfg.layer_decay.rate`` is set."""
+    if cfg.layer_decay.rate is not None:
+        groups = layer_decay_param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay.rate, cfg.layer_decay.num_layers)
+    else:
+        groups = param_groups(model, cfg)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    for group in groups:
+        group["initial_lr"] = group["lr"]  # the base of the schedule (LrSchedule), as torch's schedulers
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class LrSchedule:
+    """mmcv's ``policy='step'`` with ``warmup='linear'``: the multiplier of each group's
+    ``initial_lr`` at a step, from the completed ``epoch`` and ``iteration`` before it:
+    ``gamma ** (number of steps <= epoch)``, times ``1 - (1 - iteration / warmup_iters) * (1 - warmup_ratio)``
+    during the first ``warmup_iters`` iterations (from ``warmup_ratio`` up towards 1).
+    """
+
+    steps: Sequence[int]
+    warmup_iters: int = 0
+    warmup_ratio: float = 0.1
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.warmup_iters < 0:
+            raise ValueError(f"train.warmup_iters must be >= 0, got {self.warmup_iters}")
+        if not 0.0 < self.warmup_ratio <= 1.0:
+            raise ValueError(f"train.warmup_ratio must be in (0, 1], got {self.warmup_ratio}")
+
+    def factor(self, epoch: int, iteration: int) -> float:
+        factor = self.gamma ** sum(epoch >= step for step in self.steps)
+        if iteration < self.warmup_iters:
+            factor *= 1 - (1 - iteration / self.warmup_iters) * (1 - self.warmup_ratio)
+        return factor
 
 
 class _LossForward(nn.Module):
@@ -238,13 +283,22 @@ class Hook:
     def after_train(self, trainer: Trainer) -> None:
         """Called once when training ends (all epochs done or ``max_iters`` reached)."""
 
+    def state_dict(self) -> dict[str, Any] | None:
+        """The hook's own training state, saved in the checkpoint under its class name (None: none)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (called on resume, before ``before_train``)."""
+
 
 class Trainer:
     """Runs ``detector.loss`` / backward / AdamW steps over epochs, calling hooks.
 
     State: ``epoch`` (completed epochs), ``iter_in_epoch`` (steps done in the current epoch)
     and ``iteration`` (steps done in all). After a step, ``losses`` holds the loss terms as
-    floats, ``loss`` their sum and ``step_time`` the seconds since the previous step.
+    floats, ``loss`` their sum, ``step_time`` the seconds since the previous step and
+    ``step_images`` the number of images of the step in all processes.
+    Hooks with a state (:meth:`Hook.state_dict`) are checkpointed with the trainer.
     """
 
     def __init__(
@@ -252,7 +306,7 @@ class Trainer:
         detector: nn.Module,
         loss_module: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        schedule: LrSchedule,
         loader: DataLoader,
         sampler: TrainBatchSampler,
         device: torch.device,
@@ -260,16 +314,21 @@ class Trainer:
         max_iters: int | None,
         grad_clip: float | None,
         hooks: list[Hook],
+        amp: torch.dtype | None = None,
     ) -> None:
         self.detector, self.loss_module = detector, loss_module
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.optimizer, self.schedule = optimizer, schedule
         self.loader, self.sampler, self.device = loader, sampler, device
         self.epochs, self.max_iters, self.grad_clip = epochs, max_iters, grad_clip
         self.hooks = hooks
+        self.amp = amp
+        # fp16 gradients underflow without loss scaling; a disabled scaler is a plain optimizer step
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         self.epoch = self.iter_in_epoch = self.iteration = 0
         self.losses: dict[str, float] = {}
         self.loss = 0.0
         self.step_time = 0.0
+        self.step_images = 0
         self._tick = time.perf_counter()
 
     @property
@@ -283,6 +342,12 @@ class Trainer:
         groups = self.optimizer.param_groups
         group = next((g for g in groups if g.get("lr_mult", 1.0)), groups[0])
         return group["lr"] / (group.get("lr_mult", 1.0) or 1.0)
+
+    def evaluation_weights(self) -> contextlib.AbstractContextManager[None]:
+        """A block in which the detector holds the weights to evaluate and save: the EMA average
+        when an :class:`EMAHook` trains one, else its own."""
+        ema = next((h for h in self.hooks if isinstance(h, EMAHook)), None)
+        return ema.ema.applied(self.detector) if ema is not None else contextlib.nullcontext()
 
     def run(self) -> None:
         for hook in self.hooks:
@@ -298,43 +363,66 @@ class Trainer:
             if self.iter_in_epoch == len(self.sampler):
                 self.epoch += 1
                 self.iter_in_epoch = 0
-                self.scheduler.step()
                 for hook in self.hooks:
                     hook.after_epoch(self)
         for hook in self.hooks:
             hook.after_train(self)
 
-    def step(self, batch: Batch) -> None:
-        batch = batch.to(self.device)
-        losses = self.loss_module(batch)
-        total = sum(losses.values())
-        if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-            raise FloatingPointError(f"loss is not finite at iteration {self.iteration + 1}: {terms}")
+    def step(self, batches: list[Batch]) -> None:
+        """One optimizer step over the micro-batches of an iteration (``train.accumulate`` of them).
+
+        Each micro-batch's losses are weighted by its share of the iteration's images before its
+        backward pass, so the accumulated gradient is that of one batch of all the images for losses
+        that are means over images (the DETR losses are normalised by each micro-batch's own number
+        of boxes, which makes them an approximation there). Logged losses are weighted the same way.
+        """
+        factor = self.schedule.factor(self.epoch, self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        num_images = sum(len(b.targets) for b in batches)
+        self.losses, self.loss = {}, 0.0
+        for index, batch in enumerate(batches):
+            batch = batch.to(self.device)
+            share = len(batch.targets) / num_images
+            sync: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if index < len(batches) - 1 and isinstance(self.loss_module, DistributedDataParallel):
+                sync = self.loss_module.no_sync()  # gradients are averaged across processes after the last one only
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                    losses = self.loss_module(batch)
+                total = sum(losses.values())
+                if not torch.isfinite(total):
+                    terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                    raise FloatingPointError(f"loss is not finite at iteration {self.iteration + 1}: {terms}")
+                self.scaler.scale(total * share).backward()
+            for key, value in losses.items():
+                self.losses[key] = self.losses.get(key, 0.0) + value.item() * share
+            self.loss += total.item() * share
         if self.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.iteration += 1
         self.iter_in_epoch += 1
-        self.losses = {k: v.item() for k, v in losses.items()}
-        self.loss = total.item()
+        self.step_images = num_images * dist.world_size()  # each process takes as many images
         now = time.perf_counter()
         self.step_time, self._tick = now - self._tick, now
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, optimizer, scheduler, position, RNG."""
+        """Everything needed to continue exactly: weights, optimizer, position, RNG, hook states."""
         return {
             "model": self.detector.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "iter_in_epoch": self.iter_in_epoch,
             "iteration": self.iteration,
             "batches_per_epoch": len(self.sampler),
             "rng": capture_rng_state(),
+            "hooks": {type(h).__name__: s for h in self.hooks if (s := h.state_dict()) is not None},
+            "grad_scaler": self.scaler.state_dict(),  # empty unless fp16
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -343,10 +431,15 @@ class Trainer:
                              f"epoch, but the data now gives {len(self.sampler)} (changed data or batch size?)")
         self.detector.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.iter_in_epoch = state["epoch"], state["iter_in_epoch"]
         self.iteration = state["iteration"]
         restore_rng_state(state["rng"])
+        if self.scaler.is_enabled() and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        saved = state.get("hooks", {})
+        for hook in self.hooks:
+            if type(hook).__name__ in saved:
+                hook.load_state_dict(saved[type(hook).__name__])
 
 
 # -------------------------------------------------------------------------------- hooks
@@ -373,12 +466,14 @@ class MetricsFile:
 
 
 class LoggerHook(Hook):
-    """Progress bar, plus every ``every`` steps a metrics record and a log line with the means
-    of the loss terms, learning rate and seconds per iteration over those steps."""
+    """Progress bar (iterations, iterations per second and time left, with the loss, learning
+    rate and epoch), plus every ``every`` steps a metrics record and a log line with the means of
+    the loss terms, learning rate, seconds per iteration, images per second (all processes) and
+    the time left over those steps."""
 
     def __init__(self, metrics: MetricsFile, every: int) -> None:
         self.metrics, self.every = metrics, max(1, every)
-        self._window: list[tuple[float, dict[str, float], float]] = []
+        self._window: list[tuple[float, dict[str, float], float, int]] = []
         self._bar: tqdm | None = None
 
     def before_train(self, trainer: Trainer) -> None:
@@ -387,9 +482,9 @@ class LoggerHook(Hook):
                          dynamic_ncols=True, disable=None)
 
     def after_step(self, trainer: Trainer) -> None:
-        self._window.append((trainer.loss, trainer.losses, trainer.step_time))
+        self._window.append((trainer.loss, trainer.losses, trainer.step_time, trainer.step_images))
         assert self._bar is not None
-        self._bar.set_postfix(loss=f"{trainer.loss:.4f}", epoch=trainer.epoch + 1, refresh=False)
+        self._bar.set_postfix(loss=f"{trainer.loss:.4f}", lr=f"{trainer.lr:.2e}", epoch=trainer.epoch + 1, refresh=False)
         self._bar.update(1)
         if trainer.iteration % self.every == 0:
             self._flush(trainer)
@@ -405,6 +500,7 @@ class LoggerHook(Hook):
         loss = sum(w[0] for w in self._window) / n
         terms = {k: sum(w[1][k] for w in self._window) / n for k in self._window[-1][1]}
         seconds = sum(w[2] for w in self._window) / n
+        throughput = sum(w[3] for w in self._window) / max(n * seconds, 1e-9)
         self._window.clear()
         epoch = trainer.epoch + (trainer.iter_in_epoch > 0)  # 1-based epoch of the last step
         self.metrics.append({"type": "train", "iter": trainer.iteration, "epoch": epoch, "lr": trainer.lr,
@@ -412,7 +508,35 @@ class LoggerHook(Hook):
         shown = " ".join(f"{k} {v:.4f}" for k, v in terms.items() if k.startswith("loss_"))
         eta = timedelta(seconds=round(seconds * (trainer.total_iters - trainer.iteration)))
         log(f"epoch {epoch}/{trainer.epochs} iter {trainer.iteration}/{trainer.total_iters} "
-            f"lr {trainer.lr:.2e} loss {loss:.4f} ({shown}) {seconds:.3f} s/it eta {eta}")
+            f"lr {trainer.lr:.2e} loss {loss:.4f} ({shown}) {seconds:.3f} s/it {throughput:.1f} img/s eta {eta}")
+
+
+class EMAHook(Hook):
+    """Keeps an :class:`ExpMomentumEMA` of the detector's weights, updated after every step;
+    :meth:`Trainer.evaluation_weights` puts it in the detector for evaluation and saving.
+
+    Resuming a checkpoint without an average (trained with ``train.ema`` off) starts the average
+    from the resumed weights, as mmdet's hook does.
+    """
+
+    def __init__(self, detector: nn.Module, momentum: float, total_iter: int, interval: int) -> None:
+        self.ema = ExpMomentumEMA(detector, momentum, total_iter, interval)
+        self._restored = False
+
+    def before_train(self, trainer: Trainer) -> None:
+        if trainer.iteration and not self._restored:
+            log("the checkpoint holds no EMA of the weights: the average starts from the resumed weights")
+            self.ema.reset(trainer.detector)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.ema.update(trainer.detector, trainer.iteration - 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ema.load_state_dict(state)
+        self._restored = True
 
 
 class CheckpointHook(Hook):
@@ -448,6 +572,7 @@ class EvalHook(Hook):
         self.dataset, self.loader, self.every = dataset, loader, every
         self.metrics, self.write = metrics, write
         self.latest: dict[str, float] = {}
+        self.runs = 0  # evaluations run by this hook (not counting results reused on resume)
         self._evaluated_at = -1
 
     def before_train(self, trainer: Trainer) -> None:
@@ -474,9 +599,10 @@ class EvalHook(Hook):
 
     def run(self, trainer: Trainer) -> None:
         log(f"evaluating on {len(self.dataset)} images (epoch {trainer.epoch}, iteration {trainer.iteration})")
-        with preserved_rng():
+        with preserved_rng(), trainer.evaluation_weights():
             self.latest = evaluate(trainer.detector, self.dataset, self.loader)
         self._evaluated_at = trainer.iteration
+        self.runs += 1
         if self.write:
             self.metrics.append({"type": "eval", "iter": trainer.iteration, "epoch": trainer.epoch, **self.latest})
             log("eval " + " ".join(f"{k} {self.latest[k]:.2f}" for k in METRIC_NAMES))
@@ -493,6 +619,76 @@ class PlotHook(Hook):
 
     def after_train(self, trainer: Trainer) -> None:
         plot_training(self.metrics.path, self.png)
+
+
+class TensorBoardHook(Hook):
+    """TensorBoard event files in ``log_dir``: every ``every`` steps the loss terms
+    (``loss/<term>``, ``loss/total``), the learning rate (``train/lr``) and the images per second
+    of the step (``train/images_per_s``); after each evaluation
+    the COCO metrics (``val/AP``, ...) and the first ``num_images`` validation images with the
+    detections scoring at least ``score_thr`` drawn (``val/image_<i>``), by the evaluated weights
+    (the EMA when on). A resumed run hides the events logged after its checkpoint (purge_step).
+    """
+
+    def __init__(self, log_dir: Path, every: int, eval_hook: EvalHook, cfg: Config, class_names: list[str],
+                 category_ids: list[int], num_images: int, score_thr: float = 0.3) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError("train.tensorboard needs the tensorboard package: pip install tensorboard") from err
+        self._writer_class = SummaryWriter
+        self.log_dir, self.every, self.eval_hook, self.cfg = log_dir, max(1, every), eval_hook, cfg
+        self.class_names, self.category_ids = class_names, category_ids
+        self.num_images, self.score_thr = num_images, score_thr
+        self.writer: Any = None
+        self._logged_runs = 0
+
+    def before_train(self, trainer: Trainer) -> None:
+        self.writer = self._writer_class(str(self.log_dir), purge_step=trainer.iteration + 1 if trainer.iteration else None)
+        self._log_evaluation(trainer)  # one run on resume, before the first step
+
+    def after_step(self, trainer: Trainer) -> None:
+        if trainer.iteration % self.every == 0:
+            for key, value in {**trainer.losses, "total": trainer.loss}.items():
+                self.writer.add_scalar(f"loss/{key}", value, trainer.iteration)
+            self.writer.add_scalar("train/lr", trainer.lr, trainer.iteration)
+            self.writer.add_scalar("train/images_per_s", trainer.step_images / max(trainer.step_time, 1e-9),
+                                   trainer.iteration)
+
+    def after_epoch(self, trainer: Trainer) -> None:
+        self._log_evaluation(trainer)
+
+    def after_train(self, trainer: Trainer) -> None:
+        self._log_evaluation(trainer)
+        self.writer.close()
+
+    def _log_evaluation(self, trainer: Trainer) -> None:
+        if self.eval_hook.runs == self._logged_runs:
+            return
+        self._logged_runs = self.eval_hook.runs
+        for key, value in self.eval_hook.latest.items():
+            self.writer.add_scalar(f"val/{key}", value, trainer.iteration)
+        self._draw_predictions(trainer)
+        self.writer.flush()
+
+    @torch.no_grad()
+    def _draw_predictions(self, trainer: Trainer) -> None:
+        dataset = self.eval_hook.dataset
+        model = LoadedModel(trainer.detector, self.cfg, self.class_names, self.category_ids)
+        was_training = trainer.detector.training
+        trainer.detector.eval()
+        try:
+            with preserved_rng(), trainer.evaluation_weights():
+                for index in range(min(self.num_images, len(dataset))):
+                    image = dataset.load_image(index)
+                    det = model.detect(pil_to_tensor(image))
+                    keep = det.scores >= self.score_thr
+                    records = detection_records(Detections(det.boxes[keep], det.scores[keep], det.labels[keep]), 0,
+                                                self.category_ids)
+                    drawn = draw_detections(image, records, self.class_names, self.category_ids)
+                    self.writer.add_image(f"val/image_{index}", np.asarray(drawn), trainer.iteration, dataformats="HWC")
+        finally:
+            trainer.detector.train(was_training)
 
 
 # ---------------------------------------------------------------------------------- train
@@ -607,27 +803,41 @@ def train(
         for line in load_init_weights(detector, init):
             log(line)
     detector = detector.to(device)
+    amp = amp_dtype(cfg.train.amp)
+    if amp is not None:
+        kept = keep_float32(detector)
+        log(f"mixed precision {cfg.train.amp}: {kept} modules (deformable attention, losses, auxiliary heads) kept in float32")
     optimizer = build_optimizer(detector, cfg.train)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.train.lr_steps), gamma=0.1)
+    schedule = LrSchedule(cfg.train.lr_steps, cfg.train.warmup_iters, cfg.train.warmup_ratio)
     loss_module: nn.Module = _LossForward(detector)
     if dist.is_distributed():
         loss_module = DistributedDataParallel(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     groups = train_set.aspect_ratio_groups() if cfg.data.group_by_aspect_ratio else None
-    sampler = TrainBatchSampler(len(train_set), cfg.data.batch_size, cfg.train.seed, dist.rank(), dist.world_size(),
-                                groups)
-    loader = train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed, cfg.data.pad_size_divisor)
+    if cfg.train.accumulate < 1:
+        raise ValueError(f"train.accumulate must be >= 1, got {cfg.train.accumulate}")
+    # an iteration (optimizer step) takes accumulate micro-batches of data.batch_size images per process
+    sampler = TrainBatchSampler(len(train_set), cfg.data.batch_size * cfg.train.accumulate, cfg.train.seed,
+                                dist.rank(), dist.world_size(), groups)
+    loader = train_loader(train_set, sampler, cfg.data.num_workers, cfg.train.seed, cfg.data.batch_size,
+                          cfg.data.pad_size_divisor)
 
     metrics = MetricsFile(out / METRICS_NAME)
     names, ids = list(train_set.class_names), [int(i) for i in train_set.category_ids]
     extra = {"config": config_to_dict(cfg), "class_names": names, "category_ids": ids}
     eval_hook = EvalHook(val_set, val_loader, cfg.train.eval_every, metrics, write=main)
-    hooks: list[Hook] = [LoggerHook(metrics, cfg.train.log_every), CheckpointHook(ckpt_path, extra), eval_hook,
-                         PlotHook(metrics, out / PLOT_NAME)] if main else [eval_hook]
+    # the EMA first: the other hooks see the average of the step just done
+    hooks: list[Hook] = [EMAHook(detector, cfg.train.ema_momentum, cfg.train.ema_total_iter, cfg.train.ema_interval)
+                         ] if cfg.train.ema else []
+    hooks += [LoggerHook(metrics, cfg.train.log_every), CheckpointHook(ckpt_path, extra), eval_hook,
+              PlotHook(metrics, out / PLOT_NAME)] if main else [eval_hook]
+    if main and cfg.train.tensorboard:
+        hooks.append(TensorBoardHook(out / TENSORBOARD_DIR, cfg.train.log_every, eval_hook, cfg, names, ids,
+                                     cfg.train.tensorboard_images))
 
-    trainer = Trainer(detector, loss_module, optimizer, scheduler, loader, sampler, device,
-                      cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks)
+    trainer = Trainer(detector, loss_module, optimizer, schedule, loader, sampler, device,
+                      cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks, amp)
     if resume:
         state = load_checkpoint(ckpt_path)
         changed = _changed_keys(state["config"]["model"], extra["config"]["model"], "model")
@@ -642,7 +852,9 @@ def train(
     trainer.run()
 
     if main:
-        save_inference_weights(out / WEIGHTS_NAME, detector.inference_state_dict(), names, ids, config_to_dict(cfg))
+        with trainer.evaluation_weights():
+            weights = detector.inference_state_dict()
+            save_inference_weights(out / WEIGHTS_NAME, weights, names, ids, config_to_dict(cfg))
         log(f"inference weights: {out / WEIGHTS_NAME}")
     dist.barrier()
     return eval_hook.latest
