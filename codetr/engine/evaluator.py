@@ -6,12 +6,13 @@ Metrics are returned in percent (0-100). A metric without any ground truth in it
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
-from torch import nn
+from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as F
 
 from codetr.config import DataConfig
 from codetr.data import build_dataloader
@@ -102,6 +103,26 @@ def evaluate(model: nn.Module, dataset: Any, dataloader: Iterable[Batch]) -> dic
                           for t in batch.targets]
     finally:
         detector.train(was_training)
+    return _metrics_on_main(per_image, dataset)
+
+
+@torch.no_grad()
+def evaluate_images(detect: Callable[[Tensor], Detections], dataset: Any) -> dict[str, float]:
+    """Run ``detect`` on every image of ``dataset`` (a CocoDetection) as stored and evaluate, as
+    :func:`evaluate`. ``detect`` takes an image (3, H, W) uint8 RGB and returns its detections,
+    boxes xyxy in pixels of it (as ``LoadedModel.detect`` and test-time augmentation do). With
+    torch.distributed, each process takes every ``world_size``-th image and rank 0 evaluates."""
+    per_image = []
+    for index in range(dist.rank(), len(dataset), dist.world_size()):
+        image_id = dataset.image_ids[index]
+        det = detect(F.pil_to_tensor(dataset.load_image(index)))
+        per_image.append((image_id, detection_records(det, image_id, dataset.category_ids)))
+    return _metrics_on_main(per_image, dataset)
+
+
+def _metrics_on_main(per_image: list[tuple[int, list[dict[str, Any]]]], dataset: Any) -> dict[str, float]:
+    """Gather every process's (image id, result records) on rank 0 and evaluate them there on
+    ``dataset``; an empty dict on the other ranks."""
     gathered = dist.gather_to_main(per_image)
     if not dist.is_main_process():
         return {}
@@ -110,8 +131,10 @@ def evaluate(model: nn.Module, dataset: Any, dataloader: Iterable[Batch]) -> dic
 
 
 def evaluate_on_val(model: nn.Module, cfg: DataConfig, category_ids: Sequence[int] | None,
-                    source: str) -> dict[str, float]:
-    """What ``codetr eval`` computes: :func:`evaluate` on the validation split of ``cfg``.
+                    source: str, detect: Callable[[Tensor], Detections] | None = None) -> dict[str, float]:
+    """What ``codetr eval`` computes: :func:`evaluate` on the validation split of ``cfg``; with
+    ``detect`` (e.g. test-time augmentation, :class:`codetr.engine.tta.TTADetector`),
+    :func:`evaluate_images` with it instead.
 
     ``category_ids`` are the dataset ids the model was trained for (None: not known); they
     must be the validation set's, else a ValueError names ``source`` (the weights file).
@@ -121,4 +144,6 @@ def evaluate_on_val(model: nn.Module, cfg: DataConfig, category_ids: Sequence[in
     if category_ids is not None and list(category_ids) != list(dataset.category_ids):
         raise ValueError(f"{source} was trained for category ids {list(category_ids)}, but "
                          f"{cfg.val_annotations} has {list(dataset.category_ids)}")
+    if detect is not None:
+        return evaluate_images(detect, dataset)
     return evaluate(model, dataset, loader)
