@@ -68,6 +68,10 @@ class DataConfig:
     # depend on the size of its batch partners (zero padding at the convolutions' borders).
     eval_batch_size: int = 1
     num_workers: int = 2
+    # Box metrics: "coco"; "lvis" (APr / APc / APf, at most 300 detections per image, federated
+    # rules: negative and not-exhaustive categories per image); "auto": "lvis" when every category
+    # of the validation annotations has a "frequency" field, else "coco".
+    eval_style: str = "auto"
     tta: TTAConfig = field(default_factory=TTAConfig)
 
 
