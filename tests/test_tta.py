@@ -164,6 +164,8 @@ def test_bad_settings_are_named() -> None:
         tta_views(DataConfig(), TTAConfig(scales=[0]))
     with pytest.raises(ValueError, match="data.tta.iou"):
         TTADetector(blob_model(TTAConfig(iou=1.5)))
+    with pytest.raises(ValueError, match="data.tta.max_detections"):
+        TTADetector(blob_model(TTAConfig(max_detections=0)))
 
 
 @pytest.mark.parametrize("config", ["deformable_detr_tiny", "dino_tiny", "co_dino_tiny"])

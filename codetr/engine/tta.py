@@ -119,6 +119,8 @@ class TTADetector:
             raise ValueError(f"data.tta.merge must be one of {list(MERGES)}, got {self.tta.merge!r}")
         if not 0 <= self.tta.iou <= 1:
             raise ValueError(f"data.tta.iou must be in [0, 1], got {self.tta.iou!r}")
+        if self.tta.max_detections is not None and self.tta.max_detections <= 0:
+            raise ValueError(f"data.tta.max_detections must be positive or null, got {self.tta.max_detections!r}")
         self.max_detections = self.tta.max_detections or detector.cfg.model.max_detections
         self.views = tta_views(detector.cfg.data, self.tta)
         self._runners = []
