@@ -38,6 +38,7 @@ from codetr.engine.predictor import (
     read_image,
     resolve_device,
 )
+from codetr.engine.tta import TTADetector
 from codetr.structures import Detections
 
 if TYPE_CHECKING:
@@ -149,18 +150,21 @@ class Detector:
         """Dataset category id of each contiguous label (``0..C-1`` when the weights store none)."""
         return self._runner.labels()[1]
 
-    def predict(self, source: ImageSource | Sequence[ImageSource], score_thr: float = 0.3) -> list[Prediction]:
+    def predict(self, source: ImageSource | Sequence[ImageSource], score_thr: float = 0.3,
+                tta: bool = False) -> list[Prediction]:
         """Detections with score >= ``score_thr``, one :class:`Prediction` per image.
 
         ``source``: an image file, a folder (its images, sorted by name), a PIL image, an
         ndarray (H, W, 3) uint8 RGB, a tensor (3, H, W) RGB (uint8, or float in [0, 1]), or a
         list of those. Each image runs alone through the evaluation pre-processing (as
-        ``codetr predict`` and ``codetr eval``).
+        ``codetr predict`` and ``codetr eval``). ``tta``: test-time augmentation as configured
+        in ``cfg.data.tta`` (:mod:`codetr.engine.tta`; ``codetr predict --tta``).
         """
         names = self.class_names
+        runner = TTADetector(self._runner) if tta else self._runner
         results = []
         for image, path in _images(source):
-            det: Detections = self._runner.detect(image)
+            det: Detections = runner.detect(image)
             keep = det.scores >= score_thr
             labels = det.labels[keep]
             results.append(Prediction(det.boxes[keep], det.scores[keep], labels, [names[i] for i in labels.tolist()],
@@ -207,12 +211,16 @@ class Detector:
         self._use(load_model(out / WEIGHTS_NAME, out / CONFIG_FILE, device=self.device), out / WEIGHTS_NAME)
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
-        """COCO box metrics (percent) on the config's validation data, as ``codetr eval``."""
+    def evaluate(self, tta: bool = False) -> dict[str, float]:
+        """Box metrics (percent; COCO or LVIS by ``cfg.data.eval_style``) on the config's
+        validation data, as ``codetr eval``; ``tta``: with test-time augmentation, as
+        ``codetr eval --tta``."""
         from codetr.engine.evaluator import evaluate_on_val
 
         loaded = self._torch("evaluate")
-        return evaluate_on_val(loaded.model, self.cfg.data, loaded.category_ids, str(self.source or "the model"))
+        detect = TTADetector(loaded).detect if tta else None
+        return evaluate_on_val(loaded.model, self.cfg.data, loaded.category_ids, str(self.source or "the model"),
+                               detect)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write ``config.yaml`` and ``model.safetensors`` (inference weights, class names and

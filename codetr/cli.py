@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -15,6 +16,8 @@ from codetr.config import CONFIG_DIR, Config, load_config
 DEMO_CONFIGS = ("co_deformable_detr_tiny", "deformable_detr_tiny")
 DEMO_PREDICTION_IMAGES = 4
 OVERRIDE_HELP = "config overrides, e.g. train.epochs=2 model.co.aux_heads=[atss]"
+TTA_HELP = ("test-time augmentation: every scale of data.tta.scales, also flipped (data.tta.flip), merged by "
+            "data.tta.merge (nms, soft_nms or wbf)")
 
 
 class CliError(Exception):
@@ -50,14 +53,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config, args.overrides)
     loaded = load_model(args.weights, args.config, args.overrides, resolve_device(args.device))
     try:
-        metrics = evaluate_on_val(loaded.model, cfg.data, loaded.category_ids, str(args.weights))
+        detect = _tta(loaded).detect if args.tta else None
+        metrics = evaluate_on_val(loaded.model, cfg.data, loaded.category_ids, str(args.weights), detect)
     except ValueError as err:
         raise CliError(str(err)) from err
     out = Path(args.out) if args.out else Path(args.weights).parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    print(f"wrote {out / 'metrics.json'}")
+    path = out / ("metrics_tta.json" if args.tta else "metrics.json")
+    path.write_text(json.dumps(metrics, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
+
+
+def _tta(detector: Any) -> Any:
+    """``detector`` with test-time augmentation (``data.tta``); config errors as CliError."""
+    from codetr.engine.tta import TTADetector
+
+    try:
+        return TTADetector(detector)
+    except ValueError as err:
+        raise CliError(str(err)) from err
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -73,6 +88,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         detector = OnnxDetector(args.onnx)
     else:
         detector = load_model(args.weights, args.config, device=resolve_device(args.device))
+    if args.tta:
+        detector = _tta(detector)
     records = predict_images(detector, images, args.out, args.score_thr)
     print(f"{len(records)} detections (score >= {args.score_thr}) in {len(images)} images; "
           f"drawings and predictions.json in {args.out}")
@@ -178,13 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   "class layers are re-initialised when the number of classes differs (train.init)")
     p.set_defaults(func=cmd_train)
 
-    p = commands.add_parser("eval", help="COCO box AP of weights on the validation set",
+    p = commands.add_parser("eval", help="COCO (or LVIS) box AP of weights on the validation set",
                             description="Evaluate weights on the config's validation data.")
     p.add_argument("config", help=config_help)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     p.add_argument("--weights", required=True, help="model.safetensors or a training checkpoint (last.pt)")
     p.add_argument("--out", help="folder for metrics.json (default: the folder of --weights)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP + "; writes metrics_tta.json")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("predict", help="detect objects in images and draw them",
@@ -198,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "else the one stored in them)")
     p.add_argument("--score-thr", type=float, default=0.3, help="minimum score (default 0.3)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.set_defaults(func=cmd_predict)
 
     p = commands.add_parser("demo", help="synthetic data -> tiny training -> evaluation -> drawn predictions",

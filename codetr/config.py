@@ -17,6 +17,23 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 @dataclass
+class TTAConfig:
+    """Test-time augmentation (``codetr eval --tta``, ``Detector.predict(..., tta=True)``), as
+    mmdetection 3.x's generic ``DetTTAModel``: the image runs once per (scale, flip) view, every
+    view's detections are mapped back to the original image and merged class-wise."""
+
+    # Test scales: the shorter side for data.augment "detr" (data.max_size still caps the longer
+    # side), the canvas side for "lsj". Empty: the config's own (data.test_scale / data.lsj_size).
+    scales: list[int] = field(default_factory=list)
+    flip: bool = True  # also run every scale horizontally flipped
+    # "nms" (mmdet's default TTA merge), "soft_nms" (linear Soft-NMS, mmcv's defaults) or "wbf"
+    # (weighted box fusion of the ensemble-boxes package: pip install ensemble-boxes).
+    merge: str = "nms"
+    iou: float = 0.5  # IoU threshold of the merge
+    max_detections: int | None = None  # kept per image after the merge; None: model.max_detections
+
+
+@dataclass
 class DataConfig:
     """COCO-format data: image folders and instances JSON files."""
 
@@ -54,6 +71,11 @@ class DataConfig:
     # covers the whole image; the ResNet / Swin ones: 1).
     pad_size_divisor: int = 1
     num_workers: int = 2
+    # Box metrics: "coco"; "lvis" (APr / APc / APf, at most 300 detections per image, federated
+    # rules: negative and not-exhaustive categories per image); "auto": "lvis" when every category
+    # of the validation annotations has a "frequency" field, else "coco".
+    eval_style: str = "auto"
+    tta: TTAConfig = field(default_factory=TTAConfig)
 
 
 @dataclass
