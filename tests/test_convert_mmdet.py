@@ -56,6 +56,9 @@ ZOO = {  # packaged config -> official key/shape list
     "co_deformable_detr_swin_large_1x_coco": "co_deformable_detr_swin_large",
     "co_deformable_detr_swin_large_900q_3x_coco": "co_deformable_detr_swin_large_900q",
     "co_dino_5scale_r50_1x_coco": "co_dino_5scale_r50",
+    "co_dino_5scale_lsj_r50_3x_coco": "co_dino_5scale_r50",
+    "co_dino_5scale_swin_large_1x_coco": "co_dino_5scale_swin_large",  # the 2x / 3x / LSJ / O365 rows share it
+    "co_dino_5scale_lsj_swin_large_3x_coco": "co_dino_5scale_swin_large",  # (tests/test_model_zoo.py checks them all)
 }
 TINY_SIZES = dict(num_classes=6, num_queries=50, d=64, ffn_dim=256, enc_layers=2, dec_layers=3, heads=4, roi_fc=256)
 TINY_SWIN = {"embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8]}
@@ -126,7 +129,7 @@ def test_lists_agree_with_what_mmdetection_builds() -> None:
 RELEASED = [(config, DATA / f"{ZOO[config]}_mmdet2.txt") for config in (
     "co_deformable_detr_r50_1x_coco", "co_deformable_detr_swin_tiny_1x_coco", "co_deformable_detr_swin_small_3x_coco",
     "co_deformable_detr_swin_base_1x_coco", "co_deformable_detr_swin_large_1x_coco",
-    "co_deformable_detr_swin_large_900q_3x_coco", "co_dino_5scale_r50_1x_coco")]
+    "co_deformable_detr_swin_large_900q_3x_coco", "co_dino_5scale_r50_1x_coco", "co_dino_5scale_lsj_swin_large_3x_coco")]
 RELEASED.append(("co_dino_5scale_lsj_r50_1x_coco", MMDET3_REFERENCE))
 
 
