@@ -58,7 +58,9 @@ def test_sizes_are_mmcv_rescale_size_for_many_images() -> None:
 def test_mmcv_mode_pipelines_give_mmcv_sizes_and_keep_tiny_defaults() -> None:
     image = tv_tensors.Image(torch.randint(0, 256, (3, 37, 52), dtype=torch.uint8))
     cfg = DataConfig(resize="mmcv", test_scale=64, max_size=90)
+    state = torch.get_rng_state()
     assert build_transforms(cfg, train=False)(image).shape[-2:] == mmcv_size(37, 52, (90, 64)) == (64, 90)
+    assert torch.equal(torch.get_rng_state(), state)  # test time draws nothing
     default = DataConfig(test_scale=64, max_size=90)  # the tiny configs' torchvision arithmetic is unchanged
     assert default.resize == "torchvision" and build_transforms(default, train=False)(image).shape[-2:] == (64, 89)
     lsj = build_transforms(DataConfig(resize="mmcv", augment="lsj", lsj_size=64), train=False)

@@ -49,9 +49,7 @@ def _cv2_linear_taps(out_size: int, in_size: int, clamp_weights: bool) -> tuple[
     frac = pos - first
     first = first.long()
     if clamp_weights:
-        outside = (first < 0) | (first >= in_size - 1)
-        frac = torch.where(outside, torch.zeros_like(frac), frac)
-        first = torch.where(first < 0, torch.zeros_like(first), torch.where(first >= in_size - 1, in_size - 1, first))
+        frac = torch.where((first < 0) | (first >= in_size - 1), torch.zeros_like(frac), frac)
     one = 1 << CV2_COEF_BITS
     w1 = torch.round(frac * one).to(torch.int32)
     w0 = torch.round((1.0 - frac) * one).to(torch.int32)
@@ -79,11 +77,11 @@ def _resize(inpt: Any, size: list[int], transform: v2.Transform, mode: str) -> A
     """Resize one input of a v2 transform to ``size`` (h, w): uint8 images with cv2's arithmetic
     in "mmcv" mode, everything else (boxes, float images) with torchvision's bilinear without
     antialiasing."""
-    if mode == "mmcv" and isinstance(inpt, Tensor) and inpt.dtype == torch.uint8 and not isinstance(
-            inpt, (tv_tensors.BoundingBoxes, tv_tensors.Mask)):
-        return tv_tensors.wrap(resize_bilinear_cv2(inpt.as_subclass(Tensor), (size[0], size[1])), like=inpt) \
-            if isinstance(inpt, tv_tensors.TVTensor) else resize_bilinear_cv2(inpt, (size[0], size[1]))
-    return transform._call_kernel(F.resize, inpt, size=size, antialias=False)
+    image = isinstance(inpt, Tensor) and not isinstance(inpt, (tv_tensors.BoundingBoxes, tv_tensors.Mask))
+    if mode != "mmcv" or not image or inpt.dtype != torch.uint8:
+        return transform._call_kernel(F.resize, inpt, size=size, antialias=False)
+    resized = resize_bilinear_cv2(inpt.as_subclass(Tensor), (size[0], size[1]))
+    return tv_tensors.wrap(resized, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else resized
 
 
 class RandomSizeCrop(v2.Transform):
@@ -157,7 +155,7 @@ class MmcvMultiScaleResize(v2.Transform):
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         height, width = v2.query_size(flat_inputs)
-        short = self.scales[int(torch.randint(len(self.scales), ()))]
+        short = self.scales[int(torch.randint(len(self.scales), ()))] if len(self.scales) > 1 else self.scales[0]
         new_h, new_w = mmcv_rescale_size(height, width, (self.max_size, short))
         return {"size": [max(1, new_h), max(1, new_w)]}
 
