@@ -60,6 +60,11 @@ class DataConfig:
     crop_max_size: int = 4200  # cap of the longer side in the crop branch's first resize (as released)
     crop_size: list[int] = field(default_factory=lambda: [384, 600])
     test_scale: int = 800
+    # Resize arithmetic (DETR multi-scale and test resize, LSJ resize): "torchvision" (v2.Resize /
+    # RandomShortestSize: sizes floored, antialiased bilinear; LSJ: mmcv's sizes, bilinear without
+    # antialiasing) or "mmcv" (the released mmcv 1.x Resize and Normalize: sizes by mmcv.rescale_size,
+    # uint8 pixels identical to cv2.resize INTER_LINEAR, normalisation in 0-255 as mmcv.imnormalize).
+    resize: str = "torchvision"
     batch_size: int = 2  # training images per process and step
     # Training batches of landscape (width / height > 1) or of other images only, as mmdet's group
     # sampler; false: batches of any images.

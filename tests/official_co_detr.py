@@ -280,7 +280,7 @@ SWIN_ARCH = {  # embed_dim, depths, heads, window of the released Swin configs
 
 def released_configs() -> dict[str, list[tuple[str, Shape]]]:
     """Official key/shape list of every released Co-Deformable-DETR architecture (1x and 3x share one)
-    and of Co-DINO R50 (Sense-X names)."""
+    and of Co-DINO R50 and Swin-L (stages 0-3; DETR and LSJ, every schedule) (Sense-X names)."""
     lists = {"co_deformable_detr_r50": co_deformable_detr(resnet(50), [512, 1024, 2048])}
     for name, (dim, depths, heads, window) in SWIN_ARCH.items():
         backbone = swin_v1(dim, depths, heads, window, (1, 2, 3))
@@ -289,6 +289,7 @@ def released_configs() -> dict[str, list[tuple[str, Shape]]]:
     lists["co_deformable_detr_swin_large_900q"] = co_deformable_detr(
         swin_v1(dim, depths, heads, window, (1, 2, 3)), [dim * 2, dim * 4, dim * 8], num_queries=900)
     lists["co_dino_5scale_r50"] = co_dino(resnet(50), [256, 512, 1024, 2048])
+    lists["co_dino_5scale_swin_large"] = co_dino(swin_v1(dim, depths, heads, window, (0, 1, 2, 3)), [dim, dim * 2, dim * 4, dim * 8])
     # Co-DINO ViT-L (projects/configs/co_dino_vit): COCO with the ConvFC RoI head; LVIS (use_lsj: the global
     # RoPE table of the 1536 / 16 = 96 x 96 grid) with the Shared2FC head and 1203 classes.
     lists["co_dino_5scale_vit_large_coco"] = co_dino(vit(24, 4), [], num_queries=1500, neck=sfp(), roi_convs=4, roi_fcs=1,

@@ -4,6 +4,7 @@ random values) convert with nothing left over, run, and fail clearly when they d
 from __future__ import annotations
 
 import json
+import math
 import pickle
 import re
 from pathlib import Path
@@ -56,6 +57,9 @@ ZOO = {  # packaged config -> official key/shape list
     "co_deformable_detr_swin_large_1x_coco": "co_deformable_detr_swin_large",
     "co_deformable_detr_swin_large_900q_3x_coco": "co_deformable_detr_swin_large_900q",
     "co_dino_5scale_r50_1x_coco": "co_dino_5scale_r50",
+    "co_dino_5scale_lsj_r50_3x_coco": "co_dino_5scale_r50",
+    "co_dino_5scale_swin_large_1x_coco": "co_dino_5scale_swin_large",  # the 2x / 3x / LSJ / O365 rows share it
+    "co_dino_5scale_lsj_swin_large_3x_coco": "co_dino_5scale_swin_large",  # (tests/test_model_zoo.py checks them all)
 }
 TINY_SIZES = dict(num_classes=6, num_queries=50, d=64, ffn_dim=256, enc_layers=2, dec_layers=3, heads=4, roi_fc=256)
 TINY_SWIN = {"embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8]}
@@ -122,7 +126,7 @@ def test_lists_agree_with_what_mmdetection_builds() -> None:
 RELEASED = [(config, DATA / f"{ZOO[config]}_mmdet2.txt") for config in (
     "co_deformable_detr_r50_1x_coco", "co_deformable_detr_swin_tiny_1x_coco", "co_deformable_detr_swin_small_3x_coco",
     "co_deformable_detr_swin_base_1x_coco", "co_deformable_detr_swin_large_1x_coco",
-    "co_deformable_detr_swin_large_900q_3x_coco", "co_dino_5scale_r50_1x_coco")]
+    "co_deformable_detr_swin_large_900q_3x_coco", "co_dino_5scale_r50_1x_coco", "co_dino_5scale_lsj_swin_large_3x_coco")]
 RELEASED.append(("co_dino_5scale_lsj_r50_1x_coco", MMDET3_REFERENCE))
 
 
@@ -249,6 +253,46 @@ def test_head_pos_embed_converts_exactly(tiny_config: Path) -> None:
         ref_query, ref_pos = released_positive_queries(state, released_head, boxes, feats)
         torch.testing.assert_close(query, ref_query, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(query_pos, ref_pos, atol=1e-5, rtol=1e-5)
+
+
+def released_dino_positive_queries(state: dict[str, torch.Tensor], head: int, anchors: torch.Tensor) -> torch.Tensor:
+    """The released CoDinoTransformer.forward_aux query, step by step: LN(Linear(get_proposal_pos_embed(
+    inverse_sigmoid(anchors)))) with the module-level inverse_sigmoid (eps 1e-5), num_pos_feats = d / 2 and
+    temperature 10000. anchors (B, G, 4) cxcywh normalised -> (B, G, d)."""
+    t = "query_head.transformer."
+    d = state[f"{t}aux_pos_trans.{head}.weight"].shape[0]
+    x = anchors.clamp(0, 1)
+    unact = torch.log(x.clamp(min=1e-5) / (1 - x).clamp(min=1e-5))
+    num_feats = d // 2
+    dim_t = 10000 ** (2 * (torch.arange(num_feats, dtype=torch.float32) // 2) / num_feats)
+    pos = (unact.sigmoid() * 2 * math.pi)[:, :, :, None] / dim_t
+    pos = torch.stack((pos[:, :, :, 0::2].sin(), pos[:, :, :, 1::2].cos()), dim=4).flatten(2)  # (B, G, 2d)
+    out = F.linear(pos, state[f"{t}aux_pos_trans.{head}.weight"], state[f"{t}aux_pos_trans.{head}.bias"])
+    return F.layer_norm(out, (d,), state[f"{t}aux_pos_trans_norm.{head}.weight"], state[f"{t}aux_pos_trans_norm.{head}.bias"])
+
+
+@pytest.mark.parametrize("release", ["co_dino_mmdet2", "co_dino_mmdet3"])
+def test_co_dino_positive_queries_convert_exactly(release: str, tiny_config: Path) -> None:
+    """Converted aux_pos_trans.{i} / aux_pos_trans_norm.{i} give the released Co-DINO positive queries
+    (no content feature, no head embedding, no query position); auxiliary heads listed in the other
+    order, so the checkpoint's head 0 (Faster R-CNN) is codetr's head 1."""
+    from codetr.models.build import build_model
+
+    state = random_state(tiny_official(release), seed=6)
+    cfg = model_config_for(load_config(tiny_config.parent / "tiny_co_dino.yaml", ["model.co.aux_heads=[atss, rcnn]"]).model, state)
+    conversion = convert_checkpoint(state, cfg, keep_aux=True)
+    assert conversion.ok, conversion.report()
+    model = build_model(cfg)
+    model.load_state_dict(conversion.state_dict, strict=True)
+    torch.manual_seed(0)
+    anchors = torch.rand(2, 7, 4) * 0.9 + 0.05
+    anchors[0, 0] = torch.tensor([0.0, 1.0, 0.5, 1e-7])  # the clamps of inverse_sigmoid
+    for released_head, codetr_head in ((0, 1), (1, 0)):
+        query, query_pos = model.positive_queries(codetr_head, anchors, torch.randn(2, 7, 64))
+        assert query_pos is None
+        torch.testing.assert_close(query, released_dino_positive_queries(state, released_head, anchors), atol=1e-5, rtol=1e-5)
+    other, _ = model.positive_queries(0, anchors, torch.zeros(2, 7, 64))
+    assert not torch.allclose(other, released_dino_positive_queries(state, 0, anchors), atol=1e-3)  # heads differ
 
 
 def test_keep_aux_loads_the_whole_training_model(tiny_config: Path, tmp_path: Path) -> None:
