@@ -35,11 +35,15 @@ def test_packaged_config_builds_with_its_class_count_and_levels(name: str) -> No
     cfg = load_config(name)
     outputs, state = built(cfg.model)
     levels = cfg.model.transformer.num_feature_levels
-    assert len(outputs) == len(cfg.model.backbone.out_indices) and levels == len(outputs) + 1, name
-    mapped = [state[f"neck.convs.{i}.0.weight"] for i in range(levels)]
-    assert f"neck.convs.{levels}.0.weight" not in state and state["level_embed"][0] == levels
-    assert [shape[1] for shape in mapped] == [*outputs, outputs[-1]]  # 1x1 per backbone map, one extra 3x3 s2
-    assert mapped[-1][2:] == (3, 3) and all(shape[2:] == (1, 1) for shape in mapped[:-1])
+    assert state["level_embed"][0] == levels
+    if cfg.model.neck == "sfp":  # ViT-L: one stride-16 map, the simple feature pyramid makes every level
+        assert len(outputs) == 1
+    else:  # channel mapper: a 1x1 conv per backbone map, one extra 3x3 stride-2 level
+        assert len(outputs) == len(cfg.model.backbone.out_indices) and levels == len(outputs) + 1, name
+        mapped = [state[f"neck.convs.{i}.0.weight"] for i in range(levels)]
+        assert f"neck.convs.{levels}.0.weight" not in state
+        assert [shape[1] for shape in mapped] == [*outputs, outputs[-1]]
+        assert mapped[-1][2:] == (3, 3) and all(shape[2:] == (1, 1) for shape in mapped[:-1])
     classes = {shape[0] for key, shape in state.items() if re.fullmatch(r"class_branches\.\d+\.weight", key)}
     assert classes == {cfg.model.num_classes}, name
     if cfg.model.arch == "dino":
@@ -79,6 +83,7 @@ def test_co_dino_zoo_config_names_its_release_and_test_settings(name: str) -> No
     else:
         assert cfg.data.augment == "detr"
         assert (cfg.data.test_scale, cfg.data.max_size) == ((1280, 2048) if "o365" in name else (800, 1333))
+        assert cfg.data.pad_size_divisor == (32 if "o365" in name else 1)
     epochs = {"1x": 12, "2x": 24, "3x": 36, "16e": 16}[re.search(r"_(1x|2x|3x|16e)_", name)[1]]
     if name != "co_dino_5scale_lsj_swin_large_3x_lvis":  # the released file keeps its base's 12 epochs
         assert cfg.train.epochs == epochs
