@@ -444,3 +444,29 @@ def test_log_lines_show_iteration_losses_lr_throughput_and_eta(coco: Path, tmp_p
         assert float(match[4]) == pytest.approx(record["loss"], abs=1e-4)
         # images per second over the logged steps: 4 images per step
         assert float(match[6]) == pytest.approx(4 / record["time"], rel=0.05, abs=0.1)
+
+
+def test_vit_large_coco_config_trains_with_the_released_recipe() -> None:
+    """The released ViT-L COCO recipe in its config; at tiny sizes (4 blocks) its detector's
+    optimizer puts block i at lr * 0.8 ** (4 - i), the embeddings at lr * 0.8 ** 5, the rest at lr."""
+    cfg = load_config("co_dino_5scale_vit_large_coco")
+    assert (cfg.train.layer_decay.rate, cfg.train.layer_decay.num_layers) == (0.8, 24)
+    assert (cfg.train.ema, cfg.train.ema_momentum, cfg.train.ema_total_iter, cfg.train.ema_interval) == (True, 1e-4, 2000, 1)
+    assert (cfg.train.warmup_iters, cfg.train.warmup_ratio, cfg.train.lr, cfg.train.lr_steps) == (500, 0.01, 5e-5, [7])
+    lvis = load_config("co_dino_5scale_lsj_vit_large_lvis").train
+    assert (lvis.warmup_iters, lvis.ema, lvis.layer_decay.rate) == (500, False, None)
+
+    tiny = load_config("co_dino_5scale_vit_large_coco", [
+        "model.backbone.timm_args={embed_dim: 32, depth: 4, num_heads: 2, pretrain_img_size: 64}", "model.num_classes=3",
+        "model.transformer={d_model: 32, n_heads: 2, ffn_dim: 64, enc_layers: 1, dec_layers: 1, num_queries: 10}",
+        "model.co={roi_fc_dim: 32}", "train.layer_decay.num_layers=4"])
+    model = build_model(tiny.model)
+    group_of = {id(p): g for g in build_optimizer(model, tiny.train).param_groups for p in g["params"]}
+    params = dict(model.named_parameters())
+    for i in range(4):
+        assert group_of[id(params[f"detector.backbone.blocks.{i}.attn.q_proj.weight"])]["lr"] == pytest.approx(5e-5 * 0.8 ** (4 - i))
+    for name in ("detector.backbone.patch_embed.proj.weight", "detector.backbone.pos_embed"):
+        assert group_of[id(params[name])]["lr"] == pytest.approx(5e-5 * 0.8 ** 5)
+    for name in ("detector.class_branches.0.weight", "aux_heads.1.atss_cls.weight"):
+        assert group_of[id(params[name])]["lr"] == pytest.approx(5e-5)
+    assert len(group_of) == sum(p.requires_grad for p in params.values())
