@@ -255,3 +255,18 @@ def test_collate_pads_to_a_multiple_of_the_size_divisor():
         assert not batch.masks[i, :h, :w].any() and batch.masks[i].sum() == 64 * 96 - h * w
         assert batch.images[i, :, h:].abs().sum() == 0 and batch.images[i, :, :, w:].abs().sum() == 0
     assert collate(list(zip(images, targets))).images.shape == (2, 3, 64, 70)  # default: no rounding
+
+
+def test_lvis_images_named_by_coco_url_resolve_under_the_coco_root(tmp_path):
+    """LVIS v1 images have a coco_url and no file_name: the file is <split>/<name> under a COCO root."""
+    root = tmp_path / "coco"
+    (root / "val2017").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(root / "val2017" / "000000000007.jpg")
+    ann_file = tmp_path / "lvis_v1_val.json"
+    ann_file.write_text(json.dumps({
+        "images": [{"id": 7, "coco_url": "http://images.cocodataset.org/val2017/000000000007.jpg",
+                    "width": 40, "height": 30}],
+        "annotations": [_ann(1, 7, 3, [5, 5, 10, 10])],
+        "categories": [{"id": 3, "name": "cat", "frequency": "r"}]}))
+    image, target = CocoDetection(root, ann_file)[0]
+    assert image.shape[-2:] == (30, 40) and target.labels.tolist() == [0]

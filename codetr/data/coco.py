@@ -45,6 +45,7 @@ class CocoDetection(Dataset):
         self.annotations_file = Path(annotations_file)
         self.transforms = transforms
         dataset = _load_json(self.annotations_file)
+        _file_names_from_coco_urls(dataset)
         _validate(dataset, self.annotations_file)
         self.coco = COCO(dataset)
         self.category_ids: list[int] = sorted(self.coco.cats)
@@ -151,6 +152,15 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _file_names_from_coco_urls(data: dict[str, Any]) -> None:
+    """LVIS v1 files name their images by ``coco_url`` only: such an image gets the file name
+    "<split>/<file>" from its URL (e.g. "val2017/000000397133.jpg"), relative to a COCO root
+    images folder, as the released LVIS configs use."""
+    for img in data.get("images") or []:
+        if isinstance(img, dict) and "file_name" not in img and isinstance(img.get("coco_url"), str):
+            img["file_name"] = "/".join(img["coco_url"].split("/")[-2:])
 
 
 def _validate(data: dict[str, Any], path: Path) -> None:
