@@ -8,6 +8,8 @@ import io
 import json
 import math
 import re
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from torch import nn
 from codetr.engine import train
 from codetr.engine import trainer as trainer_module
 from codetr.engine.checkpoint import load_checkpoint
+from codetr.engine.predictor import load_model
 from codetr.config import Config, LayerDecayConfig, ModelConfig, TrainConfig, load_config
 from codetr.data import collate
 from codetr.engine.amp import keep_float32
@@ -470,3 +473,16 @@ def test_vit_large_coco_config_trains_with_the_released_recipe() -> None:
     for name in ("detector.class_branches.0.weight", "aux_heads.1.atss_cls.weight"):
         assert group_of[id(params[name])]["lr"] == pytest.approx(5e-5)
     assert len(group_of) == sum(p.requires_grad for p in params.values())
+
+
+def test_load_model_from_a_checkpoint_takes_the_ema_average(coco: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading last.pt of an EMA run gives the weights model.safetensors holds (the average), not the last step's."""
+    train(tiny_config(coco, epochs=1, ema=True, ema_momentum=0.1, ema_total_iter=2), tmp_path / "run",
+          build_model=FakeDetector)
+    monkeypatch.setitem(sys.modules, "codetr.models.build", types.SimpleNamespace(build_model=FakeDetector))
+    loaded = load_model(tmp_path / "run" / "last.pt")
+    weights, _ = safetensors_of(tmp_path / "run" / "model.safetensors")
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert not torch.equal(ckpt["model"]["head.weight"], weights["head.weight"])
+    assert torch.equal(loaded.model.state_dict()["head.weight"], weights["head.weight"])

@@ -128,6 +128,8 @@ def load_model(
     else:
         ckpt = load_checkpoint(weights)
         state, names, ids = ckpt["model"], ckpt["class_names"], ckpt["category_ids"]
+        # trained with train.ema: the average is what training evaluated and saved as inference weights
+        state = {**state, **ckpt.get("hooks", {}).get("EMAHook", {}).get("averages", {})}
         stored_config = yaml.safe_dump(ckpt["config"], sort_keys=False)
 
     beside = weights.parent / "config.yaml"
