@@ -18,7 +18,8 @@ from codetr.ops.soft_nms import batched_soft_nms
 from codetr.structures import Batch, Detections, Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# the mmdetection 3.x Co-DINO R50 state-dict list (3 classes), copied from shared/reference
+RELEASED_KEYS = Path(__file__).parent / "data" / "official" / "co_dino_5scale_r50_lsj_3classes_mmdet3_reference.txt"
 
 
 def tiny(name="co_dino_tiny", **co):
@@ -184,7 +185,7 @@ def test_co_dino_r50_has_the_released_parameter_count():
     """Every number of the released mmdetection 3.x Co-DINO R50 state dict (3 classes), summed,
     equals ours (built on the meta device: no memory)."""
     released = 0
-    for line in open(REFERENCE / "co_dino_5scale_r50_mmdet3_state_dict.txt"):
+    for line in open(RELEASED_KEYS):
         name, shape = line.strip().rsplit(" (", 1)
         if not name.endswith("num_batches_tracked"):
             released += math.prod(int(d) for d in shape.rstrip(")").split(",") if d.strip())
