@@ -1,0 +1,12 @@
+"""The error type for problems the user can fix (bad data, config values, weights files, folders).
+
+Raise ``UserError`` with a message that names the culprit (file, image id, annotation id, field,
+config key). The command line prints such errors in a few lines and exits with code 2, without a
+traceback (``--debug`` or ``CODETR_DEBUG=1`` shows it).
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem in the user's input; the message names the file, id, field or key at fault."""
