@@ -368,10 +368,9 @@ def size_mismatch_message(path: Path, image_id: int, header: ImageHeader, json_s
         text += f" after its EXIF orientation {orientation} ({ORIENTATIONS[orientation]})"
     text += f" but {annotations_file} says {json_w}x{json_h} (w x h)"
     if orientation in SWAPS_AXES and json_size == (header.stored_width, header.stored_height):
-        text += (": the JSON has the size of the stored pixels before the EXIF rotation, so the annotations were "
-                 "most likely made on the unrotated image; codetr reads images upright (as photo viewers and mmcv "
-                 "do), so either remove the EXIF orientation tag from the file (keeping its pixels) or rotate the "
-                 "boxes and swap width and height in the JSON")
+        text += (": the JSON size is that of the pixels before the EXIF rotation, so the annotations were most "
+                 "likely made on the unrotated image (codetr reads it upright, as photo viewers and mmcv do): remove "
+                 "the file's EXIF orientation tag, or rotate the boxes and swap width and height in the JSON")
     elif json_size == (height, width):
         text += ": width and height are swapped (was the image rotated after it was annotated?)"
     return text
