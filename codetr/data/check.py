@@ -313,7 +313,7 @@ def _check_annotation_records(data: dict[str, Any], annotations: list[Any], imag
         if ann.get("iscrowd", 0) not in (0, 1):
             report.add("annotation_field", f"{where}: field 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")
             continue
-        if "area" not in ann:
+        if ann.get("area") is None:
             report.add("area_missing", f"{where} (image id {image_id})")
         elif not _is_number(ann["area"]) or ann["area"] < 0:
             report.add("annotation_field", f"{where}: field 'area' must be a non-negative number, got {ann['area']!r}")
@@ -424,11 +424,11 @@ def check_dataset(annotations_file: str | Path, images_dir: str | Path, decode: 
 
 
 def fill_missing_areas(data: dict[str, Any]) -> None:
-    """Give every annotation without ``area`` its box area w*h: the COCO metrics sort objects
+    """Give every annotation without ``area`` (or with null) its box area w*h: the COCO metrics sort objects
     into small / medium / large by ``area`` (faster-coco-eval counts an object without one as
     small). COCO's own files hold the mask area, which the box area only approximates."""
     for ann in data.get("annotations", []):
-        if "area" not in ann:
+        if ann.get("area") is None:
             ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
 
 
