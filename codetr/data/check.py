@@ -115,7 +115,7 @@ class DatasetReport:
                 out += ["", f"{title}:", *self.lines(kinds, examples)]
         errors, warned = self.num_errors, sum(self.counts[k] for k in self.kinds(WARNING))
         verdict = "fix the errors before training or evaluating" if errors else "usable"
-        out += ["", f"result: {errors} errors, {warned} warnings: {verdict}"]
+        out += ["", f"result: {_plural(errors, 'error')}, {_plural(warned, 'warning')}: {verdict}"]
         return "\n".join(out)
 
     def raise_errors(self) -> None:
@@ -123,7 +123,7 @@ class DatasetReport:
         kinds = self.kinds(ERROR)
         if kinds:
             raise DatasetError("\n".join([
-                f"annotation file {self.annotations_file} (images {self.images_dir}): {self.num_errors} errors",
+                f"annotation file {self.annotations_file} (images {self.images_dir}): {_plural(self.num_errors, 'error')}",
                 *self.lines(kinds),
                 f"(`codetr data check {self.annotations_file} --images {self.images_dir}` reports every problem)"]))
 
@@ -137,6 +137,10 @@ class DatasetReport:
             more = f"; and {self.counts[kind] - 2} more" if self.counts[kind] > 2 else ""
             warnings.warn(f"{self.annotations_file}: {KINDS[kind][1]}: {self.counts[kind]}, e.g. {shown}{more}",
                           stacklevel=3)
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
 
 
 # ------------------------------------------------------------------------------------ the JSON
