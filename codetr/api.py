@@ -27,6 +27,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
 from codetr.config import Config, config_to_dict, load_config, save_config
+from codetr.data.image import read_image, to_rgb
 from codetr.engine.checkpoint import save_inference_weights
 from codetr.engine.predictor import (
     ImageDetector,
@@ -35,7 +36,6 @@ from codetr.engine.predictor import (
     list_images,
     load_model,
     load_weights,
-    read_image,
     resolve_device,
 )
 from codetr.engine.tta import TTADetector
@@ -163,7 +163,7 @@ class Detector:
         names = self.class_names
         runner = TTADetector(self._runner) if tta else self._runner
         results = []
-        for image, path in _images(source):
+        for image, path in _images(source, self.cfg.data.max_image_pixels):
             det: Detections = runner.detect(image)
             keep = det.scores >= score_thr
             labels = det.labels[keep]
@@ -273,16 +273,18 @@ def _dotted_fields(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def _images(source: ImageSource | Sequence[ImageSource]) -> Iterator[tuple[Tensor, Path | None]]:
-    """Every image of ``source`` as ((3, H, W) RGB tensor, file path or None), read one at a time."""
+def _images(source: ImageSource | Sequence[ImageSource],
+            max_pixels: int | None) -> Iterator[tuple[Tensor, Path | None]]:
+    """Every image of ``source`` as ((3, H, W) RGB tensor, file path or None), read one at a time;
+    files and PIL images upright (EXIF orientation applied) and in 8-bit RGB (:mod:`codetr.data.image`)."""
     if isinstance(source, (list, tuple)):
         for element in source:
-            yield from _images(element)
+            yield from _images(element, max_pixels)
     elif isinstance(source, (str, Path)):
         for path in list_images(source):
-            yield read_image(path), path
+            yield read_image(path, max_pixels), path
     elif isinstance(source, Image.Image):
-        yield F.pil_to_tensor(source.convert("RGB")), None
+        yield F.pil_to_tensor(to_rgb(source)), None
     elif isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[-1] != 3 or source.dtype != np.uint8:
             raise ValueError(f"an ndarray image must be (H, W, 3) uint8 RGB, got {source.shape} {source.dtype}")

@@ -154,6 +154,12 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return run_synth(args)
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from codetr.data.check import run_check
+
+    return run_check(args)
+
+
 def cmd_convert_hf(args: argparse.Namespace) -> int:
     from codetr.convert.hf_deformable_detr import run
 
@@ -237,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Write the synthetic COCO-format shapes dataset.")
     add_synth_arguments(synth)
     synth.set_defaults(func=cmd_data_synth)
+    from codetr.data.check import add_check_arguments
+
+    check = data_commands.add_parser("check", help="validate a COCO-format dataset (annotations and image files)",
+                                     description="Check a COCO-format dataset: JSON structure and field types, ids, "
+                                                 "duplicates, boxes, categories, image files present and decodable, "
+                                                 "their sizes and EXIF orientation. Prints a report; exit code 2 when "
+                                                 "it finds errors, 0 otherwise (warnings allowed).")
+    add_check_arguments(check)
+    check.set_defaults(func=cmd_data_check)
 
     p = commands.add_parser("convert", help="convert weights from other implementations",
                             description="Convert weights from other implementations to codetr safetensors.")

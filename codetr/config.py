@@ -81,6 +81,12 @@ class DataConfig:
     # of the validation annotations has a "frequency" field, else "coco".
     eval_style: str = "auto"
     tta: TTAConfig = field(default_factory=TTAConfig)
+    # A training set without any usable box (no annotations, all crowd) is an error unless this is
+    # true (background-only training); a validation set always needs boxes.
+    allow_empty: bool = False
+    # Images with more pixels are refused (Pillow's decompression-bomb limit, 2 x
+    # PIL.Image.MAX_IMAGE_PIXELS); raise it for trusted large images, null: no limit.
+    max_image_pixels: int | None = 178956970
 
 
 @dataclass

@@ -10,3 +10,17 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A problem in the user's input; the message names the file, id, field or key at fault."""
+
+
+class DatasetError(UserError, ValueError):
+    """A COCO-format dataset the loader cannot use: malformed or inconsistent annotations, image
+    sizes that differ from the JSON, files outside the images folder, no annotations to learn from."""
+
+
+class ImageFileError(UserError, OSError):
+    """An image file that cannot be read: missing, not an image, truncated or corrupt, or larger
+    than the decompression-bomb limit (``data.max_image_pixels``)."""
+
+
+class FileMissingError(UserError, FileNotFoundError):
+    """A file the user named (annotations, images, weights, config) does not exist."""

@@ -8,6 +8,7 @@ from PIL import Image
 
 from codetr.config import DataConfig
 from codetr.data import CocoDetection, build_dataloader, build_dataset, build_transforms, collate
+from codetr.errors import UserError
 from codetr.structures import Batch, Target
 
 
@@ -59,23 +60,27 @@ def test_targets_are_clipped_xyxy_without_crowds(tmp_path):
     assert target.image_id == 11 and target.orig_size == (30, 40)
 
 
-def test_degenerate_boxes_dropped_with_one_warning(tmp_path):
+def test_degenerate_boxes_dropped_with_one_warning_per_kind(tmp_path):
     anns = [
-        _ann(1, 1, 1, [2.0, 3.0, 10.0, 8.0]),
-        _ann(2, 1, 1, [5.0, 5.0, 1.0, 8.0]),  # 1 px wide
-        _ann(3, 1, 1, [5.0, 5.0, 8.0, 0.5]),
-        _ann(4, 2, 1, [50.0, 5.0, 8.0, 8.0]),  # right of the 40 px wide image
-        _ann(5, 2, 1, [10.0, 10.0, -3.0, 4.0]),
-        _ann(6, 2, 1, [4.0, 4.0, 6.0, 6.0]),
+        _ann(1, 1, 1, [2.0, 3.0, 10.0, 8.0], area=80.0),
+        _ann(2, 1, 1, [5.0, 5.0, 1.0, 8.0], area=8.0),  # 1 px wide
+        _ann(3, 1, 1, [5.0, 5.0, 8.0, 0.5], area=4.0),
+        _ann(4, 2, 1, [50.0, 5.0, 8.0, 8.0], area=64.0),  # right of the 40 px wide image
+        _ann(5, 2, 1, [10.0, 10.0, -3.0, 4.0], area=12.0),
+        _ann(6, 2, 1, [4.0, 4.0, 6.0, 6.0], area=36.0),
     ]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = CocoDetection(*_write(tmp_path, [_img(1), _img(2)], anns, [{"id": 1, "name": "a"}]))
-    messages = [str(w.message) for w in caught if "degenerate" in str(w.message)]
-    assert len(messages) == 1
-    assert "dropped 4 degenerate" in messages[0] and "annotation id 2" in messages[0]
+    messages = sorted(str(w.message) for w in caught)
+    assert len(messages) == 3
+    tiny, outside, empty = messages  # sorted: "box at most", "box outside", "box with"
+    assert "box at most 1 px wide or high inside its image (left out): 2" in tiny and "annotation id 2" in tiny
+    assert "box outside its image (left out): 1" in outside and "annotation id 4" in outside
+    assert "box with zero or negative width or height (left out): 1" in empty and "annotation id 5" in empty
     assert ds[0][1].boxes.tolist() == [[2.0, 3.0, 12.0, 11.0]]
     assert ds[1][1].boxes.tolist() == [[4.0, 4.0, 10.0, 10.0]]
+    assert ds.num_boxes == 2
 
 
 def test_images_without_annotations_are_kept(tmp_path):
@@ -93,11 +98,20 @@ def test_missing_annotation_file_is_named(tmp_path):
         CocoDetection(tmp_path, tmp_path / "nope.json")
 
 
-def test_missing_image_file_names_file_and_image_id(tmp_path):
+def test_missing_image_files_are_reported_when_loading(tmp_path):
+    image_dir, ann_file = _write(tmp_path, [_img(i) for i in range(1, 11)], [], [{"id": 1, "name": "a"}])
+    for i in (2, 5, 6, 7, 9):
+        (image_dir / f"{i}.png").unlink()
+    with pytest.raises(UserError, match=r"image file missing: 5 of 10 images\n    2\.png \(image id 2\)\n    "
+                                        r"5\.png \(image id 5\)\n    6\.png \(image id 6\)\n    \.\.\. and 2 more"):
+        CocoDetection(image_dir, ann_file)
+
+
+def test_image_file_removed_after_loading_names_file_and_image_id(tmp_path):
     image_dir, ann_file = _write(tmp_path, [_img(1)], [], [{"id": 1, "name": "a"}])
-    (image_dir / "1.png").unlink()
     ds = CocoDetection(image_dir, ann_file)
-    with pytest.raises(FileNotFoundError, match=r"1\.png.*image id 1"):
+    (image_dir / "1.png").unlink()
+    with pytest.raises(UserError, match=r"1\.png not found \(image id 1 of .*instances\.json\)"):
         ds[0]
 
 

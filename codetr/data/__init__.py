@@ -14,6 +14,7 @@ from codetr.data.batch import collate
 from codetr.data.coco import CocoDetection, transformed_sample
 from codetr.data.synthetic import generate_synthetic_coco, synthetic_is_current
 from codetr.data.transforms import build_transforms
+from codetr.errors import DatasetError
 
 __all__ = [
     "CocoDetection",
@@ -59,6 +60,9 @@ def _ensure_synthetic(cfg: DataConfig) -> None:
 def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     """The dataset of ``split`` ("train" | "val") with its transforms.
 
+    A dataset without any usable box is refused (:class:`codetr.errors.DatasetError`): always for
+    "val", for "train" unless ``cfg.allow_empty``.
+
     With ``cfg.synthetic``, the synthetic dataset is generated first (both splits) at the
     configured paths when its annotation file is missing or was written with other
     ``synthetic_*`` settings (image count, size, seed).
@@ -67,7 +71,13 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     count = cfg.synthetic_train if split == "train" else cfg.synthetic_val
     if cfg.synthetic and not synthetic_is_current(annotations, split, count, cfg.synthetic_size, cfg.synthetic_seed):
         _ensure_synthetic(cfg)
-    return CocoDetection(images, annotations, build_transforms(cfg, train=split == "train"))
+    dataset = CocoDetection(images, annotations, build_transforms(cfg, train=split == "train"), cfg.max_image_pixels)
+    if dataset.num_boxes == 0 and (split == "val" or not cfg.allow_empty):
+        reason = dataset.report.examples.get("no_annotations", ["no usable box"])[0]
+        use = ("training would learn nothing (set data.allow_empty=true to train on images without objects)"
+               if split == "train" else "evaluation needs ground-truth boxes (every metric would be -1)")
+        raise DatasetError(f"data.{split}_annotations {annotations}: {reason}: {use}")
+    return dataset
 
 
 def build_dataloader(

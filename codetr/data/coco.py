@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import math
-import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +14,10 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from codetr.data.check import (DatasetReport, clip_box, fill_missing_areas, inspect_dataset, load_annotations,
+                               size_mismatch_message)
+from codetr.data.image import DEFAULT_MAX_IMAGE_PIXELS, open_image, read_header
+from codetr.errors import DatasetError, ImageFileError
 from codetr.structures import Target
 
 # A transform takes and returns (image, {"boxes": BoundingBoxes xyxy, "labels": (N,) int64}).
@@ -27,26 +27,36 @@ Transform = Callable[[tv_tensors.Image, dict[str, Tensor]], tuple[Tensor, dict[s
 class CocoDetection(Dataset):
     """Detection samples of a COCO-format dataset.
 
+    Loading runs the checks of :mod:`codetr.data.check` without decoding the images (every file
+    present and readable, its upright size equal to the JSON's; fields, ids, references): errors
+    raise a :class:`codetr.errors.DatasetError` listing them, warnings are issued once per kind.
+    Images are read by :func:`codetr.data.image.open_image` (EXIF orientation applied, any mode to
+    8-bit RGB; at most ``max_image_pixels`` pixels, None: no limit).
+
     Category ids of any numbering map to contiguous labels ``0..C-1`` in increasing id order:
     ``category_ids[label]`` is the dataset id, ``class_names[label]`` its name.
     Crowd boxes (``iscrowd=1``) are left out of the targets. Boxes are clipped to the image;
-    boxes with width or height <= 1 px after clipping are dropped (one warning per dataset).
-    Images without annotations are kept with empty targets.
+    boxes with width or height <= 1 px after clipping are left out. Images without annotations
+    are kept with empty targets. Annotations without ``area`` get the box area (for the metrics).
 
     ``__getitem__(i)`` returns ``(image, Target)``: with ``transforms``, whatever they return
     (for :func:`codetr.data.build_transforms`: (3, H, W) float normalised); without, the image as
-    stored, (3, H, W) uint8 RGB. ``Target.boxes`` are xyxy absolute in the returned image.
+    read, (3, H, W) uint8 RGB. ``Target.boxes`` are xyxy absolute in the returned image.
     """
 
-    def __init__(
-        self, images_dir: str | Path, annotations_file: str | Path, transforms: Transform | None = None
-    ) -> None:
+    def __init__(self, images_dir: str | Path, annotations_file: str | Path, transforms: Transform | None = None,
+                 max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.images_dir = Path(images_dir)
         self.annotations_file = Path(annotations_file)
         self.transforms = transforms
-        dataset = _load_json(self.annotations_file)
-        _file_names_from_coco_urls(dataset)
-        _validate(dataset, self.annotations_file)
+        self.max_image_pixels = max_image_pixels
+        dataset = load_annotations(self.annotations_file)
+        self.report = DatasetReport(self.annotations_file, self.images_dir)
+        inspect_dataset(dataset, self.report, decode=False, max_pixels=max_image_pixels)
+        self.report.raise_errors()
+        self.report.warn()
+        dataset.setdefault("annotations", [])
+        fill_missing_areas(dataset)
         self.coco = COCO(dataset)
         self.category_ids: list[int] = sorted(self.coco.cats)
         self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.category_ids]
@@ -56,35 +66,25 @@ class CocoDetection(Dataset):
         # (N, 4) xyxy absolute clipped boxes and (N,) labels per image, in image_ids order.
         self._boxes: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
-        dropped, example = 0, None
         for image_id in self.image_ids:
             info = self.coco.imgs[image_id]
             boxes, labels = [], []
             for ann in self.coco.imgToAnns.get(image_id, []):
-                if ann.get("iscrowd", 0):
-                    continue
-                x, y, w, h = (float(v) for v in ann["bbox"])
-                x1, x2 = min(max(x, 0.0), info["width"]), min(max(x + w, 0.0), info["width"])
-                y1, y2 = min(max(y, 0.0), info["height"]), min(max(y + h, 0.0), info["height"])
-                if x2 - x1 <= 1 or y2 - y1 <= 1:
-                    dropped += 1
-                    if example is None:
-                        example = ann["id"]
-                    continue
-                boxes.append((x1, y1, x2, y2))
-                labels.append(label_of[ann["category_id"]])
+                box = None if ann.get("iscrowd", 0) else clip_box(ann["bbox"], info["width"], info["height"])
+                if box is not None:
+                    boxes.append(box)
+                    labels.append(label_of[ann["category_id"]])
             self._boxes.append(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
             self._labels.append(np.asarray(labels, dtype=np.int64))
-        if dropped:
-            warnings.warn(
-                f"{self.annotations_file}: dropped {dropped} degenerate box(es) (width or height <= 1 px "
-                f"after clipping to the image), e.g. annotation id {example}",
-                stacklevel=2,
-            )
 
     @property
     def num_classes(self) -> int:
         return len(self.category_ids)
+
+    @property
+    def num_boxes(self) -> int:
+        """Training boxes (crowds and degenerate boxes left out) over all images."""
+        return sum(len(boxes) for boxes in self._boxes)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -95,18 +95,17 @@ class CocoDetection(Dataset):
         return [int(self.coco.imgs[i]["width"] / self.coco.imgs[i]["height"] > 1) for i in self.image_ids]
 
     def load_image(self, index: int) -> Image.Image:
-        """The RGB image of sample ``index``, as stored on disk."""
+        """The RGB image of sample ``index``, upright (EXIF orientation applied)."""
         image_id = self.image_ids[index]
         info = self.coco.imgs[image_id]
         path = self.images_dir / info["file_name"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image file {path} of image id {image_id} not found "
-                                    f"(annotations: {self.annotations_file})")
-        with Image.open(path) as img:
-            image = img.convert("RGB")
+        try:
+            image = open_image(path, self.max_image_pixels)
+        except ImageFileError as err:
+            raise ImageFileError(f"{err} (image id {image_id} of {self.annotations_file})") from None
         if image.size != (info["width"], info["height"]):
-            raise ValueError(f"image file {path} of image id {image_id} is {image.width}x{image.height} "
-                             f"but {self.annotations_file} says {info['width']}x{info['height']} (w x h)")
+            raise DatasetError(size_mismatch_message(path, image_id, read_header(path, self.max_image_pixels),
+                                                     (info["width"], info["height"]), self.annotations_file))
         return image
 
     def __getitem__(self, index: int) -> tuple[Tensor, Target]:
@@ -132,86 +131,3 @@ def transformed_sample(image: tv_tensors.Image, boxes: Tensor, labels: Tensor, t
         orig_size=(height, width),
         content_size=None if content is None else (int(content[0]), int(content[1])),
     )
-
-
-def _load_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"annotation file {path} not found")
-    try:
-        data = COCO.load_json(str(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"annotation file {path} is not valid JSON: {err}") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"annotation file {path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _file_names_from_coco_urls(data: dict[str, Any]) -> None:
-    """LVIS v1 files name their images by ``coco_url`` only: such an image gets the file name
-    "<split>/<file>" from its URL (e.g. "val2017/000000397133.jpg"), relative to a COCO root
-    images folder, as the released LVIS configs use."""
-    for img in data.get("images") or []:
-        if isinstance(img, dict) and "file_name" not in img and isinstance(img.get("coco_url"), str):
-            img["file_name"] = "/".join(img["coco_url"].split("/")[-2:])
-
-
-def _validate(data: dict[str, Any], path: Path) -> None:
-    """Check the fields CocoDetection relies on; errors name the file, the record and the field."""
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise ValueError(f"annotation file {path}: missing or malformed top-level list {key!r}")
-    data.setdefault("annotations", [])
-    if not isinstance(data["annotations"], list):
-        raise ValueError(f"annotation file {path}: 'annotations' must be a list")
-
-    cat_ids: set[int] = set()
-    for i, cat in enumerate(data["categories"]):
-        where = f"annotation file {path}: category #{i}"
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            raise ValueError(f"{where}: field 'id' missing or not an integer")
-        if not isinstance(cat.get("name"), str):
-            raise ValueError(f"{where} (id {cat['id']}): field 'name' missing or not a string")
-        if cat["id"] in cat_ids:
-            raise ValueError(f"{where}: duplicate category id {cat['id']}")
-        cat_ids.add(cat["id"])
-
-    image_ids: set[int] = set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
-            raise ValueError(f"annotation file {path}: image #{i}: field 'id' missing or not an integer")
-        where = f"annotation file {path}: image id {img['id']}"
-        if img["id"] in image_ids:
-            raise ValueError(f"{where}: duplicate image id")
-        if not isinstance(img.get("file_name"), str):
-            raise ValueError(f"{where}: field 'file_name' missing or not a string")
-        for field in ("width", "height"):
-            if not _is_int(img.get(field)) or img[field] <= 0:
-                raise ValueError(f"{where}: field {field!r} missing or not a positive integer")
-        image_ids.add(img["id"])
-
-    ann_ids: set[int] = set()
-    for i, ann in enumerate(data["annotations"]):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            raise ValueError(f"annotation file {path}: annotation #{i}: field 'id' missing or not an integer")
-        where = f"annotation file {path}: annotation id {ann['id']}"
-        if ann["id"] in ann_ids:
-            raise ValueError(f"{where}: duplicate annotation id")
-        ann_ids.add(ann["id"])
-        if not _is_int(ann.get("image_id")) or ann["image_id"] not in image_ids:
-            raise ValueError(f"{where}: field 'image_id' ({ann.get('image_id')!r}) is not an image id of the file")
-        if not _is_int(ann.get("category_id")) or ann["category_id"] not in cat_ids:
-            raise ValueError(f"{where}: field 'category_id' ({ann.get('category_id')!r}) is not a category id "
-                             f"of the file")
-        bbox = ann.get("bbox")
-        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-            raise ValueError(f"{where}: field 'bbox' must be [x, y, width, height] of finite numbers, got {bbox!r}")
-        if ann.get("iscrowd", 0) not in (0, 1):
-            raise ValueError(f"{where}: field 'iscrowd' must be 0 or 1, got {ann['iscrowd']!r}")

@@ -17,6 +17,7 @@ from torchvision.transforms.v2 import functional as F
 
 from codetr.config import Config, DataConfig, load_config
 from codetr.data import build_transforms, collate, transformed_sample
+from codetr.data.image import read_image
 from codetr.engine.checkpoint import load_checkpoint, read_safetensors
 from codetr.engine.evaluator import detection_records
 from codetr.ops.boxes import rescale_boxes
@@ -81,12 +82,6 @@ def preprocess(cfg: DataConfig, image: Tensor) -> Tensor:
     """(3, H, W) RGB uint8 or float in [0, 1] -> (3, h, w) float32 normalised, resized as in
     evaluation (shorter side ``cfg.test_scale``, longer side at most ``cfg.max_size``)."""
     return build_transforms(cfg, train=False)(tv_tensors.Image(image)).as_subclass(Tensor)
-
-
-def read_image(path: str | Path) -> Tensor:
-    """An image file as a (3, H, W) uint8 RGB tensor."""
-    with Image.open(path) as img:
-        return F.pil_to_tensor(img.convert("RGB"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -220,7 +215,7 @@ def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | P
     label_of = {cat_id: label for label, cat_id in enumerate(category_ids)}
     records: list[dict[str, Any]] = []
     for path in images:
-        pixels = read_image(path)
+        pixels = read_image(path, detector.cfg.data.max_image_pixels)
         det = detector.detect(pixels)
         keep = det.scores >= score_thr
         found = detection_records(Detections(det.boxes[keep], det.scores[keep], det.labels[keep]), 0, category_ids)
