@@ -75,7 +75,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def overrides(root: Path, batch_size: int, *extra: str) -> list[str]:
-    """The tiny Co-Deformable-DETR on the data of :func:`write_data`, 2 epochs, ``batch_size`` images
+    """A tiny config on the data of :func:`write_data`, 2 epochs, ``batch_size`` images
     per process, no aspect-ratio grouping (whose split across processes is mmdet's: each process a
     contiguous part of the epoch, not the global batches of one process), evaluation at the end."""
     return [f"data.train_images={root}/train", f"data.train_annotations={root}/train.json",
@@ -91,11 +91,11 @@ def overrides(root: Path, batch_size: int, *extra: str) -> list[str]:
 DETERMINISTIC = ("model.co.aux_heads=[atss]", "model.co.zero_padding=true")
 
 
-def torchrun(out: Path, args: list[str], resume: bool = False) -> None:
+def torchrun(out: Path, args: list[str], resume: bool = False, config: str = CONFIG) -> None:
     """``torchrun --nproc_per_node 2 -m codetr train`` on this checkout, one thread per process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "codetr", "train", CONFIG, *args, "--out", str(out), *(["--resume"] if resume else [])]
+               "-m", "codetr", "train", config, *args, "--out", str(out), *(["--resume"] if resume else [])]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
 
@@ -129,13 +129,13 @@ def test_two_processes_train_as_one_process_with_their_global_batch(data: Path, 
 
 
 def test_distributed_resume_continues_exactly(data: Path, tmp_path: Path) -> None:
-    """With the random proposal and negative sampling of each process: stopped after 1 step and
-    resumed, the run ends with the weights and losses of an uninterrupted one (each process
-    resumes its own RNG states)."""
-    random_heads = ("model.co.aux_heads=[rcnn,atss]", "model.co.zero_padding=false")
-    torchrun(tmp_path / "straight", overrides(data, 1, *random_heads))
-    torchrun(tmp_path / "resumed", overrides(data, 1, *random_heads, "train.max_iters=1"))
-    torchrun(tmp_path / "resumed", overrides(data, 1, *random_heads), resume=True)
+    """The tiny Co-DINO (random denoising noise, proposal and negative sampling in each process;
+    rank 1 without objects, hence without denoising queries, in the first step): stopped after 1
+    step and resumed, the run ends with the weights and losses of an uninterrupted one (each
+    process resumes its own RNG states)."""
+    torchrun(tmp_path / "straight", overrides(data, 1), config="co_dino_tiny")
+    torchrun(tmp_path / "resumed", overrides(data, 1, "train.max_iters=1"), config="co_dino_tiny")
+    torchrun(tmp_path / "resumed", overrides(data, 1), resume=True, config="co_dino_tiny")
 
     straight, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
     assert straight.keys() == resumed.keys()
