@@ -19,6 +19,7 @@ from codetr.config import Config, DataConfig, load_config
 from codetr.data import build_transforms, collate, transformed_sample
 from codetr.engine.checkpoint import load_checkpoint, read_safetensors
 from codetr.engine.evaluator import detection_records
+from codetr.errors import UserError
 from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Detections
 
@@ -89,11 +90,33 @@ def read_image(path: str | Path) -> Tensor:
         return F.pil_to_tensor(img.convert("RGB"))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(name: str | torch.device, source: str = "--device") -> torch.device:
+    """The device of ``--device``, ``train.device`` or ``Detector(device=)`` (named ``source`` in
+    errors): "auto" (CUDA when available, else the CPU; MPS only when asked for), "cpu", "cuda",
+    "cuda:N" or "mps". A device this machine lacks is a UserError saying why."""
+    if isinstance(name, str) and name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{source} {name!r} is not a device: use {DEVICE_CHOICES}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{source} {name}: cuda requested but torch.cuda.is_available() is False (no usable "
+                            "GPU, or a CPU-only PyTorch build); use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{source} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"{source} {name}: mps requested but torch.backends.mps.is_available() is False "
+                            "(Apple-silicon GPUs only); use cpu or auto")
+    elif device.type != "cpu":
+        raise UserError(f"{source} {name!r}: unsupported device type {device.type!r}; use {DEVICE_CHOICES}")
+    return device
 
 
 def config_from_text(text: str, overrides: list[str] | None = None) -> Config:

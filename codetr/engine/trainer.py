@@ -786,7 +786,7 @@ def train(
     if not resume and ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     if dist.init_distributed(device) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     main = dist.is_main_process()
