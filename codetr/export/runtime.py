@@ -15,6 +15,7 @@ from codetr.engine.predictor import config_from_text, preprocess, resolve_device
 from codetr.errors import UserError
 from codetr.export.onnx import INPUT_NAMES, METADATA_KEYS
 from codetr.models.dino import apply_soft_nms
+from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Detections
 
 
@@ -72,11 +73,12 @@ class OnnxDetector:
 
     def detect(self, image: Tensor) -> Detections:
         """Detections in ``image`` (3, H, W) RGB, uint8 or float in [0, 1]; boxes xyxy in pixels of it."""
-        height, width = image.shape[-2:]
-        pixels = preprocess(self.cfg.data, image)[None].numpy()
-        boxes, scores, labels = self.session.run(None, {"images": pixels,
-                                                        "orig_sizes": np.array([[height, width]], dtype=np.int64)})
+        pixels, target = preprocess(self.cfg.data, image)
+        size = tuple(pixels.shape[-2:])  # boxes in pixels of the input, then mapped to the image as in PyTorch
+        boxes, scores, labels = self.session.run(None, {"images": pixels[None].numpy(),
+                                                        "orig_sizes": np.array([size], dtype=np.int64)})
         det = Detections(torch.from_numpy(boxes[0]), torch.from_numpy(scores[0]), torch.from_numpy(labels[0]))
         if self.cfg.model.arch == "dino":  # DINO's Soft-NMS is not in the graph: it runs here, as in predict
             det = apply_soft_nms(det, self.cfg.model)
-        return det
+        boxes = rescale_boxes(det.boxes, size, target.orig_size, target.content_size)
+        return Detections(boxes, det.scores, det.labels)
