@@ -159,7 +159,8 @@ def test_transformer_activation_checkpointing_recomputes_and_keeps_loss_and_grad
 
 
 def test_transformer_activation_checkpointing_must_name_a_number_of_layers():
-    with pytest.raises(ValueError, match="enc_with_cp must be a number of layers from 0 to enc_layers"):
-        DeformableDETR(tiny_cfg(enc_with_cp=2))
+    with pytest.raises(ValueError, match="enc_with_cp must be a number of layers .0 or more., got -1"):
+        DeformableDETR(tiny_cfg(enc_with_cp=-1))
     with pytest.raises(ValueError, match="dec_with_cp"):
-        DeformableDETR(tiny_cfg(dec_with_cp=-1))
+        DeformableDETR(tiny_cfg(dec_with_cp=True))
+    DeformableDETR(tiny_cfg(enc_with_cp=6, dec_with_cp=6))  # more than the layers: all of them

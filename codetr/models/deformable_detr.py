@@ -100,7 +100,7 @@ class DeformableDETR(nn.Module):
         self.level_embed = nn.Parameter(torch.empty(t.num_feature_levels, t.d_model))
         self.encoder = DeformableEncoder(t.enc_layers, t.d_model, t.ffn_dim, t.num_feature_levels, t.n_heads,
                                          t.n_points, t.dropout, t.enc_with_cp)
-        check_with_cp("dec", t.dec_with_cp, t.dec_layers)
+        check_with_cp("dec", t.dec_with_cp)
         self.decoder_layers = nn.ModuleList(
             DeformableDecoderLayer(t.d_model, t.ffn_dim, t.num_feature_levels, t.n_heads, t.n_points, t.dropout)
             for _ in range(t.dec_layers))

@@ -51,12 +51,12 @@ def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios
 
 
 class DeformableEncoder(nn.Module):
-    """``num_layers`` encoder layers; the first ``with_cp`` of them under activation checkpointing."""
+    """``num_layers`` encoder layers; the first ``with_cp`` of them (all when more) under activation checkpointing."""
 
     def __init__(self, num_layers: int, d_model: int, ffn_dim: int, n_levels: int, n_heads: int, n_points: int,
                  dropout: float = 0.0, with_cp: int = 0) -> None:
         super().__init__()
-        check_with_cp("enc", with_cp, num_layers)
+        check_with_cp("enc", with_cp)
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(d_model, ffn_dim, n_levels, n_heads, n_points, dropout) for _ in range(num_layers))
         self.with_cp = with_cp
@@ -70,8 +70,8 @@ class DeformableEncoder(nn.Module):
         return src
 
 
-def check_with_cp(part: str, with_cp: int, num_layers: int) -> None:
-    """``model.transformer.{part}_with_cp`` must be a number of layers, 0..{part}_layers."""
-    if isinstance(with_cp, bool) or not isinstance(with_cp, int) or not 0 <= with_cp <= num_layers:
-        raise ValueError(f"model.transformer.{part}_with_cp must be a number of layers from 0 to {part}_layers "
-                         f"({num_layers}), got {with_cp!r}")
+def check_with_cp(part: str, with_cp: int) -> None:
+    """``model.transformer.{part}_with_cp`` must be a number of layers (0: none; more than
+    ``{part}_layers``: all, so a config with fewer layers keeps its value)."""
+    if isinstance(with_cp, bool) or not isinstance(with_cp, int) or with_cp < 0:
+        raise ValueError(f"model.transformer.{part}_with_cp must be a number of layers (0 or more), got {with_cp!r}")
