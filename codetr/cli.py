@@ -37,6 +37,7 @@ def _load_config(name: str, overrides: list[str]) -> Config:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from codetr.engine import train
+    from codetr.engine.distributed import is_main_process
 
     cfg = _load_config(args.config, args.overrides)
     if args.init:
@@ -44,7 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.device:
         cfg.train.device = args.device
     metrics = train(cfg, args.out, resume=args.resume)
-    print(f"done: {Path(args.out) / 'model.safetensors'}  AP {metrics.get('AP', float('nan')):.2f}")
+    if is_main_process():  # under torchrun, rank 0 evaluated and wrote
+        print(f"done: {Path(args.out) / 'model.safetensors'}  AP {metrics.get('AP', float('nan')):.2f}")
     return 0
 
 

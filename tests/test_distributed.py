@@ -94,12 +94,13 @@ RUNS = {"ddp": (CONFIG, DETERMINISTIC), "straight": ("co_dino_tiny", ()),
         "stopped": ("co_dino_tiny", ("train.max_iters=1",))}
 
 
-def torchrun(args: list[str]) -> None:
-    """``torchrun --nproc_per_node 2 ARGS`` on this checkout, one thread per process."""
+def torchrun(args: list[str]) -> str:
+    """``torchrun --nproc_per_node 2 ARGS`` on this checkout, one thread per process; its output."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    return run.stdout
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +145,9 @@ def test_distributed_resume_continues_exactly(runs: Path) -> None:
     denoising queries, in the first step): stopped after 1 step, then resumed by
     ``torchrun -m codetr train --resume``, the run ends with the weights and losses of an
     uninterrupted one (each process resumes its own RNG states)."""
-    torchrun(["-m", "codetr", "train", "co_dino_tiny", *overrides(runs / "data", 1), "--out", str(runs / "stopped"),
-              "--resume"])
+    output = torchrun(["-m", "codetr", "train", "co_dino_tiny", *overrides(runs / "data", 1), "--out",
+                       str(runs / "stopped"), "--resume"])
+    assert output.count("done: ") == 1 and "AP nan" not in output  # rank 0 reports
     straight, resumed = (load_file(runs / run / "model.safetensors") for run in ("straight", "stopped"))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
