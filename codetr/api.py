@@ -123,14 +123,15 @@ class Detector:
         return cls(folder / CONFIG_FILE, folder / WEIGHTS_FILE, device)
 
     @classmethod
-    def from_onnx(cls, path: str | Path, providers: list[str] | None = None) -> Detector:
-        """Run an ONNX file written by :meth:`export` / ``codetr export`` with onnxruntime
-        (``providers`` default to the CPU). Only ``predict`` is available on it."""
+    def from_onnx(cls, path: str | Path, providers: list[Any] | None = None, device: str = "auto") -> Detector:
+        """Run an ONNX file written by :meth:`export` / ``codetr export`` with onnxruntime, with
+        ``providers`` or those of ``device`` ("auto": CUDA when PyTorch and onnxruntime have it,
+        else the CPU; :func:`codetr.export.runtime.onnx_providers`). Only ``predict`` is available on it."""
         from codetr.export import OnnxDetector
 
         det = cls.__new__(cls)
-        det.device = torch.device("cpu")
-        det._use(OnnxDetector(path, providers), Path(path))
+        det.device = torch.device("cpu")  # no PyTorch model
+        det._use(OnnxDetector(path, providers, device), Path(path))
         return det
 
     # ---- inference -------------------------------------------------------------------------

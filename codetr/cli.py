@@ -16,6 +16,7 @@ from codetr.config import CONFIG_DIR, Config, load_config
 DEMO_CONFIGS = ("co_deformable_detr_tiny", "deformable_detr_tiny")
 DEMO_PREDICTION_IMAGES = 4
 OVERRIDE_HELP = "config overrides, e.g. train.epochs=2 model.co.aux_heads=[atss]"
+DEVICE_HELP = "auto (CUDA when available, else the CPU), cpu, cuda, cuda:N or mps"
 TTA_HELP = ("test-time augmentation: every scale of data.tta.scales, also flipped (data.tta.flip), merged by "
             "data.tta.merge (nms, soft_nms or wbf)")
 
@@ -36,12 +37,16 @@ def _load_config(name: str, overrides: list[str]) -> Config:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from codetr.engine import train
+    from codetr.engine.distributed import is_main_process
 
     cfg = _load_config(args.config, args.overrides)
     if args.init:
         cfg.train.init = args.init
+    if args.device:
+        cfg.train.device = args.device
     metrics = train(cfg, args.out, resume=args.resume)
-    print(f"done: {Path(args.out) / 'model.safetensors'}  AP {metrics.get('AP', float('nan')):.2f}")
+    if is_main_process():  # under torchrun, rank 0 evaluated and wrote
+        print(f"done: {Path(args.out) / 'model.safetensors'}  AP {metrics.get('AP', float('nan')):.2f}")
     return 0
 
 
@@ -85,7 +90,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         if args.config:
             raise CliError("--config applies to --weights; an ONNX model carries its own config")
-        detector = OnnxDetector(args.onnx)
+        detector = OnnxDetector(args.onnx, device=args.device)
     else:
         detector = load_model(args.weights, args.config, device=resolve_device(args.device))
     if args.tta:
@@ -98,9 +103,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from codetr.engine import load_model
+    from codetr.engine.predictor import resolve_device
     from codetr.export import export_onnx
 
-    loaded = load_model(args.weights, args.config, args.overrides)
+    loaded = load_model(args.weights, args.config, args.overrides, resolve_device(args.device))
     try:
         path = export_onnx(loaded, args.out, args.opset, grid_sample=not args.no_grid_sample)
     except ValueError as err:
@@ -121,13 +127,15 @@ def default_demo_config() -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from codetr.engine import load_model, predict_images, train
-    from codetr.engine.predictor import list_images
+    from codetr.engine.predictor import list_images, resolve_device
     from codetr.engine.trainer import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, WEIGHTS_NAME
 
     name = args.config or default_demo_config()
     overrides = ["data.synthetic=true", *args.overrides]
     if args.iters is not None:
         overrides.append(f"train.max_iters={args.iters}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
     cfg = _load_config(name, overrides)
     out = Path(args.out)
     resume = (out / CHECKPOINT_NAME).is_file()
@@ -136,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     metrics = train(cfg, out, resume=resume)
 
     val_images = list_images(cfg.data.val_images)[:DEMO_PREDICTION_IMAGES]
-    loaded = load_model(out / WEIGHTS_NAME)
+    loaded = load_model(out / WEIGHTS_NAME, device=resolve_device(cfg.train.device))
     records = predict_images(loaded, val_images, out / "predictions", args.score_thr)
     print("\ndemo finished:")
     print(f"  validation AP {metrics.get('AP', float('nan')):.2f}  AP50 {metrics.get('AP50', float('nan')):.2f}")
@@ -199,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--init", help="start from these weights (.safetensors, e.g. converted official weights); "
                                   "class layers are re-initialised when the number of classes differs (train.init)")
+    p.add_argument("--device", help=DEVICE_HELP + " (train.device; under torchrun each process takes its local GPU)")
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser("eval", help="COCO (or LVIS) box AP of weights on the validation set",
@@ -207,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     p.add_argument("--weights", required=True, help="model.safetensors or a training checkpoint (last.pt)")
     p.add_argument("--out", help="folder for metrics.json (default: the folder of --weights)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--tta", action="store_true", help=TTA_HELP + "; writes metrics_tta.json")
     p.set_defaults(func=cmd_eval)
 
@@ -221,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config to build the model (default: config.yaml next to the weights, "
                                     "else the one stored in them)")
     p.add_argument("--score-thr", type=float, default=0.3, help="minimum score (default 0.3)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP + " (with --onnx: onnxruntime's CUDA or CPU provider)")
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.set_defaults(func=cmd_predict)
 
@@ -233,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--iters", type=int, help="stop after this many training iterations (shorter demo)")
     p.add_argument("--score-thr", type=float, default=0.3, help="minimum score of drawn boxes (default 0.3)")
+    p.add_argument("--device", help=DEVICE_HELP)
     p.set_defaults(func=cmd_demo)
 
     p = commands.add_parser("data", help="dataset tools", description="Dataset tools.")
@@ -288,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--no-grid-sample)")
     p.add_argument("--no-grid-sample", action="store_true",
                    help="sample the deformable attention with gathers instead of GridSample (for runtimes without it)")
+    p.add_argument("--device", default="cpu", help="the device the graph is traced on (default cpu): " + DEVICE_HELP)
     p.set_defaults(func=cmd_export)
 
     planned = "speed benchmarks against a reference implementation"

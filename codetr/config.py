@@ -140,6 +140,11 @@ class TransformerConfig:
     # Sine position encoding of the feature maps: Deformable-DETR 10000 and -0.5, DINO 20 and 0.
     pos_temperature: float = 10000.0
     pos_offset: float = -0.5
+    # Activation checkpointing of the first enc_with_cp encoder / dec_with_cp decoder layers (all when
+    # more; less memory, slower backward, same numbers): the released encoder ``with_cp`` (Co-DINO R50
+    # 4, Swin-L / ViT-L 6, 9-layer encoder 9); the release checkpoints no decoder layer.
+    enc_with_cp: int = 0
+    dec_with_cp: int = 0
 
 
 @dataclass

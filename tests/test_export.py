@@ -170,4 +170,26 @@ def test_co_dino_exports_its_top_k_and_soft_nms_runs_after_the_graph(tmp_path: P
     ours, theirs = Detector.from_onnx(path).predict(image, score_thr=0.0)[0], det.predict(image, score_thr=0.0)[0]
     assert len(theirs.scores) <= det.cfg.model.max_detections and len(ours.scores) == len(theirs.scores)
     np.testing.assert_allclose(np.asarray(ours.scores), np.asarray(theirs.scores), atol=TOLERANCE)
-    np.testing.assert_allclose(np.asarray(ours.boxes), np.asarray(theirs.boxes), atol=1e-3)
+    np.testing.assert_allclose(np.asarray(ours.boxes), np.asarray(theirs.boxes), atol=TOLERANCE)
+
+
+def test_lsj_model_on_onnx_gives_pytorch_detections_in_original_pixels(tmp_path: Path) -> None:
+    """Co-DINO with large-scale jitter: the input is a 96 px canvas holding the resized image, so
+    boxes are scaled by original / resized size (not / canvas size), on onnxruntime as in PyTorch,
+    for two images of other shapes than the canvas."""
+    config = tmp_path / "co_dino_lsj.yaml"
+    config.write_text(yaml.safe_dump({"base": "co_dino_tiny", "model": SMALL["model"],
+                                      "data": {"augment": "lsj", "lsj_size": 96}}))
+    torch.manual_seed(0)
+    det = Detector(config, device="cpu")
+    on_onnx = Detector.from_onnx(det.export(tmp_path / "lsj.onnx"), device="cpu")
+    g = torch.Generator().manual_seed(3)
+    for h, w in [(60, 90), (150, 100)]:  # content 64 x 96 and 96 x 64 in the canvas
+        image = (torch.rand(3, h, w, generator=g) * 255).to(torch.uint8)
+        ours, theirs = on_onnx.predict(image, score_thr=0.0)[0], det.predict(image, score_thr=0.0)[0]
+        assert len(theirs.scores) == len(ours.scores) > 0
+        torch.testing.assert_close(ours.scores, theirs.scores, atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(ours.boxes, theirs.boxes, atol=TOLERANCE, rtol=0)
+        assert torch.equal(ours.labels, theirs.labels)
+        # in original pixels: the boxes span the image, not 96 / 64 of it in its shorter direction
+        assert theirs.boxes[:, 2].max() > 0.9 * w and theirs.boxes[:, 3].max() > 0.9 * h

@@ -115,3 +115,52 @@ def test_predict_returns_sorted_boxes_inside_the_image(two_stage):
         assert torch.all(det.boxes[:, 0::2] >= -1e-4) and torch.all(det.boxes[:, 0::2] <= w + 1e-4)
         assert torch.all(det.boxes[:, 1::2] >= -1e-4) and torch.all(det.boxes[:, 1::2] <= h + 1e-4)
         assert torch.all((det.labels >= 0) & (det.labels < 6))
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("config", ["deformable_detr_tiny", "co_dino_tiny"])
+def test_transformer_activation_checkpointing_recomputes_and_keeps_loss_and_gradients(config):
+    """enc_with_cp=1 of 2 encoder layers, dec_with_cp=2 of 3 decoder layers, dropout on, float64:
+    the same losses and gradients; the checkpointed layers run again in the backward pass (Co-DINO
+    also runs the decoder for its positive queries), the others do not."""
+    from codetr.models.build import build_model
+
+    results = []
+    for enc_cp, dec_cp in ((0, 0), (1, 2)):
+        cfg = load_config(config).model
+        cfg.transformer = dataclasses.replace(cfg.transformer, enc_layers=2, dec_layers=3, dropout=0.1,
+                                              enc_with_cp=enc_cp, dec_with_cp=dec_cp)
+        torch.manual_seed(0)
+        model = build_model(cfg).double()
+        base = getattr(model, "detector", model)
+        layers = [*base.encoder.layers, *base.decoder_layers]
+        calls = [0] * len(layers)
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        batch = make_batch()  # at half size
+        batch = Batch(batch.images[:, :, ::2, ::2].double(), batch.masks[:, ::2, ::2], batch.image_sizes // 2,
+                      [Target(t.boxes.double() / 2, t.labels) for t in batch.targets])
+        torch.manual_seed(1)
+        losses = model.loss(batch)
+        forward_calls = list(calls)
+        sum(losses.values()).backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, forward_calls,
+                        [c - f for c, f in zip(calls, forward_calls)]))
+    (plain, plain_grads, plain_calls, plain_again), (cp, cp_grads, cp_calls, cp_again) = results
+    assert plain.keys() == cp.keys()
+    for key in plain:
+        torch.testing.assert_close(cp[key], plain[key], rtol=1e-10, atol=1e-12)
+    assert plain_grads.keys() == cp_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(cp_grads[name], plain_grads[name], rtol=1e-9, atol=1e-12)
+    assert cp_calls == plain_calls and plain_again == [0] * 5
+    # encoder 0 and decoder 0, 1 run once more per forward call; encoder 1 and decoder 2 do not
+    assert cp_again == [plain_calls[0], 0, plain_calls[2], plain_calls[3], 0]
+
+
+def test_transformer_activation_checkpointing_must_name_a_number_of_layers():
+    with pytest.raises(ValueError, match="enc_with_cp must be a number of layers .0 or more., got -1"):
+        DeformableDETR(tiny_cfg(enc_with_cp=-1))
+    with pytest.raises(ValueError, match="dec_with_cp"):
+        DeformableDETR(tiny_cfg(dec_with_cp=True))
+    DeformableDETR(tiny_cfg(enc_with_cp=6, dec_with_cp=6))  # more than the layers: all of them

@@ -55,3 +55,12 @@ def gather_to_main(items: list[Any]) -> list[Any]:
     gathered: list[list[Any] | None] = [None] * world_size() if is_main_process() else []
     dist.gather_object(items, gathered if is_main_process() else None, dst=0)
     return [item for part in gathered for item in (part or [])] if is_main_process() else []
+
+
+def mean_over_processes(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the processes (every process passes the same keys, in the same order)."""
+    if not is_distributed() or not values:
+        return values
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / world_size()).tolist()))

@@ -20,8 +20,9 @@ from codetr.data import build_transforms, collate, transformed_sample
 from codetr.data.image import read_image
 from codetr.engine.checkpoint import load_checkpoint, read_safetensors
 from codetr.engine.evaluator import detection_records
+from codetr.errors import UserError
 from codetr.ops.boxes import rescale_boxes
-from codetr.structures import Detections
+from codetr.structures import Detections, Target
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PALETTE = [
@@ -51,15 +52,12 @@ class LoadedModel:
         """Detections in ``image`` (3, H, W) RGB, uint8 or float in [0, 1]: the evaluation
         pre-processing, one image per forward (no batch partner's padding), boxes xyxy in
         pixels of ``image``, clipped to it."""
-        height, width = image.shape[-2:]
-        sample = transformed_sample(tv_tensors.Image(image), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64),
-                                    build_transforms(self.cfg.data, train=False))
+        pixels, target = preprocess(self.cfg.data, image)
         device = next(self.model.parameters()).device
-        batch = collate([sample], self.cfg.data.pad_size_divisor).to(device)
+        batch = collate([(pixels, target)], self.cfg.data.pad_size_divisor).to(device)
         det = self.model.predict(batch)[0]
-        boxes = rescale_boxes(det.boxes.float(), tuple(batch.image_sizes[0].tolist()), (height, width),
-                              batch.targets[0].content_size)
-        return Detections(boxes.cpu(), det.scores.float().cpu(), det.labels.cpu())
+        boxes = rescale_boxes(det.boxes.float().cpu(), tuple(pixels.shape[-2:]), target.orig_size, target.content_size)
+        return Detections(boxes, det.scores.float().cpu(), det.labels.cpu())
 
 
 class ImageDetector(Protocol):
@@ -78,17 +76,44 @@ def default_labels(num_classes: int) -> tuple[list[str], list[int]]:
     return [f"class_{i}" for i in range(num_classes)], list(range(num_classes))
 
 
-def preprocess(cfg: DataConfig, image: Tensor) -> Tensor:
-    """(3, H, W) RGB uint8 or float in [0, 1] -> (3, h, w) float32 normalised, resized as in
-    evaluation (shorter side ``cfg.test_scale``, longer side at most ``cfg.max_size``)."""
-    return build_transforms(cfg, train=False)(tv_tensors.Image(image)).as_subclass(Tensor)
+def preprocess(cfg: DataConfig, image: Tensor) -> tuple[Tensor, Target]:
+    """The evaluation pre-processing of one image (3, H, W) RGB, uint8 or float in [0, 1], which
+    :meth:`LoadedModel.detect` and the ONNX runtime's ``detect`` both run: the model input (3, h, w)
+    float32 normalised (shorter side ``cfg.test_scale``, longer side at most ``cfg.max_size``; LSJ:
+    the longer side ``cfg.lsj_size``, padded to that square canvas) and its Target without boxes
+    (``orig_size`` (H, W); ``content_size``: the resized image inside an LSJ canvas). Boxes xyxy in
+    pixels of the input go back to the image with ``rescale_boxes(boxes, (h, w), orig_size, content_size)``."""
+    return transformed_sample(tv_tensors.Image(image), torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64),
+                              build_transforms(cfg, train=False))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when available, else CPU; otherwise ``torch.device(name)``."""
-    if name == "auto":
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def resolve_device(name: str | torch.device, source: str = "--device") -> torch.device:
+    """The device of ``--device``, ``train.device`` or ``Detector(device=)`` (named ``source`` in
+    errors): "auto" (CUDA when available, else the CPU; MPS only when asked for), "cpu", "cuda",
+    "cuda:N" or "mps". A device this machine lacks is a UserError saying why."""
+    if isinstance(name, str) and name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"{source} {name!r} is not a device: use {DEVICE_CHOICES}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"{source} {name}: cuda requested but torch.cuda.is_available() is False (no usable "
+                            "GPU, or a CPU-only PyTorch build); use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"{source} {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"{source} {name}: mps requested but torch.backends.mps.is_available() is False "
+                            "(Apple-silicon GPUs only); use cpu or auto")
+    elif device.type != "cpu":
+        raise UserError(f"{source} {name!r}: unsupported device type {device.type!r}; use {DEVICE_CHOICES}")
+    return device
 
 
 def config_from_text(text: str, overrides: list[str] | None = None) -> Config:

@@ -399,6 +399,10 @@ class Trainer:
             for key, value in losses.items():
                 self.losses[key] = self.losses.get(key, 0.0) + value.item() * share
             self.loss += total.item() * share
+        if dist.is_distributed():  # logged: the means over the processes (the global batch's losses)
+            averaged = dist.mean_over_processes({**self.losses, "": self.loss}, self.device)
+            self.loss = averaged.pop("")
+            self.losses = averaged
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -412,7 +416,11 @@ class Trainer:
         self.step_time, self._tick = now - self._tick, now
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: weights, optimizer, position, RNG, hook states."""
+        """Everything needed to continue exactly: weights, optimizer, position, RNG, hook states.
+
+        Distributed: every process must call it (``rng_per_rank``, each process' RNG states, is
+        gathered on rank 0: the processes draw different numbers, e.g. for proposal sampling).
+        """
         return {
             "model": self.detector.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -421,6 +429,7 @@ class Trainer:
             "iteration": self.iteration,
             "batches_per_epoch": len(self.sampler),
             "rng": capture_rng_state(),
+            "rng_per_rank": dist.gather_to_main([capture_rng_state()]),
             "hooks": {type(h).__name__: s for h in self.hooks if (s := h.state_dict()) is not None},
             "grad_scaler": self.scaler.state_dict(),  # empty unless fp16
         }
@@ -433,7 +442,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.iter_in_epoch = state["epoch"], state["iter_in_epoch"]
         self.iteration = state["iteration"]
-        restore_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank", [])
+        # resumed by as many processes as saved it: each its own states; otherwise rank 0's for all
+        restore_rng_state(per_rank[dist.rank()] if len(per_rank) == dist.world_size() else state["rng"])
         if self.scaler.is_enabled() and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         saved = state.get("hooks", {})
@@ -540,7 +551,8 @@ class EMAHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Atomically writes ``last.pt`` after every epoch and when training ends."""
+    """Atomically writes ``last.pt`` after every epoch and when training ends. Runs on every
+    process (:meth:`Trainer.state_dict` gathers their RNG states); rank 0 writes."""
 
     def __init__(self, path: Path, extra: dict[str, Any]) -> None:
         self.path, self.extra = path, extra
@@ -554,9 +566,11 @@ class CheckpointHook(Hook):
             self.save(trainer)
 
     def save(self, trainer: Trainer) -> None:
-        atomic_save({"format": "codetr-checkpoint", "version": CHECKPOINT_VERSION, **self.extra,
-                     **trainer.state_dict()}, self.path)
+        state = trainer.state_dict()
         self._saved_at = trainer.iteration
+        if not dist.is_main_process():
+            return
+        atomic_save({"format": "codetr-checkpoint", "version": CHECKPOINT_VERSION, **self.extra, **state}, self.path)
         log(f"saved checkpoint {self.path} (epoch {trainer.epoch}, iteration {trainer.iteration})")
 
 
@@ -772,7 +786,7 @@ def train(
     if not resume and ckpt_path.exists():
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
-    device = resolve_device(cfg.train.device)
+    device = resolve_device(cfg.train.device, "train.device")
     if dist.init_distributed(device) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     main = dist.is_main_process()
@@ -830,8 +844,9 @@ def train(
     # the EMA first: the other hooks see the average of the step just done
     hooks: list[Hook] = [EMAHook(detector, cfg.train.ema_momentum, cfg.train.ema_total_iter, cfg.train.ema_interval)
                          ] if cfg.train.ema else []
-    hooks += [LoggerHook(metrics, cfg.train.log_every), CheckpointHook(ckpt_path, extra), eval_hook,
-              PlotHook(metrics, out / PLOT_NAME)] if main else [eval_hook]
+    checkpoint_hook = CheckpointHook(ckpt_path, extra)  # on every process, before the evaluation as on rank 0
+    hooks += [LoggerHook(metrics, cfg.train.log_every), checkpoint_hook, eval_hook,
+              PlotHook(metrics, out / PLOT_NAME)] if main else [checkpoint_hook, eval_hook]
     if main and cfg.train.tensorboard:
         hooks.append(TensorBoardHook(out / TENSORBOARD_DIR, cfg.train.log_every, eval_hook, cfg, names, ids,
                                      cfg.train.tensorboard_images))

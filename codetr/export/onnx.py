@@ -11,7 +11,11 @@ The graph (inputs and outputs, by name):
   ``data.test_scale``, longer side at most ``data.max_size``), scaled to [0, 1] and normalised
   with the ImageNet mean and std. The batch shares one size: no padding and no mask.
 - ``orig_sizes`` (B, 2) int64: (height, width) of the original images; boxes come out in their
-  pixels (give H, W to get them in the pixels of ``images``).
+  pixels (give H, W to get them in the pixels of ``images``). With large-scale jitter
+  (``data.augment: lsj``) the input is a square canvas holding the resized image at its top left:
+  give H, W and scale the boxes by original / resized image size, as
+  :meth:`codetr.export.runtime.OnnxDetector.detect` does (with the pre-processing of
+  :func:`codetr.engine.predictor.preprocess`, PyTorch's).
 - ``boxes`` (B, K, 4) float32 xyxy in pixels of ``orig_sizes``, clipped to the image;
   ``scores`` (B, K) float32 descending; ``labels`` (B, K) int64 contiguous labels 0..C-1;
   K = ``model.max_detections`` (top-k over the sigmoid scores of every (query, class) pair).

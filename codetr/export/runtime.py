@@ -4,16 +4,37 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from codetr.config import Config
-from codetr.engine.predictor import config_from_text, preprocess
+from codetr.engine.predictor import config_from_text, preprocess, resolve_device
+from codetr.errors import UserError
 from codetr.export.onnx import INPUT_NAMES, METADATA_KEYS
 from codetr.models.dino import apply_soft_nms
+from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Detections
+
+
+def onnx_providers(device: str = "auto") -> list[Any]:
+    """onnxruntime execution providers for ``--device``: "cuda" / "cuda:N" (and "auto" when both
+    PyTorch and onnxruntime have CUDA) the CUDA provider on that GPU, else the CPU's. A device
+    onnxruntime cannot use here is a UserError."""
+    import onnxruntime as ort
+
+    resolved = resolve_device(device)
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if resolved.type == "cuda" and (has_cuda or device != "auto"):
+        if not has_cuda:
+            raise UserError(f"--device {device}: this onnxruntime has no CUDAExecutionProvider "
+                            "(pip install onnxruntime-gpu); use cpu")
+        return [("CUDAExecutionProvider", {"device_id": resolved.index or 0}), "CPUExecutionProvider"]
+    if resolved.type == "mps":
+        raise UserError(f"--device {device}: ONNX models run with onnxruntime on the CPU or CUDA, not mps")
+    return ["CPUExecutionProvider"]
 
 
 class OnnxDetector:
@@ -23,14 +44,17 @@ class OnnxDetector:
     ``predict_images`` and :class:`codetr.Detector` run either.
     """
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
+    def __init__(self, path: str | Path, providers: list[Any] | None = None, device: str = "auto") -> None:
+        """``providers``: onnxruntime execution providers; by default those of ``device``
+        (:func:`onnx_providers`)."""
         import onnxruntime as ort
 
+        providers = providers or onnx_providers(device)
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"ONNX model {path} not found")
         try:
-            self.session = ort.InferenceSession(str(path), providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types for unreadable files
             raise ValueError(f"{path} is not a readable ONNX model: {err}") from err
         metadata = self.session.get_modelmeta().custom_metadata_map
@@ -49,11 +73,12 @@ class OnnxDetector:
 
     def detect(self, image: Tensor) -> Detections:
         """Detections in ``image`` (3, H, W) RGB, uint8 or float in [0, 1]; boxes xyxy in pixels of it."""
-        height, width = image.shape[-2:]
-        pixels = preprocess(self.cfg.data, image)[None].numpy()
-        boxes, scores, labels = self.session.run(None, {"images": pixels,
-                                                        "orig_sizes": np.array([[height, width]], dtype=np.int64)})
+        pixels, target = preprocess(self.cfg.data, image)
+        size = tuple(pixels.shape[-2:])  # boxes in pixels of the input, then mapped to the image as in PyTorch
+        boxes, scores, labels = self.session.run(None, {"images": pixels[None].numpy(),
+                                                        "orig_sizes": np.array([size], dtype=np.int64)})
         det = Detections(torch.from_numpy(boxes[0]), torch.from_numpy(scores[0]), torch.from_numpy(labels[0]))
         if self.cfg.model.arch == "dino":  # DINO's Soft-NMS is not in the graph: it runs here, as in predict
             det = apply_soft_nms(det, self.cfg.model)
-        return det
+        boxes = rescale_boxes(det.boxes, size, target.orig_size, target.content_size)
+        return Detections(boxes, det.scores, det.labels)

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.ops import FrozenBatchNorm2d
 
 from codetr.config import BackboneConfig
+from codetr.models.activation_checkpoint import maybe_checkpoint
 
 RESNETS = {"resnet18": 1, "resnet34": 1, "resnet50": 4, "resnet101": 4}  # name -> block expansion
 # timm Swin names used by the released configs (window 7 at 224 px pretraining, window 12 at 384 px).
@@ -66,14 +66,6 @@ def _offline_hint(what: str, url: str, err: Exception) -> RuntimeError:
 def _check_out_indices(out_indices: tuple[int, ...]) -> None:
     if not out_indices or sorted(set(out_indices)) != list(out_indices) or not set(out_indices) <= {0, 1, 2, 3}:
         raise ValueError(f"backbone out_indices must be increasing stage indices in 0..3, got {list(out_indices)}")
-
-
-def _run(fn: Any, *args: Any, with_cp: bool) -> Tensor:
-    """``fn(*args)``; with ``with_cp`` and gradients enabled, under activation checkpointing (the
-    activations inside are recomputed in the backward pass instead of stored)."""
-    if with_cp and torch.is_grad_enabled():
-        return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
 
 
 # ------------------------------------------------------------------------------------ ResNet
@@ -146,7 +138,7 @@ class ResNetBackbone(nn.Module):
             if i > self.out_indices[-1]:
                 break
             for block in layer:
-                x = _run(block, x, with_cp=self.with_cp)
+                x = maybe_checkpoint(block, x, enabled=self.with_cp)
             if i in self.out_indices:
                 outs.append(x)
         return outs
@@ -273,7 +265,7 @@ class SwinBackbone(nn.Module):
                 break
             x = stage.downsample(x)
             for block in stage.blocks:
-                x = _run(swin_block, block, x, with_cp=self.with_cp)
+                x = maybe_checkpoint(swin_block, block, x, enabled=self.with_cp)
             if i in self.out_indices:
                 outs.append(getattr(self, f"norm{i}")(x).permute(0, 3, 1, 2).contiguous())
         return outs

@@ -19,11 +19,12 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from codetr.config import ModelConfig
+from codetr.models.activation_checkpoint import maybe_checkpoint
 from codetr.models.backbones import build_backbone
 from codetr.models.heads.detr_loss import DetrCriterion
 from codetr.models.neck import build_neck
 from codetr.models.transformer.decoder import DeformableDecoderLayer
-from codetr.models.transformer.encoder import DeformableEncoder
+from codetr.models.transformer.encoder import DeformableEncoder, check_with_cp
 from codetr.models.transformer.position import proposal_pos_embed, sine_position_embedding
 from codetr.ops.boxes import inverse_sigmoid
 from codetr.structures import Batch, Detections, DetrOutput
@@ -98,7 +99,8 @@ class DeformableDETR(nn.Module):
         self.neck = build_neck(cfg, self.backbone.out_channels)
         self.level_embed = nn.Parameter(torch.empty(t.num_feature_levels, t.d_model))
         self.encoder = DeformableEncoder(t.enc_layers, t.d_model, t.ffn_dim, t.num_feature_levels, t.n_heads,
-                                         t.n_points, t.dropout)
+                                         t.n_points, t.dropout, t.enc_with_cp)
+        check_with_cp("dec", t.dec_with_cp)
         self.decoder_layers = nn.ModuleList(
             DeformableDecoderLayer(t.d_model, t.ffn_dim, t.num_feature_levels, t.n_heads, t.n_points, t.dropout)
             for _ in range(t.dec_layers))
@@ -251,8 +253,8 @@ class DeformableDETR(nn.Module):
         logits, boxes = [], []
         for i, layer in enumerate(self.decoder_layers):
             ratios = ratios4 if sample_ref.shape[-1] == 4 else enc.valid_ratios
-            hidden = layer(hidden, query_pos, sample_ref[:, :, None] * ratios[:, None], enc.memory,
-                           enc.spatial_shapes, enc.padding_mask, self_attn_mask)
+            hidden = maybe_checkpoint(layer, hidden, query_pos, sample_ref[:, :, None] * ratios[:, None], enc.memory,
+                                      enc.spatial_shapes, enc.padding_mask, self_attn_mask, enabled=i < t.dec_with_cp)
             delta = self.box_branches[i](hidden)
             logits.append(self.class_branches[i](hidden))
             boxes.append(refine(delta, head_ref))

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from codetr.config import ModelConfig
+from codetr.models.activation_checkpoint import maybe_checkpoint
 from codetr.models.deformable_detr import DeformableDETR, EncoderOutput, QuerySet
 from codetr.models.heads.detr_loss import DetrCriterion, normalised_targets
 from codetr.models.transformer.denoising import ContrastiveDenoising, DenoisingGroups
@@ -92,8 +93,8 @@ class DINO(DeformableDETR):
         for i, layer in enumerate(self.decoder_layers):
             ref_input = sample_ref[:, :, None] * ratios
             query_pos = self.ref_point_head(box_sine_embed(ref_input[:, :, 0], d // 2))
-            hidden = layer(hidden, query_pos, ref_input, enc.memory, enc.spatial_shapes, enc.padding_mask,
-                           self_attn_mask)
+            hidden = maybe_checkpoint(layer, hidden, query_pos, ref_input, enc.memory, enc.spatial_shapes,
+                                      enc.padding_mask, self_attn_mask, enabled=i < self.cfg.transformer.dec_with_cp)
             normed = self.decoder_norm(hidden)
             logits.append(self.class_branches[i](normed))
             boxes.append((self.box_branches[i](normed) + inverse_sigmoid(head_ref, REFERENCE_EPS)).sigmoid())

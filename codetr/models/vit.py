@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, PatchEmbed, SwiGLU, build_rotary_pos_embed
 from timm.models.eva import EvaAttention
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from codetr.models.activation_checkpoint import maybe_checkpoint
 
 
 def rope_table(grid: tuple[int, int], head_dim: int, ref_grid: int, device: torch.device | None = None) -> Tensor:
@@ -154,10 +155,7 @@ class ViT(nn.Module):
                        if self.window_block_indexes else None)
         for block in self.blocks:
             rope = window_rope if block.window_size else global_rope
-            if self.use_act_checkpoint and torch.is_grad_enabled():
-                x = checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope)
+            x = maybe_checkpoint(block, x, rope, enabled=self.use_act_checkpoint)
         return [self.out_norm(x).permute(0, 3, 1, 2).contiguous()]
 
 

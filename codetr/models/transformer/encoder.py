@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from codetr.models.activation_checkpoint import maybe_checkpoint
 from codetr.models.transformer.deformable_attention import MSDeformAttn
 
 
@@ -50,16 +51,27 @@ def encoder_reference_points(spatial_shapes: list[tuple[int, int]], valid_ratios
 
 
 class DeformableEncoder(nn.Module):
+    """``num_layers`` encoder layers; the first ``with_cp`` of them (all when more) under activation checkpointing."""
+
     def __init__(self, num_layers: int, d_model: int, ffn_dim: int, n_levels: int, n_heads: int, n_points: int,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, with_cp: int = 0) -> None:
         super().__init__()
+        check_with_cp("enc", with_cp)
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(d_model, ffn_dim, n_levels, n_heads, n_points, dropout) for _ in range(num_layers))
+        self.with_cp = with_cp
 
     def forward(self, src: Tensor, pos: Tensor, spatial_shapes: list[tuple[int, int]], valid_ratios: Tensor,
                 padding_mask: Tensor) -> Tensor:
         """src, pos (B, S, d) flattened levels; valid_ratios (B, levels, 2); padding_mask (B, S) -> (B, S, d)."""
         reference_points = encoder_reference_points(spatial_shapes, valid_ratios)
-        for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, padding_mask)
+        for i, layer in enumerate(self.layers):
+            src = maybe_checkpoint(layer, src, pos, reference_points, spatial_shapes, padding_mask, enabled=i < self.with_cp)
         return src
+
+
+def check_with_cp(part: str, with_cp: int) -> None:
+    """``model.transformer.{part}_with_cp`` must be a number of layers (0: none; more than
+    ``{part}_layers``: all, so a config with fewer layers keeps its value)."""
+    if isinstance(with_cp, bool) or not isinstance(with_cp, int) or with_cp < 0:
+        raise ValueError(f"model.transformer.{part}_with_cp must be a number of layers (0 or more), got {with_cp!r}")
