@@ -328,11 +328,19 @@ class ConfigError(UserError):
     """A config file or override that cannot be read: unknown key, wrong type, value out of range."""
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: what is wrong and where (line and column, 1-based)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(err).splitlines()[0]
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a config must be a mapping, got {type(raw).__name__}")
@@ -472,7 +480,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         try:
             node[parts[-1]] = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err.problem or err})") from None
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(err)})") from None
     return nested
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from codetr.config import Config, DataConfig, config_from_dict, load_config
+from codetr.config import Config, DataConfig, config_from_dict, load_config, yaml_problem
 from codetr.data import build_transforms, collate, transformed_sample
 from codetr.engine.checkpoint import check_writable_folder
 from codetr.engine.evaluator import detection_records
@@ -105,7 +105,7 @@ def config_from_text(text: str, overrides: list[str] | None = None, source: str 
     try:
         values = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise UserError(f"{source}: not valid YAML ({err})") from None
+        raise UserError(f"{source}: not valid YAML ({yaml_problem(err)})") from None
     if not isinstance(values, dict):
         raise UserError(f"{source}: a config must be a mapping, got {type(values).__name__}")
     return config_from_dict(values, overrides, source)
