@@ -96,9 +96,10 @@ class TrainingInterrupted(KeyboardInterrupt):
     (None on processes that write none) and ``train(..., resume=True)`` continues exactly."""
 
     def __init__(self, signal_name: str, epoch: int, iteration: int, checkpoint: Path | None = None) -> None:
+        """``epoch``: the 1-based epoch of the last step, ``iteration`` the steps done in all."""
         self.signal_name, self.epoch, self.iteration, self.checkpoint = signal_name, epoch, iteration, checkpoint
         where = f"; checkpoint {checkpoint}" if checkpoint is not None else ""
-        super().__init__(f"training stopped by {signal_name} after iteration {iteration} (epoch {epoch + 1}){where}")
+        super().__init__(f"training stopped by {signal_name} after iteration {iteration} (epoch {epoch}){where}")
 
 
 class StopSignals:
@@ -437,7 +438,8 @@ class Trainer:
             if self.stop_requested():
                 for hook in self.hooks:
                     hook.on_interrupt(self)
-                raise TrainingInterrupted(signals.received or "a stop signal on another process", self.epoch,
+                last_epoch = self.epoch + (self.iter_in_epoch > 0)  # 1-based epoch of the last step
+                raise TrainingInterrupted(signals.received or "a stop signal on another process", last_epoch,
                                           self.iteration)
         for hook in self.hooks:
             hook.after_train(self)
