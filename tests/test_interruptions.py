@@ -22,7 +22,7 @@ from codetr.engine import train
 from codetr.engine import trainer as trainer_module
 from codetr.config import save_config
 from codetr.engine.checkpoint import atomic_write, load_checkpoint
-from codetr.engine.trainer import Trainer, TrainingInterrupted
+from codetr.engine.trainer import Trainer, TrainingInterrupted, ignore_stop_signals
 from codetr.errors import UserError
 from codetr.structures import Batch
 from test_engine import FakeDetector, read_jsonl, safetensors_of, tiny_config, write_coco
@@ -170,8 +170,10 @@ def test_temporary_files_of_a_killed_save_are_removed_at_the_next_start(
     # a process that dies in the middle of atomic_write (as after a kill -9) leaves its temporary file
     child = os.fork()
     if child == 0:
-        atomic_write(out / "last.pt", lambda f: (f.write(bytes(1000)), f.flush(), os._exit(9)))
-        os._exit(1)
+        try:
+            atomic_write(out / "last.pt", lambda f: (f.write(bytes(1000)), f.flush(), os._exit(9)))
+        finally:
+            os._exit(1)  # never back into pytest
     assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 9
     orphans = [p for p in out.iterdir() if p.name.startswith(".last.pt.") and p.name.endswith(".tmp")]
     assert len(orphans) == 1 and orphans[0].stat().st_size == 1000
@@ -228,3 +230,22 @@ def test_resume_refuses_changed_category_ids(data: Path, tmp_path: Path) -> None
     with pytest.raises(UserError, match=rf"{out / 'last.pt'} was trained on other category ids than "
                                         rf"{renumbered / 'train.json'} has now \(label 2: id 90 -> 91\)"):
         train(cfg, out, resume=True, build_model=FakeDetector)
+
+
+def test_data_loader_workers_ignore_stop_signals(data: Path) -> None:
+    """A Ctrl-C reaches the whole process group: the training loader's workers must survive it so that the
+    main process can finish its step and save."""
+    dataset = trainer_module.build_dataset(tiny_config(data).data, "train")
+    sampler = trainer_module.TrainBatchSampler(len(dataset), 2, seed=0)
+    assert trainer_module.train_loader(dataset, sampler, 1, 0).worker_init_fn is ignore_stop_signals
+    child = os.fork()
+    if child == 0:  # as a worker process: after its init function, both signals leave it running
+        code = 1  # a KeyboardInterrupt (SIGINT not ignored) leaves it at 1; SIGTERM not ignored kills the process
+        try:
+            ignore_stop_signals(0)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            code = 0
+        finally:
+            os._exit(code)  # never back into pytest
+    assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
