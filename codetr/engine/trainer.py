@@ -872,6 +872,7 @@ def train(
     resume: bool = False,
     build_model: Callable[[ModelConfig], nn.Module] | None = None,
     overwrite: bool = False,
+    extra_hooks: Sequence[Hook] = (),
 ) -> dict[str, float]:
     """Train ``cfg`` into ``out_dir``; returns the final COCO metrics (percent).
 
@@ -881,7 +882,7 @@ def train(
     ``out_dir/last.pt``; without it, a folder holding a previous run's outputs is an error unless
     ``overwrite`` (then they are deleted first). A stop signal ends training after the current step
     with a checkpoint and raises :class:`TrainingInterrupted`. ``build_model`` defaults to
-    :func:`codetr.models.build.build_model`.
+    :func:`codetr.models.build.build_model`. ``extra_hooks`` run after the trainer's own, on every process.
     Launched by torchrun (WORLD_SIZE > 1), trains with DistributedDataParallel; only rank 0 writes.
     """
     validate_config(cfg)
@@ -968,6 +969,7 @@ def train(
         hooks.append(TensorBoardHook(out / TENSORBOARD_DIR, cfg.train.log_every, eval_hook, cfg, names, ids,
                                      cfg.train.tensorboard_images))
 
+    hooks += extra_hooks
     trainer = Trainer(detector, loss_module, optimizer, schedule, loader, sampler, device,
                       cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks, amp)
     if state is not None:
