@@ -69,8 +69,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from codetr.engine.predictor import resolve_device
 
     cfg = load_config(args.config, args.overrides)
-    out = check_writable_folder(args.out or Path(args.weights).parent, "--out" if args.out else "the folder of --weights")
     loaded = load_model(args.weights, args.config, args.overrides, resolve_device(args.device))
+    out = check_writable_folder(args.out or Path(args.weights).parent, "--out" if args.out else "the folder of --weights")
     try:
         detect = _tta(loaded).detect if args.tta else None
         metrics = evaluate_on_val(loaded.model, cfg.data, loaded.category_ids, str(args.weights), detect)

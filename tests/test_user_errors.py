@@ -15,7 +15,8 @@ from safetensors.torch import load_file as safetensors_tensors
 from safetensors.torch import save_file
 
 from codetr.cli import main
-from codetr.config import config_to_dict, load_config
+from codetr.config import Config, ConfigError, DataConfig, TrainConfig, config_to_dict, load_config
+from codetr.engine import train
 from codetr.engine.checkpoint import save_inference_weights
 from codetr.engine.plots import read_metrics
 from codetr.errors import UserError
@@ -144,6 +145,16 @@ def test_bad_config_values_are_refused_when_read(override: str, message: str, tm
     assert code == 2
     assert_short(err, message)
     assert not out.exists()  # refused before anything was written or trained
+
+
+def test_training_checks_a_config_built_in_python(tmp_path: Path) -> None:
+    cfg = Config(train=TrainConfig(max_iters=-5))
+    with pytest.raises(ConfigError, match=r"config key train.max_iters: -5 is out of range \(must be >= 1\)"):
+        train(cfg, tmp_path / "run")
+    cfg = Config(data=DataConfig(batch_size="2"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="config key data.batch_size: '2' is not an integer"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_config_file_with_a_yaml_error_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -834,18 +834,20 @@ def _category_changes(saved: list[int], current: list[int]) -> list[str]:
     return [f"label {i}: id {a} -> {b}" for i, (a, b) in enumerate(zip(saved, current)) if a != b]
 
 
-def prepare_output_folder(out: Path, resume: bool, overwrite: bool) -> None:
-    """Check and tidy the output folder before training (main process).
+def prepare_output_folder(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Check the output folder before training, and tidy it on the ``main`` process.
 
-    Removes the temporary files of interrupted saves (a kill during a checkpoint write). Without
-    ``resume``, a folder holding another run's outputs is an error unless ``overwrite``, which
-    deletes them first. Finally checks that a file can be written there.
+    Without ``resume``, a folder holding another run's outputs is an error unless ``overwrite``,
+    which deletes them (main process). The main process also removes the temporary files of
+    interrupted saves (a kill during a checkpoint write). Every process checks that a file can be
+    written there (so that all of them stop on an error).
     """
-    removed = remove_orphan_temporaries(out, [CHECKPOINT_NAME, WEIGHTS_NAME, METRICS_NAME])
-    if removed:
-        megabytes = sum(size for _, size in removed) / 2**20
-        log(f"removed {len(removed)} temporary file(s) of interrupted saves in {out} ({megabytes:.1f} MB): "
-            f"{', '.join(path.name for path, _ in removed[:3])}{' ...' if len(removed) > 3 else ''}")
+    if main:
+        removed = remove_orphan_temporaries(out, [CHECKPOINT_NAME, WEIGHTS_NAME, METRICS_NAME])
+        if removed:
+            megabytes = sum(size for _, size in removed) / 2**20
+            log(f"removed {len(removed)} temporary file(s) of interrupted saves in {out} ({megabytes:.1f} MB): "
+                f"{', '.join(path.name for path, _ in removed[:3])}{' ...' if len(removed) > 3 else ''}")
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     ckpt = out / CHECKPOINT_NAME
@@ -858,10 +860,13 @@ def prepare_output_folder(out: Path, resume: bool, overwrite: bool) -> None:
                             "there (deleting its outputs), or choose another --out")
         raise UserError(f"{out} holds the outputs of another run ({', '.join(previous)}) but no {CHECKPOINT_NAME} to "
                         "resume from: pass --overwrite to replace them, or choose another --out")
-    if not resume and previous:
+    if not resume and previous and main:
         for name in previous:
             path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         log(f"--overwrite: deleted the previous run's {', '.join(previous)} in {out}")
     check_writable_folder(out, "--out")
 
@@ -893,8 +898,7 @@ def train(
     if dist.init_distributed(device) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     main = dist.is_main_process()
-    if main:
-        prepare_output_folder(out, resume, overwrite)
+    prepare_output_folder(out, resume, overwrite, main)
     seed_everything(cfg.train.seed)
 
     if not main:
