@@ -4,8 +4,11 @@ flat after the warm-up: a leak in the training loop, the hooks, the evaluation o
 loading shows as a positive slope.
 
 RSS is VmRSS of /proc/self/status (Linux), sampled before the first step and every ``--every``
-iterations; the slope is the least-squares line through the samples after ``--warmup``
-iterations, in MB per 100 iterations. Writes bench/results/soak.json and a bench/RESULTS.md row.
+iterations, then again after glibc's ``malloc_trim(0)`` has returned the allocator's free memory to
+the system (``rss_trimmed_mb``: the memory in use, without what malloc keeps for reuse), with the
+number of Python objects the garbage collector tracks. The slope is the least-squares line through
+the samples after ``--warmup`` iterations, in MB per 100 iterations; the verdict is on the trimmed
+RSS (a leak), the raw slope is reported too. Writes bench/results/soak.json and a bench/RESULTS.md row.
 
     nice -n 10 python bench/soak.py --iters 300
 """
@@ -13,6 +16,8 @@ iterations, in MB per 100 iterations. Writes bench/results/soak.json and a bench
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import sys
 import tempfile
 import time
@@ -38,8 +43,17 @@ def resident_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status: the soak test needs Linux")
 
 
+def malloc_trim() -> None:
+    """Return glibc malloc's free memory to the system (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class MemoryHook(Hook):
-    """Records ``{"iter", "rss_mb", "seconds"}`` before the first step and every ``every`` iterations."""
+    """Records ``{"iter", "rss_mb", "rss_trimmed_mb", "python_objects", "seconds"}`` before the first
+    step and every ``every`` iterations."""
 
     def __init__(self, every: int) -> None:
         self.every = every
@@ -56,15 +70,18 @@ class MemoryHook(Hook):
             self._sample(trainer)
 
     def _sample(self, trainer: Trainer) -> None:
-        self.samples.append({"iter": trainer.iteration, "rss_mb": round(resident_mb(), 2),
+        rss = resident_mb()
+        malloc_trim()
+        self.samples.append({"iter": trainer.iteration, "rss_mb": round(rss, 2), "rss_trimmed_mb": round(resident_mb(), 2),
+                             "python_objects": len(gc.get_objects()),
                              "seconds": round(time.perf_counter() - self._start, 2)})
 
 
-def slope_per_100(samples: list[dict[str, float]]) -> float:
-    """Least-squares slope of RSS against iteration, MB per 100 iterations."""
+def slope_per_100(samples: list[dict[str, float]], key: str) -> float:
+    """Least-squares slope of ``key`` against iteration, per 100 iterations."""
     iters = np.array([s["iter"] for s in samples], dtype=np.float64)
-    rss = np.array([s["rss_mb"] for s in samples], dtype=np.float64)
-    return float(np.polyfit(iters, rss, 1)[0] * 100)
+    values = np.array([s[key] for s in samples], dtype=np.float64)
+    return float(np.polyfit(iters, values, 1)[0] * 100)
 
 
 def main() -> None:
@@ -94,21 +111,27 @@ def main() -> None:
     after = [s for s in memory.samples if s["iter"] >= warmup]
     if len(after) < 3:
         raise SystemExit(f"only {len(after)} samples after the warm-up of {warmup} iterations: raise --iters")
-    slope = slope_per_100(after)
+    slope, raw_slope = slope_per_100(after, "rss_trimmed_mb"), slope_per_100(after, "rss_mb")
+    objects_slope = slope_per_100(after, "python_objects")
     flat = abs(slope) <= args.tolerance
     summary: dict[str, Any] = {
         "config": args.config, "overrides": args.overrides, "iters": args.iters, "warmup": warmup,
         "every": args.every, "eval_every_epochs": args.eval_every, "threads": args.threads,
         "rss_start_mb": memory.samples[0]["rss_mb"], "rss_after_warmup_mb": after[0]["rss_mb"],
         "rss_end_mb": after[-1]["rss_mb"], "rss_max_after_warmup_mb": max(s["rss_mb"] for s in after),
-        "slope_mb_per_100_iters": round(slope, 3), "tolerance_mb_per_100_iters": args.tolerance, "flat": flat,
+        "trimmed_after_warmup_mb": after[0]["rss_trimmed_mb"], "trimmed_end_mb": after[-1]["rss_trimmed_mb"],
+        "slope_mb_per_100_iters": round(slope, 3), "raw_slope_mb_per_100_iters": round(raw_slope, 3),
+        "python_objects_slope_per_100_iters": round(objects_slope, 1),
+        "tolerance_mb_per_100_iters": args.tolerance, "flat": flat,
         "seconds": memory.samples[-1]["seconds"], "final_metrics": metrics, "samples": memory.samples,
     }
     write_json(args.out, summary)
-    result = (f"RSS {summary['rss_start_mb']:.0f} MB before the first step, {summary['rss_after_warmup_mb']:.0f} MB "
-              f"after the warm-up (iteration {after[0]['iter']}), {summary['rss_end_mb']:.0f} MB at the end (max "
-              f"{summary['rss_max_after_warmup_mb']:.0f}); slope after the warm-up {slope:+.2f} MB / 100 iterations: "
-              f"{'flat' if flat else 'GROWING'} (tolerance {args.tolerance:g}); {summary['seconds']:.0f} s")
+    result = (f"in use (RSS after malloc_trim) {summary['trimmed_after_warmup_mb']:.0f} MB after the warm-up (iteration "
+              f"{after[0]['iter']}), {summary['trimmed_end_mb']:.0f} MB at the end: slope {slope:+.2f} MB / 100 "
+              f"iterations, {'flat' if flat else 'GROWING'} (tolerance {args.tolerance:g}); Python objects "
+              f"{objects_slope:+.0f} / 100 iterations; raw RSS {summary['rss_start_mb']:.0f} MB before the first step, "
+              f"{summary['rss_after_warmup_mb']:.0f} after the warm-up, {summary['rss_end_mb']:.0f} at the end, slope "
+              f"{raw_slope:+.2f} MB / 100 iterations; {summary['seconds']:.0f} s")
     data = (f"{cfg.data.synthetic_train} synthetic train images of {cfg.data.synthetic_size} px, batch "
             f"{cfg.data.batch_size}" if cfg.data.synthetic else f"{cfg.data.train_annotations}, batch {cfg.data.batch_size}")
     protocol = (f"{args.config} {' '.join(args.overrides)}".strip() + f", {data}, {args.iters} iterations, evaluation "

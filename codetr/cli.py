@@ -58,8 +58,8 @@ def report_interruption(stop: Any, resume_command: str) -> int:
     (128 + the signal number, as shells report it)."""
     print(f"codetr: {stop}", file=sys.stderr)
     print(f"resume with: {resume_command}", file=sys.stderr)
-    return 128 + signal.Signals[stop.signal_name].value if stop.signal_name in signal.Signals.__members__ \
-        else INTERRUPTED_EXIT
+    received = signal.Signals.__members__.get(stop.signal_name)  # None: a signal on another process
+    return 128 + received.value if received is not None else INTERRUPTED_EXIT
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
