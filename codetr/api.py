@@ -35,10 +35,10 @@ from codetr.engine.predictor import (
     config_from_text,
     list_images,
     load_model,
-    load_weights,
     resolve_device,
 )
 from codetr.engine.tta import TTADetector
+from codetr.engine.weights import build_detector, load_weights
 from codetr.structures import Detections
 
 if TYPE_CHECKING:
@@ -96,10 +96,8 @@ class Detector:
     def __init__(self, config: str | Path, weights: str | Path | None = None, device: str = "auto") -> None:
         self.device = resolve_device(device)
         if weights is None:
-            from codetr.models.build import build_model
-
             cfg = load_config(config)
-            self._use(LoadedModel(build_model(cfg.model).to(self.device).eval(), cfg, None, None), None)
+            self._use(LoadedModel(build_detector(cfg.model).to(self.device).eval(), cfg, None, None), None)
         else:
             self._use(load_model(weights, config, device=self.device), Path(weights))
 
@@ -174,9 +172,9 @@ class Detector:
 
     # ---- training, evaluation, saving, export ----------------------------------------------------
 
-    def train(self, out: str | Path, resume: bool = False, **overrides: Any) -> dict[str, float]:
-        """Train as ``codetr train CONFIG --out OUT [--resume] key=value ...``; returns the final
-        COCO metrics (percent) and loads the trained weights into this detector.
+    def train(self, out: str | Path, resume: bool = False, overwrite: bool = False, **overrides: Any) -> dict[str, float]:
+        """Train as ``codetr train CONFIG --out OUT [--resume | --overwrite] key=value ...``; returns the
+        final COCO metrics (percent) and loads the trained weights into this detector.
 
         Overrides are dotted config keys (``**{"model.co.lambda1": 0.5}``) or a field name found
         in one config section only (``epochs=2``, ``lr=1e-4``, ``batch_size=4``). A detector
@@ -185,7 +183,6 @@ class Detector:
         """
         from codetr.engine import train
         from codetr.engine.trainer import WEIGHTS_NAME
-        from codetr.models.build import build_model
 
         loaded = self._torch("train")
         values = config_to_dict(self.cfg)
@@ -203,11 +200,11 @@ class Detector:
             state, source = loaded.model.state_dict(), str(self.source)
 
             def start(model_cfg: Any) -> torch.nn.Module:  # the loaded weights, in the (overridden) architecture
-                model = build_model(model_cfg)
-                load_weights(model, state, source)
+                model = build_detector(model_cfg)
+                load_weights(model, state, source, model_cfg)
                 return model
 
-        metrics = train(cfg, out, resume=resume, build_model=start)
+        metrics = train(cfg, out, resume=resume, build_model=start, overwrite=overwrite)
         out = Path(out)
         self._use(load_model(out / WEIGHTS_NAME, out / CONFIG_FILE, device=self.device), out / WEIGHTS_NAME)
         return metrics

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
 import yaml
+from PIL import Image
 
 from codetr import __version__
-from codetr.config import CONFIG_DIR, Config, load_config
+from codetr.config import CONFIG_DIR, load_config
+from codetr.errors import UserError
 
 DEMO_CONFIGS = ("co_deformable_detr_tiny", "deformable_detr_tiny")
 DEMO_PREDICTION_IMAGES = 4
@@ -21,15 +27,12 @@ TTA_HELP = ("test-time augmentation: every scale of data.tta.scales, also flippe
             "data.tta.merge (nms, soft_nms or wbf)")
 
 
-class CliError(Exception):
-    """A user error: printed as ``codetr: error: ...`` with exit code 1, no traceback."""
-
-
-def _load_config(name: str, overrides: list[str]) -> Config:
-    try:
-        return load_config(name, overrides)
-    except (KeyError, TypeError, ValueError, yaml.YAMLError) as err:
-        raise CliError(f"config {name}: {err}") from err
+DEBUG_ENV = "CODETR_DEBUG"
+# Errors the user can fix: printed in a few lines, exit code 2, no traceback (unless --debug / CODETR_DEBUG=1).
+# OSError covers missing files, permissions, folders given as files, full disks and unreadable images.
+USER_ERRORS = (UserError, OSError, yaml.YAMLError, Image.DecompressionBombError)
+USER_ERROR_EXIT = 2
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as shells report a run stopped by Ctrl-C
 
 
 # ------------------------------------------------------------------------------ commands
@@ -38,32 +41,46 @@ def _load_config(name: str, overrides: list[str]) -> Config:
 def cmd_train(args: argparse.Namespace) -> int:
     from codetr.engine import train
     from codetr.engine.distributed import is_main_process
+    from codetr.engine.trainer import TrainingInterrupted
 
-    cfg = _load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if args.init:
         cfg.train.init = args.init
     if args.device:
         cfg.train.device = args.device
-    metrics = train(cfg, args.out, resume=args.resume)
+    try:
+        metrics = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as stop:
+        resume = shlex.join(["codetr", "train", args.config, *args.overrides, "--out", str(args.out), "--resume"])
+        return report_interruption(stop, resume)
     if is_main_process():  # under torchrun, rank 0 evaluated and wrote
         print(f"done: {Path(args.out) / 'model.safetensors'}  AP {metrics.get('AP', float('nan')):.2f}")
     return 0
 
 
+def report_interruption(stop: Any, resume_command: str) -> int:
+    """Print how a run stopped by a signal (a ``TrainingInterrupted``) resumes; returns the exit code
+    (128 + the signal number, as shells report it)."""
+    print(f"codetr: {stop}", file=sys.stderr)
+    print(f"resume with: {resume_command}", file=sys.stderr)
+    received = signal.Signals.__members__.get(stop.signal_name)  # None: a signal on another process
+    return 128 + received.value if received is not None else INTERRUPTED_EXIT
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from codetr.engine import load_model
+    from codetr.engine.checkpoint import check_writable_folder
     from codetr.engine.evaluator import evaluate_on_val
     from codetr.engine.predictor import resolve_device
 
-    cfg = _load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     loaded = load_model(args.weights, args.config, args.overrides, resolve_device(args.device))
+    out = check_writable_folder(args.out or Path(args.weights).parent, "--out" if args.out else "the folder of --weights")
     try:
         detect = _tta(loaded).detect if args.tta else None
         metrics = evaluate_on_val(loaded.model, cfg.data, loaded.category_ids, str(args.weights), detect)
     except ValueError as err:
-        raise CliError(str(err)) from err
-    out = Path(args.out) if args.out else Path(args.weights).parent
-    out.mkdir(parents=True, exist_ok=True)
+        raise UserError(str(err)) from err
     path = out / ("metrics_tta.json" if args.tta else "metrics.json")
     path.write_text(json.dumps(metrics, indent=1) + "\n")
     print(f"wrote {path}")
@@ -71,25 +88,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _tta(detector: Any) -> Any:
-    """``detector`` with test-time augmentation (``data.tta``); config errors as CliError."""
+    """``detector`` with test-time augmentation (``data.tta``); config errors as UserError."""
     from codetr.engine.tta import TTADetector
 
     try:
         return TTADetector(detector)
     except ValueError as err:
-        raise CliError(str(err)) from err
+        raise UserError(str(err)) from err
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from codetr.engine import load_model, predict_images
-    from codetr.engine.predictor import list_images, resolve_device
+    from codetr.engine.predictor import check_prediction_outputs, list_images, resolve_device
 
     images = list_images(args.source)
+    check_prediction_outputs(images, args.out)  # before loading the model
     if args.onnx:
         from codetr.export import OnnxDetector
 
         if args.config:
-            raise CliError("--config applies to --weights; an ONNX model carries its own config")
+            raise UserError("--config applies to --weights; an ONNX model carries its own config")
         detector = OnnxDetector(args.onnx, device=args.device)
     else:
         detector = load_model(args.weights, args.config, device=resolve_device(args.device))
@@ -110,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         path = export_onnx(loaded, args.out, args.opset, grid_sample=not args.no_grid_sample)
     except ValueError as err:
-        raise CliError(str(err)) from err
+        raise UserError(str(err)) from err
     sampler = "gathers (no GridSample)" if args.no_grid_sample else "GridSample"
     print(f"wrote {path} (opset {args.opset}, deformable attention sampled with {sampler}); run it with "
           f"`codetr predict IMAGE_OR_DIR --onnx {path} --out DIR`")
@@ -122,13 +140,13 @@ def default_demo_config() -> str:
     for name in DEMO_CONFIGS:
         if (CONFIG_DIR / f"{name}.yaml").is_file():
             return name
-    raise CliError(f"no demo config: none of {', '.join(DEMO_CONFIGS)} is packaged in {CONFIG_DIR}")
+    raise UserError(f"no demo config: none of {', '.join(DEMO_CONFIGS)} is packaged in {CONFIG_DIR}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from codetr.engine import load_model, predict_images, train
     from codetr.engine.predictor import list_images, resolve_device
-    from codetr.engine.trainer import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, WEIGHTS_NAME
+    from codetr.engine.trainer import CHECKPOINT_NAME, METRICS_NAME, PLOT_NAME, WEIGHTS_NAME, TrainingInterrupted
 
     name = args.config or default_demo_config()
     overrides = ["data.synthetic=true", *args.overrides]
@@ -136,12 +154,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides.append(f"train.max_iters={args.iters}")
     if args.device:
         overrides.append(f"train.device={args.device}")
-    cfg = _load_config(name, overrides)
+    cfg = load_config(name, overrides)
     out = Path(args.out)
     resume = (out / CHECKPOINT_NAME).is_file()
     print(f"demo: config {name}, synthetic data in {Path(cfg.data.train_images).parent} (generated when missing), "
           f"output in {out}" + (" (continuing the run there; delete the folder to start over)" if resume else ""))
-    metrics = train(cfg, out, resume=resume)
+    try:
+        metrics = train(cfg, out, resume=resume)
+    except TrainingInterrupted as stop:
+        again = ["codetr", "demo", *args.overrides, "--out", str(out)] + (["--config", args.config] if args.config else []) \
+            + (["--iters", str(args.iters)] if args.iters is not None else [])
+        return report_interruption(stop, shlex.join(again) + "  (the demo continues the run in its --out)")
 
     val_images = list_images(cfg.data.val_images)[:DEMO_PREDICTION_IMAGES]
     loaded = load_model(out / WEIGHTS_NAME, device=resolve_device(cfg.train.device))
@@ -181,7 +204,7 @@ def cmd_convert_mmdet(args: argparse.Namespace) -> int:
     try:
         run(args)
     except (CheckpointError, KeyError, TypeError, ValueError, yaml.YAMLError) as err:
-        raise CliError(str(err)) from err
+        raise UserError(str(err)) from err
     return 0
 
 
@@ -204,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help=config_help)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=OVERRIDE_HELP)
     p.add_argument("--out", required=True, help="output folder (checkpoint, metrics, plot, weights)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run in OUT even though it holds another run's outputs (they are deleted)")
     p.add_argument("--init", help="start from these weights (.safetensors, e.g. converted official weights); "
                                   "class layers are re-initialised when the number of classes differs (train.init)")
     p.add_argument("--device", help=DEVICE_HELP + " (train.device; under torchrun each process takes its local GPU)")
@@ -309,20 +335,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_debug_flag(parser: argparse.ArgumentParser, default: Any) -> None:
+    """``--debug`` on ``parser`` and on every subcommand below it, so it may come anywhere."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help=f"show the traceback of an error (also: environment variable {DEBUG_ENV}=1)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_debug_flag(sub, argparse.SUPPRESS)  # SUPPRESS: leaves the main parser's value alone
+
+
+def report_error(err: BaseException, debug: bool) -> None:
+    """``codetr: error: <message>`` on stderr, after the traceback when ``debug``."""
+    if debug:
+        traceback.print_exception(err)
+    message = str(err) or type(err).__name__
+    if isinstance(err, yaml.YAMLError):
+        message = f"invalid YAML: {message}"
+    print(f"codetr: error: {message}", file=sys.stderr)
+    if not debug:
+        print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code: 0, 2 for an
+    error the user can fix (a short message naming the culprit), 130 when interrupted."""
     parser = build_parser()
+    _add_debug_flag(parser, False)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # ``train CONFIG --out DIR a=b``: overrides after options are left over by argparse.
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         return args.func(args)
-    except (CliError, FileNotFoundError, FileExistsError) as err:
-        print(f"codetr: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        report_error(err, debug)
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print("codetr: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from PIL import Image
 from codetr import Detector, Prediction
 from codetr.api import override_key
 from codetr.cli import main
+from codetr.errors import UserError
 from synthetic_config import synthetic_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -146,10 +147,11 @@ def test_save_pretrained_roundtrip(run: tuple[Path, dict[str, float]], config_fi
 
 
 def test_train_from_loaded_weights_starts_from_them(run: tuple[Path, dict[str, float]], tmp_path: Path) -> None:
-    """A detector loaded from weights continues from them: with lr 0 the new run's weights are the old ones."""
+    """A detector loaded from weights continues from them: with a learning rate multiplier 0 for every parameter
+    (the "" key matches every name) the new run's weights are the old ones."""
     det = Detector.from_pretrained(run[0], device="cpu")
     before = {k: v.clone() for k, v in det.model.inference_state_dict().items()}
-    det.train(out=tmp_path / "again", max_iters=1, lr=0.0, eval_every=100)
+    det.train(out=tmp_path / "again", max_iters=1, lr_mult={"": 0.0}, eval_every=100)
     after = det.model.inference_state_dict()
     assert det.source == tmp_path / "again" / "model.safetensors"
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -189,13 +191,13 @@ def test_clear_errors(run: tuple[Path, dict[str, float]], config_file: Path, tmp
         Detector(config_file, tmp_path / "nope.safetensors")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
-    with pytest.raises(ValueError, match="garbage.safetensors is not a safetensors weights file"):
+    with pytest.raises(UserError, match="garbage.safetensors is not a safetensors weights file"):
         Detector(config_file, garbage)
-    with pytest.raises(ValueError, match="garbage.pt is not a codetr training checkpoint"):
+    with pytest.raises(UserError, match="garbage.pt is not a codetr training checkpoint"):
         Detector(config_file, garbage.rename(tmp_path / "garbage.pt"))
     other = tmp_path / "other.yaml"  # another architecture: a 2-layer decoder
     other.write_text(yaml.safe_dump({"base": str(config_file), "model": {"transformer": {"dec_layers": 2}}}))
-    with pytest.raises(ValueError, match="model.safetensors does not fit the model built from the config"):
+    with pytest.raises(UserError, match="model.safetensors does not fit the model built from the config"):
         Detector(other, run[0] / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         Detector.from_pretrained(tmp_path)

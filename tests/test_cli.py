@@ -56,9 +56,9 @@ def test_data_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_config_errors_are_reported_without_traceback(config_file: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["train", str(config_file), "train.nope=1", "--out", str(tmp_path)]) == 1
+    assert main(["train", str(config_file), "train.nope=1", "--out", str(tmp_path)]) == 2
     assert "unknown config key(s) ['nope'] in train." in capsys.readouterr().err
-    assert main(["train", "no_such_config", "--out", str(tmp_path)]) == 1
+    assert main(["train", "no_such_config", "--out", str(tmp_path)]) == 2
     assert "config 'no_such_config' not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", str(config_file), "--out", str(tmp_path), "--bogus"])
@@ -69,7 +69,7 @@ def test_train_resume_eval_predict(config_file: Path, tmp_path: Path, capsys: py
     # Overrides after the options are accepted too.
     assert main(["train", str(config_file), "--out", str(out), "train.max_iters=1"]) == 0
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["iter"] == 1
-    assert main(["train", str(config_file), "--out", str(out)]) == 1  # would overwrite
+    assert main(["train", str(config_file), "--out", str(out)]) == 2  # would overwrite
     assert "pass --resume" in capsys.readouterr().err
     assert main(["train", str(config_file), "--out", str(out), "--resume"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -95,7 +95,7 @@ def test_train_resume_eval_predict(config_file: Path, tmp_path: Path, capsys: py
     assert all(1 <= p["category_id"] <= 6 and len(p["bbox"]) == 4 for p in predictions)
     assert sorted(p.name for p in (tmp_path / "pred").glob("*.png")) == sorted(p.name for p in val_dir.glob("*.png"))
     assert main(["predict", str(tmp_path / "missing.png"), "--weights", str(out / "model.safetensors"),
-                 "--out", str(tmp_path / "pred")]) == 1
+                 "--out", str(tmp_path / "pred")]) == 2
 
 
 def test_demo(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -333,7 +333,7 @@ def test_truncated_and_corrupted_checkpoints(tiny_config: Path, tmp_path: Path, 
         with pytest.raises(CheckpointError, match=f"cannot read checkpoint .*{name}: it is truncated, corrupted"):
             load_mmdet_checkpoint(tmp_path / name)
         assert main(["convert", "mmdet", str(tmp_path / name), "--config", str(tiny_config), "--out",
-                     str(tmp_path / "x.safetensors")]) == 1
+                     str(tmp_path / "x.safetensors")]) == 2
         assert "truncated, corrupted or not a PyTorch file" in capsys.readouterr().err
     torch.save([1, 2], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="holds a list"):
@@ -347,7 +347,7 @@ def test_checkpoints_of_other_architectures_name_what_does_not_fit(tiny_config: 
 
     def convert(state: dict[str, torch.Tensor], *extra: str) -> str:
         ckpt = save_mmdet(state, tmp_path / "ckpt.pth")
-        assert main(["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(out), *classes, *extra]) == 1
+        assert main(["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(out), *classes, *extra]) == 2
         assert not out.exists()
         return capsys.readouterr().err
 
@@ -415,7 +415,7 @@ def test_class_names(tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFi
     assert read_classes(tmp_path / "c.txt") == (["x", "y"], [1, 2])
     ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "ckpt.pth")
     base = ["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(tmp_path / "o.safetensors")]
-    assert main(base) == 1
+    assert main(base) == 2
     assert "has 6 classes (its metadata names ['a', 'b']...): pass --classes FILE" in capsys.readouterr().err
-    assert main([*base, "--classes", str(tmp_path / "c.txt")]) == 1
+    assert main([*base, "--classes", str(tmp_path / "c.txt")]) == 2
     assert "names 2 classes but the checkpoint has 6" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from codetr.engine.checkpoint import atomic_save, load_checkpoint
 from codetr.engine.evaluator import coco_results
 from codetr.engine.predictor import PALETTE, LoadedModel
 from codetr.engine.trainer import Trainer, param_groups
+from codetr.errors import UserError
 from codetr.structures import Batch, Detections, Target
 
 CATEGORY_IDS = [3, 17, 90]  # sparse dataset ids: labels 0, 1, 2
@@ -226,13 +227,13 @@ def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path,
     assert (ckpt["epoch"], ckpt["iteration"], ckpt["iter_in_epoch"]) == (3, 6, 0)
     assert ckpt["category_ids"] == CATEGORY_IDS
 
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UserError, match="last.pt exists: pass --resume"):
         train(tiny_config(tiny_data), out, build_model=FakeDetector)
 
     # resuming with other model settings (here a Co-DETR loss weight) is refused, naming them
     changed = tiny_config(tiny_data)
     changed.model.co.lambda1 = 0.5
-    with pytest.raises(ValueError, match=r"model\.co\.lambda1: 1\.0 -> 0\.5\)"):
+    with pytest.raises(UserError, match=r"model\.co\.lambda1: 1\.0 -> 0\.5\)"):
         train(changed, out, resume=True, build_model=FakeDetector)
 
     # resuming a finished run trains and evaluates nothing more and returns the recorded metrics

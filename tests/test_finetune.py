@@ -14,7 +14,9 @@ from safetensors.torch import save_file
 
 from codetr.cli import main
 from codetr.config import load_config
-from codetr.engine.trainer import CLASS_LAYERS, load_init_weights
+from codetr.engine.trainer import load_init_weights
+from codetr.engine.weights import CLASS_LAYERS
+from codetr.errors import UserError
 from codetr.models.build import build_model
 from synthetic_config import synthetic_data
 
@@ -74,10 +76,18 @@ def test_inference_weights_leave_the_training_parts_fresh(published: tuple[Path,
     assert any("skipped (training-only parts" in line for line in load_init_weights(plain, published[0]))
 
 
-def test_other_mismatches_are_errors_naming_the_tensor(published: tuple[Path, dict]) -> None:
-    with pytest.raises(ValueError, match=r"shapes differ \(\d+\): .*'decoder_layers.0.ffn.0.weight \(256, 64\) \(model \(128, 64\)\)'"):
-        load_init_weights(tiny(4, "model.transformer.ffn_dim=128"), published[0])
-    with pytest.raises(ValueError, match=r"missing tensors \(\d+\): \['decoder_layers.3"):
+def test_other_mismatches_are_errors_naming_the_tensor_and_the_likely_cause(published: tuple[Path, dict]) -> None:
+    with pytest.raises(UserError) as err:
+        load_init_weights(tiny(4, "model.transformer.ffn_dim=128"), published[0], load_config(
+            "co_deformable_detr_tiny", ["model.transformer.ffn_dim=128"]).model)
+    message = str(err.value)
+    assert "(15 tensors of other shapes, 0 missing, 0 not in the model)" in message
+    assert "decoder_layers.0.ffn.0.weight (file 256x64, model 128x64)" in message
+    assert "likely cause: a size of 256 in the file where the model has 128" in message
+    assert "(model.transformer.ffn_dim = 128 in the config)" in message
+    assert len(message.splitlines()) <= 6  # a summary, not one line per tensor
+    with pytest.raises(UserError, match=r"missing: decoder_layers.3.*\n.*likely cause: another number of "
+                                        r"decoder_layers: 3 in the file, 4 in the model \(model.transformer.dec_layers\)"):
         load_init_weights(tiny(4, "model.transformer.dec_layers=4"), published[0])
 
 

@@ -219,7 +219,7 @@ def test_eval_and_predict_with_tta_on_synthetic_data(tmp_path: Path, capsys: pyt
     assert main(["eval", str(config), "--weights", weights, "--tta", "data.tta.scales=[64]", "data.tta.flip=false",
                  "data.tta.iou=1.0"]) == 0
     assert json.loads((out / "metrics_tta.json").read_text()) == json.loads((out / "metrics.json").read_text())
-    assert main(["eval", str(config), "--weights", weights, "--tta", "data.tta.merge=vote"]) == 1
+    assert main(["eval", str(config), "--weights", weights, "--tta", "data.tta.merge=vote"]) == 2
     assert "data.tta.merge" in capsys.readouterr().err
 
     assert main(["predict", str(synth / "val"), "--weights", weights, "--out", str(tmp_path / "pred"), "--tta",

@@ -673,7 +673,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> Conversion:
     from codetr.config import config_to_dict, load_config
     from codetr.engine.checkpoint import save_inference_weights
-    from codetr.engine.predictor import load_weights
+    from codetr.engine.weights import load_weights
     from codetr.models.build import build_model
 
     cfg: Config = load_config(args.config, args.overrides)

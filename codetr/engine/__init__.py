@@ -2,6 +2,6 @@
 
 from codetr.engine.evaluator import evaluate
 from codetr.engine.predictor import load_model, predict_images
-from codetr.engine.trainer import Hook, Trainer, train
+from codetr.engine.trainer import Hook, Trainer, TrainingInterrupted, train
 
-__all__ = ["Hook", "Trainer", "evaluate", "load_model", "predict_images", "train"]
+__all__ = ["Hook", "Trainer", "TrainingInterrupted", "evaluate", "load_model", "predict_images", "train"]

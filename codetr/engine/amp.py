@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from codetr.errors import UserError
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST_DEVICES = ("cpu", "cuda", "mps")
 
@@ -36,7 +38,7 @@ def amp_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     if name not in AMP_DTYPES:
-        raise ValueError(f"train.amp must be one of {sorted(AMP_DTYPES)} or null, got {name!r}")
+        raise UserError(f"train.amp must be one of {sorted(AMP_DTYPES)} or null, got {name!r}")
     return AMP_DTYPES[name]
 
 

@@ -48,6 +48,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is True on any of them (one all-reduce when distributed)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather_to_main(items: list[Any]) -> list[Any]:
     """Concatenate the lists of every process on rank 0 (other ranks get an empty list)."""
     if not is_distributed():

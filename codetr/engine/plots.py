@@ -8,6 +8,8 @@ from typing import Any
 
 import matplotlib
 
+from codetr.errors import UserError
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interactive backend)
 
@@ -15,11 +17,32 @@ AP_CURVES = ("AP", "AP50", "AP75")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (missing file: none)."""
+    """The records of a metrics.jsonl file (missing file: none).
+
+    An unfinished last line (no newline: the write was cut by a kill) is left out; any other line
+    that is not a JSON record with ``type`` and ``iter`` is a UserError naming the file and line.
+    """
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # unfinished last line
+                continue
+            raise UserError(f"{path} line {number} is not a JSON record ({err.msg}: {line[:60]!r}); "
+                            "delete that line or the file") from None
+        if not isinstance(record, dict) or not isinstance(record.get("iter"), int) or "type" not in record:
+            raise UserError(f"{path} line {number} is not a metrics record (needs 'type' and an integer 'iter'): "
+                            f"{line[:60]!r}; delete that line or the file")
+        records.append(record)
+    return records
 
 
 def _is_final_layer_term(name: str) -> bool:

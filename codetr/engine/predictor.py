@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import tempfile
+import os
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,15 +16,17 @@ from torch import Tensor, nn
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from codetr.config import Config, DataConfig, load_config
+from codetr.config import Config, DataConfig, config_from_dict, load_config, yaml_problem
 from codetr.data import build_transforms, collate, transformed_sample
 from codetr.data.image import read_image
-from codetr.engine.checkpoint import load_checkpoint, read_safetensors
+from codetr.engine.checkpoint import check_writable_folder
 from codetr.engine.evaluator import detection_records
+from codetr.engine.weights import build_detector, load_weights, read_weights
 from codetr.errors import UserError
 from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Detections, Target
 
+PREDICTIONS_NAME = "predictions.json"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 PALETTE = [
     (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
@@ -116,12 +119,15 @@ def resolve_device(name: str | torch.device, source: str = "--device") -> torch.
     return device
 
 
-def config_from_text(text: str, overrides: list[str] | None = None) -> Config:
-    """A Config from YAML text (as stored with weights), with dotted overrides."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "config.yaml"
-        path.write_text(text)
-        return load_config(path, overrides)
+def config_from_text(text: str, overrides: list[str] | None = None, source: str = "config") -> Config:
+    """A Config from YAML text (as stored with weights), with dotted overrides; errors name ``source``."""
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{source}: not valid YAML ({yaml_problem(err)})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: a config must be a mapping, got {type(values).__name__}")
+    return config_from_dict(values, overrides, source)
 
 
 def load_model(
@@ -137,52 +143,29 @@ def load_model(
     else ``config.yaml`` next to the weights, else the one stored in the weights. Class names
     and dataset category ids come from the weights; None when they hold none.
     """
-    from codetr.models.build import build_model  # heavy import, only when a model is needed
-
     weights = Path(weights)
-    if weights.suffix == ".safetensors":
-        state, metadata = read_safetensors(weights)
-        stored_config = metadata.get("config")
-        names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
-        ids = json.loads(metadata["category_ids"]) if "category_ids" in metadata else None
-    else:
-        ckpt = load_checkpoint(weights)
-        state, names, ids = ckpt["model"], ckpt["class_names"], ckpt["category_ids"]
-        # trained with train.ema: the average is what training evaluated and saved as inference weights
-        state = {**state, **ckpt.get("hooks", {}).get("EMAHook", {}).get("averages", {})}
-        stored_config = yaml.safe_dump(ckpt["config"], sort_keys=False)
-
+    stored = read_weights(weights)
     beside = weights.parent / "config.yaml"
     if config is not None:
         cfg = load_config(config, overrides)
     elif beside.is_file():
         cfg = load_config(beside, overrides)
-    elif stored_config is not None:
-        cfg = config_from_text(stored_config, overrides)
+    elif stored.config_text is not None:
+        cfg = config_from_text(stored.config_text, overrides, f"the config stored in {weights}")
     else:
-        raise FileNotFoundError(f"{weights} stores no config and there is no {beside}; pass --config")
+        raise UserError(f"{weights} stores no config and there is no {beside}; pass --config")
 
+    names, ids = stored.class_names, stored.category_ids
     num_classes = cfg.model.num_classes
     if names is not None and ids is not None:
         if len(names) != num_classes or len(ids) != num_classes:
-            raise ValueError(f"{weights} names {len(names)} classes but model.num_classes is {num_classes}")
+            raise UserError(f"{weights} names {len(names)} classes but model.num_classes is {num_classes}")
         names, ids = list(names), [int(i) for i in ids]
 
     # The weights file replaces the backbone's ImageNet initialisation: not downloaded or read.
-    model = build_model(replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)))
-    load_weights(model, state, str(weights))
+    model = build_detector(replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)))
+    load_weights(model, stored.state, str(weights), cfg.model)
     return LoadedModel(model.to(device).eval(), cfg, names, ids)
-
-
-def load_weights(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
-    """Load a full or inference-only state dict; every weight needed at inference must be present."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    needed = set(model.inference_state_dict())
-    missing_needed = sorted(k for k in missing if k in needed)
-    if unexpected or missing_needed:
-        raise ValueError(f"{source} does not fit the model built from the config: "
-                         f"missing {missing_needed[:10]}{'...' if len(missing_needed) > 10 else ''}, "
-                         f"unexpected {sorted(unexpected)[:10]}{'...' if len(unexpected) > 10 else ''}")
 
 
 def list_images(source: str | Path) -> list[Path]:
@@ -227,20 +210,44 @@ def draw_detections(image: Image.Image, records: list[dict[str, Any]], class_nam
     return canvas
 
 
+def check_prediction_outputs(images: list[Path], out_dir: str | Path) -> None:
+    """A UserError when writing the drawings or ``predictions.json`` into ``out_dir`` would write
+    over one of ``images`` (e.g. ``--out`` is the input folder), or ``out_dir`` is not writable."""
+    out_dir = Path(out_dir)
+    outputs = {out_dir / path.name: path for path in images}
+    outputs.update({out_dir / PREDICTIONS_NAME: path for path in images if path.name == PREDICTIONS_NAME})
+    clashes = [path for out, path in outputs.items() if out.exists() and path.exists() and os.path.samefile(out, path)]
+    if clashes:
+        names = ", ".join(p.name for p in clashes[:3]) + (" ..." if len(clashes) > 3 else "")
+        raise UserError(f"--out {out_dir}: writing the drawings there would overwrite {len(clashes)} input image(s) "
+                        f"({names}); choose another output folder")
+    check_writable_folder(out_dir, "--out")
+
+
 def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | Path,
                    score_thr: float = 0.3) -> list[dict[str, Any]]:
     """Detect objects in ``images``; write drawings and ``predictions.json`` into ``out_dir``.
 
     Returns the records written: ``file_name``, ``category_id`` (dataset id), ``category_name``,
     ``bbox`` (xywh in pixels of the original image) and ``score``, for scores >= ``score_thr``.
+    Never writes over an input image (:func:`check_prediction_outputs`). An image that cannot be
+    read is reported on stderr and skipped; when any was, a UserError at the end counts them (the
+    predictions of the others are written).
     """
+    check_prediction_outputs(images, out_dir)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     class_names, category_ids = detector.labels()
     label_of = {cat_id: label for label, cat_id in enumerate(category_ids)}
     records: list[dict[str, Any]] = []
+    failed: list[Path] = []
     for path in images:
-        pixels = read_image(path, detector.cfg.data.max_image_pixels)
+        try:
+            pixels = read_image(path, detector.cfg.data.max_image_pixels)
+        except (UserError, OSError, Image.DecompressionBombError) as err:
+            failed.append(path)
+            reason = str(err) if str(path.name) in str(err) else f"{path}: {err}"
+            print(f"skipped {reason}", file=sys.stderr)
+            continue
         det = detector.detect(pixels)
         keep = det.scores >= score_thr
         found = detection_records(Detections(det.boxes[keep], det.scores[keep], det.labels[keep]), 0, category_ids)
@@ -249,5 +256,9 @@ def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | P
             records.append({"file_name": path.name, "category_id": rec["category_id"],
                             "category_name": class_names[label_of[rec["category_id"]]],
                             "bbox": rec["bbox"], "score": rec["score"]})
-    (out_dir / "predictions.json").write_text(json.dumps(records, indent=1))
+    (out_dir / PREDICTIONS_NAME).write_text(json.dumps(records, indent=1))
+    if failed:
+        names = ", ".join(p.name for p in failed[:5]) + (" ..." if len(failed) > 5 else "")
+        raise UserError(f"{len(failed)} of {len(images)} images could not be read ({names}; reasons above); the "
+                        f"predictions of the other {len(images) - len(failed)} are in {out_dir}")
     return records

@@ -15,7 +15,9 @@ import functools
 import json
 import math
 import random
-import re
+import shutil
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -32,16 +34,19 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from codetr.config import Config, ModelConfig, TrainConfig, config_to_dict, save_config
+from codetr.config import Config, ModelConfig, TrainConfig, config_to_dict, save_config, validate_config
 from codetr.data import build_dataloader, build_dataset, collate
 from codetr.engine import distributed as dist
 from codetr.engine.amp import amp_dtype, keep_float32
 from codetr.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     atomic_save,
     atomic_write_text,
     capture_rng_state,
+    check_writable_folder,
     load_checkpoint,
+    remove_orphan_temporaries,
     restore_rng_state,
     save_inference_weights,
 )
@@ -50,6 +55,8 @@ from codetr.engine.evaluator import METRIC_NAMES, detection_records, evaluate
 from codetr.engine.layer_decay import layer_decay_param_groups
 from codetr.engine.plots import plot_training, read_metrics
 from codetr.engine.predictor import LoadedModel, draw_detections, resolve_device
+from codetr.engine.weights import build_detector, load_weights, read_weights
+from codetr.errors import UserError
 from codetr.structures import Batch, Detections
 
 CHECKPOINT_NAME = "last.pt"
@@ -57,6 +64,9 @@ WEIGHTS_NAME = "model.safetensors"
 METRICS_NAME = "metrics.jsonl"
 PLOT_NAME = "training.png"
 TENSORBOARD_DIR = "tensorboard"
+# What a run writes in its folder: another run there must resume it or be allowed to replace it.
+RUN_OUTPUTS = (CHECKPOINT_NAME, WEIGHTS_NAME, METRICS_NAME, PLOT_NAME, "config.yaml", TENSORBOARD_DIR)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def log(message: str) -> None:
@@ -79,6 +89,53 @@ def preserved_rng() -> Iterator[None]:
         yield
     finally:
         restore_rng_state(state)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by SIGINT / SIGTERM after a complete step; ``checkpoint`` holds that step
+    (None on processes that write none) and ``train(..., resume=True)`` continues exactly."""
+
+    def __init__(self, signal_name: str, epoch: int, iteration: int, checkpoint: Path | None = None) -> None:
+        """``epoch``: the 1-based epoch of the last step, ``iteration`` the steps done in all."""
+        self.signal_name, self.epoch, self.iteration, self.checkpoint = signal_name, epoch, iteration, checkpoint
+        where = f"; checkpoint {checkpoint}" if checkpoint is not None else ""
+        super().__init__(f"training stopped by {signal_name} after iteration {iteration} (epoch {epoch}){where}")
+
+
+class StopSignals:
+    """Within the block, SIGINT (Ctrl-C) and SIGTERM only set :attr:`received` (the signal's name),
+    so the trainer can stop after the current step with a checkpoint; a second signal has its usual
+    effect (Ctrl-C: KeyboardInterrupt at once; the previous checkpoint stays intact). Only in the
+    main thread (signal handlers cannot be set elsewhere); a no-op in other threads."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
+        self._restore()
+        log(f"{self.received} received: stopping after the current step with a checkpoint (again: stop at once)")
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT / SIGTERM (a Ctrl-C reaches the whole
+    process group), so they keep serving until the main process has stopped cleanly."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------- data
@@ -190,7 +247,8 @@ def train_loader(dataset: Dataset, sampler: TrainBatchSampler, num_workers: int,
     collate_fn = functools.partial(micro_batches, size=micro_batch_size or sampler.batch_size,
                                    size_divisor=size_divisor)
     return DataLoader(SeededSamples(dataset), batch_sampler=sampler, collate_fn=collate_fn, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed),
+                      worker_init_fn=ignore_stop_signals)
 
 
 # ------------------------------------------------------------------------------ optimizer
@@ -283,6 +341,9 @@ class Hook:
     def after_train(self, trainer: Trainer) -> None:
         """Called once when training ends (all epochs done or ``max_iters`` reached)."""
 
+    def on_interrupt(self, trainer: Trainer) -> None:
+        """Called instead of :meth:`after_train` when a stop signal ends training after a step."""
+
     def state_dict(self) -> dict[str, Any] | None:
         """The hook's own training state, saved in the checkpoint under its class name (None: none)."""
         return None
@@ -330,6 +391,8 @@ class Trainer:
         self.step_time = 0.0
         self.step_images = 0
         self._tick = time.perf_counter()
+        self._signals = StopSignals()
+        self._stopping = False
 
     @property
     def total_iters(self) -> int:
@@ -350,23 +413,42 @@ class Trainer:
         return ema.ema.applied(self.detector) if ema is not None else contextlib.nullcontext()
 
     def run(self) -> None:
-        for hook in self.hooks:
-            hook.before_train(self)
-        while self.epoch < self.epochs and self.iteration < self.total_iters:
-            self.sampler.set_epoch(self.epoch, start_batch=self.iter_in_epoch)
-            steps = min(len(self.sampler) - self.iter_in_epoch, self.total_iters - self.iteration)
-            self._tick = time.perf_counter()
-            for batch in islice(self.loader, steps):
-                self.step(batch)
+        """Train to the end; a SIGINT / SIGTERM stops after the current step (or the running epoch-end
+        evaluation): the hooks' :meth:`Hook.on_interrupt` (the checkpoint), then :class:`TrainingInterrupted`."""
+        with StopSignals() as signals:
+            self._signals = signals
+            for hook in self.hooks:
+                hook.before_train(self)
+            while not self.stop_requested() and self.epoch < self.epochs and self.iteration < self.total_iters:
+                self.sampler.set_epoch(self.epoch, start_batch=self.iter_in_epoch)
+                steps = min(len(self.sampler) - self.iter_in_epoch, self.total_iters - self.iteration)
+                self._tick = time.perf_counter()
+                for batch in islice(self.loader, steps):
+                    self.step(batch)
+                    for hook in self.hooks:
+                        hook.after_step(self)
+                    if self.stop_requested():
+                        break
+                if self.iter_in_epoch == len(self.sampler):
+                    self.epoch += 1
+                    self.iter_in_epoch = 0
+                    if not self.stop_requested():  # else the epoch's evaluation runs on resume
+                        for hook in self.hooks:
+                            hook.after_epoch(self)
+            if self.stop_requested():
                 for hook in self.hooks:
-                    hook.after_step(self)
-            if self.iter_in_epoch == len(self.sampler):
-                self.epoch += 1
-                self.iter_in_epoch = 0
-                for hook in self.hooks:
-                    hook.after_epoch(self)
+                    hook.on_interrupt(self)
+                last_epoch = self.epoch + (self.iter_in_epoch > 0)  # 1-based epoch of the last step
+                raise TrainingInterrupted(signals.received or "a stop signal on another process", last_epoch,
+                                          self.iteration)
         for hook in self.hooks:
             hook.after_train(self)
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal arrived, on any process (all processes stop after the same step)."""
+        if not self._stopping:
+            self._stopping = dist.any_process(self._signals.received is not None, self.device)
+        return self._stopping
 
     def step(self, batches: list[Batch]) -> None:
         """One optimizer step over the micro-batches of an iteration (``train.accumulate`` of them).
@@ -434,10 +516,10 @@ class Trainer:
             "grad_scaler": self.scaler.state_dict(),  # empty unless fp16
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
         if state["iter_in_epoch"] and state["batches_per_epoch"] != len(self.sampler):
-            raise ValueError(f"the checkpoint stopped mid-epoch with {state['batches_per_epoch']} batches per "
-                             f"epoch, but the data now gives {len(self.sampler)} (changed data or batch size?)")
+            raise UserError(f"{source} stopped mid-epoch with {state['batches_per_epoch']} batches per epoch, but the "
+                            f"data now gives {len(self.sampler)} (changed data, batch size or accumulate?)")
         self.detector.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.iter_in_epoch = state["epoch"], state["iter_in_epoch"]
@@ -489,6 +571,9 @@ class LoggerHook(Hook):
 
     def before_train(self, trainer: Trainer) -> None:
         self.metrics.keep_until(trainer.iteration)
+        logged = [r for r in self.metrics.records() if r["type"] == "train"]
+        if logged and logged[-1]["iter"] == trainer.iteration:
+            self._window.clear()  # the checkpoint was written before its steps were logged at the end of a run
         self._bar = tqdm(total=trainer.total_iters, initial=trainer.iteration, desc="train",
                          dynamic_ncols=True, disable=None)
 
@@ -505,6 +590,18 @@ class LoggerHook(Hook):
             self._flush(trainer)
         if self._bar is not None:
             self._bar.close()
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        if self._bar is not None:  # the steps not logged yet are in the checkpoint (state_dict)
+            self._bar.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The steps since the last metrics record: a resumed run logs the record they belong to
+        as the uninterrupted run does."""
+        return {"window": [list(w) for w in self._window]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._window = [tuple(w) for w in state["window"]]  # type: ignore[misc]
 
     def _flush(self, trainer: Trainer) -> None:
         n = len(self._window)
@@ -551,12 +648,19 @@ class EMAHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Atomically writes ``last.pt`` after every epoch and when training ends. Runs on every
-    process (:meth:`Trainer.state_dict` gathers their RNG states); rank 0 writes."""
+    """Atomically writes ``last.pt`` after every epoch, every ``every`` iterations (0: never
+    mid-epoch), when training ends and when a stop signal interrupts it. ``extra``: the config,
+    class names and dataset category ids of the run. Runs on every process
+    (:meth:`Trainer.state_dict` gathers their RNG states); rank 0 writes."""
 
-    def __init__(self, path: Path, extra: dict[str, Any]) -> None:
-        self.path, self.extra = path, extra
+    def __init__(self, path: Path, extra: dict[str, Any], every: int = 0) -> None:
+        self.path, self.extra, self.every = path, extra, every
         self._saved_at = -1
+
+    def after_step(self, trainer: Trainer) -> None:
+        # an epoch's last step is saved by after_epoch, after the epoch count moves on
+        if self.every and trainer.iteration % self.every == 0 and trainer.iter_in_epoch < len(trainer.sampler):
+            self.save(trainer)
 
     def after_epoch(self, trainer: Trainer) -> None:
         self.save(trainer)
@@ -565,12 +669,15 @@ class CheckpointHook(Hook):
         if self._saved_at != trainer.iteration:
             self.save(trainer)
 
+    def on_interrupt(self, trainer: Trainer) -> None:
+        self.after_train(trainer)
+
     def save(self, trainer: Trainer) -> None:
         state = trainer.state_dict()
         self._saved_at = trainer.iteration
         if not dist.is_main_process():
             return
-        atomic_save({"format": "codetr-checkpoint", "version": CHECKPOINT_VERSION, **self.extra, **state}, self.path)
+        atomic_save({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **self.extra, **state}, self.path)
         log(f"saved checkpoint {self.path} (epoch {trainer.epoch}, iteration {trainer.iteration})")
 
 
@@ -634,6 +741,9 @@ class PlotHook(Hook):
     def after_train(self, trainer: Trainer) -> None:
         plot_training(self.metrics.path, self.png)
 
+    def on_interrupt(self, trainer: Trainer) -> None:
+        plot_training(self.metrics.path, self.png)
+
 
 class TensorBoardHook(Hook):
     """TensorBoard event files in ``log_dir``: every ``every`` steps the loss terms
@@ -676,6 +786,9 @@ class TensorBoardHook(Hook):
         self._log_evaluation(trainer)
         self.writer.close()
 
+    def on_interrupt(self, trainer: Trainer) -> None:
+        self.writer.close()
+
     def _log_evaluation(self, trainer: Trainer) -> None:
         if self.eval_hook.runs == self._logged_runs:
             return
@@ -708,51 +821,18 @@ class TensorBoardHook(Hook):
 # ---------------------------------------------------------------------------------- train
 
 
-# Parameters whose shape follows the number of classes: when fine-tuning on another class count
-# (train.init) they keep their fresh initialisation. The DETR class branches, the RoI head's
-# classifier and class-wise box regression, the ATSS classifier, a denoising label embedding.
-CLASS_LAYERS = (r"^class_branches\.", r"\.roi\.fc_(cls|reg)\.", r"\.atss_cls\.", r"label_embedding\.")
-
-
-def load_init_weights(model: nn.Module, path: str | Path) -> list[str]:
+def load_init_weights(model: nn.Module, path: str | Path, cfg: ModelConfig | None = None) -> list[str]:
     """Start fine-tuning from the weights in ``path`` (.safetensors, or a codetr checkpoint ``.pt``).
 
     Every tensor of the file loads into the model, except tensors of :data:`CLASS_LAYERS` whose
     shape differs (another number of classes): those keep the model's fresh initialisation.
     Training-only parts missing from the file (an inference-weights file has no auxiliary heads)
     keep theirs too, and the file's training-only parts a plain detector lacks are skipped. Any
-    other difference (a missing inference tensor, an unknown tensor, a shape) is an error naming it.
-    Returns the report lines.
+    other difference (a missing inference tensor, an unknown tensor, a shape) is a UserError naming
+    it (:func:`codetr.engine.weights.load_weights`). Returns the report lines.
     """
-    from codetr.engine.checkpoint import load_checkpoint, read_safetensors
-    from codetr.models.codetr import TRAINING_ONLY  # the parts a plain detector does not have
-
-    path = Path(path)
-    state = read_safetensors(path)[0] if path.suffix == ".safetensors" else load_checkpoint(path)["model"]
-    own = model.state_dict()
-    needed = set(model.inference_state_dict()) if hasattr(model, "inference_state_dict") else set(own)
-    reinit = [k for k in state if k in own and state[k].shape != own[k].shape and any(re.search(p, k) for p in CLASS_LAYERS)]
-    wrong = [f"{k} {tuple(state[k].shape)} (model {tuple(own[k].shape)})" for k in state
-             if k in own and state[k].shape != own[k].shape and k not in reinit]
-    unknown = [k for k in state if k not in own and not k.startswith(TRAINING_ONLY)]
-    missing = [k for k in own if k not in state and k in needed]
-    if wrong or unknown or missing:
-        parts = [f"{title} ({len(keys)}): {keys[:8]}" for title, keys in
-                 (("shapes differ", wrong), ("tensors the model does not have", unknown), ("missing tensors", missing)) if keys]
-        raise ValueError(f"train.init {path} does not fit the model built from the config: {'; '.join(parts)}")
-    loaded = {k: v for k, v in state.items() if k in own and k not in reinit}
-    model.load_state_dict(loaded, strict=False)
-    fresh = sorted(k for k in own if k not in state)
-    lines = [f"init from {path}: loaded {len(loaded)} of the model's {len(own)} tensors"]
-    if reinit:
-        lines.append(f"re-initialised (the number of classes differs): {', '.join(sorted(reinit))}")
-    if fresh:
-        lines.append(f"not in the file, freshly initialised: {len(fresh)} tensors under "
-                     f"{', '.join(sorted({k.split('.')[0] for k in fresh}))}")
-    skipped = sorted(k for k in state if k not in own)
-    if skipped:
-        lines.append(f"skipped (training-only parts this model does not have): {len(skipped)} tensors")
-    return lines
+    lines = load_weights(model, read_weights(path).state, str(path), cfg, reinit_classes=True)
+    return [f"init from {lines[0]}", *lines[1:]]
 
 
 def _changed_keys(before: Any, after: Any, prefix: str) -> list[str]:
@@ -763,33 +843,76 @@ def _changed_keys(before: Any, after: Any, prefix: str) -> list[str]:
     return [] if before == after else [f"{prefix}: {before!r} -> {after!r}"]
 
 
+def _category_changes(saved: list[int], current: list[int]) -> list[str]:
+    """``label i: id a -> b`` for every label whose dataset category id differs."""
+    return [f"label {i}: id {a} -> {b}" for i, (a, b) in enumerate(zip(saved, current)) if a != b]
+
+
+def prepare_output_folder(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Check the output folder before training, and tidy it on the ``main`` process.
+
+    Without ``resume``, a folder holding another run's outputs is an error unless ``overwrite``,
+    which deletes them (main process). The main process also removes the temporary files of
+    interrupted saves (a kill during a checkpoint write). Every process checks that a file can be
+    written there (so that all of them stop on an error).
+    """
+    if main:
+        removed = remove_orphan_temporaries(out, [CHECKPOINT_NAME, WEIGHTS_NAME, METRICS_NAME])
+        if removed:
+            megabytes = sum(size for _, size in removed) / 2**20
+            log(f"removed {len(removed)} temporary file(s) of interrupted saves in {out} ({megabytes:.1f} MB): "
+                f"{', '.join(path.name for path, _ in removed[:3])}{' ...' if len(removed) > 3 else ''}")
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    ckpt = out / CHECKPOINT_NAME
+    if resume and not ckpt.is_file():
+        raise UserError(f"--resume: no checkpoint {ckpt}" + (" (it is a folder)" if ckpt.exists() else ""))
+    previous = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if not resume and previous and not overwrite:
+        if ckpt.exists():
+            raise UserError(f"{ckpt} exists: pass --resume to continue that run, --overwrite to start a new run "
+                            "there (deleting its outputs), or choose another --out")
+        raise UserError(f"{out} holds the outputs of another run ({', '.join(previous)}) but no {CHECKPOINT_NAME} to "
+                        "resume from: pass --overwrite to replace them, or choose another --out")
+    if not resume and previous and main:
+        for name in previous:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        log(f"--overwrite: deleted the previous run's {', '.join(previous)} in {out}")
+    check_writable_folder(out, "--out")
+
+
 def train(
     cfg: Config,
     out_dir: str | Path,
     resume: bool = False,
     build_model: Callable[[ModelConfig], nn.Module] | None = None,
+    overwrite: bool = False,
+    extra_hooks: Sequence[Hook] = (),
 ) -> dict[str, float]:
     """Train ``cfg`` into ``out_dir``; returns the final COCO metrics (percent).
 
-    Writes ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every epoch and at the end),
+    Writes ``config.yaml``, ``metrics.jsonl``, ``last.pt`` (every epoch, every
+    ``train.checkpoint_every`` iterations, at the end and when stopped by SIGINT / SIGTERM),
     ``training.png`` and the inference weights ``model.safetensors``. ``resume`` continues from
-    ``out_dir/last.pt``; without it, an existing checkpoint there is an error (nothing is
-    overwritten). ``build_model`` defaults to :func:`codetr.models.build.build_model`.
+    ``out_dir/last.pt``; without it, a folder holding a previous run's outputs is an error unless
+    ``overwrite`` (then they are deleted first). A stop signal ends training after the current step
+    with a checkpoint and raises :class:`TrainingInterrupted`. ``build_model`` defaults to
+    :func:`codetr.models.build.build_model`. ``extra_hooks`` run after the trainer's own, on every process.
     Launched by torchrun (WORLD_SIZE > 1), trains with DistributedDataParallel; only rank 0 writes.
     """
-    if build_model is None:
-        from codetr.models.build import build_model
+    validate_config(cfg)
     out = Path(out_dir)
     ckpt_path = out / CHECKPOINT_NAME
-    if resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path}")
-    if not resume and ckpt_path.exists():
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
 
     device = resolve_device(cfg.train.device, "train.device")
     if dist.init_distributed(device) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     main = dist.is_main_process()
+    prepare_output_folder(out, resume, overwrite, main)
     seed_everything(cfg.train.seed)
 
     if not main:
@@ -799,12 +922,30 @@ def train(
     if main:
         dist.barrier()
     val_set = val_loader.dataset
+    val_loader.worker_init_fn = ignore_stop_signals  # the main process handles SIGINT / SIGTERM
+    if len(train_set) == 0:
+        raise UserError(f"{cfg.data.train_annotations} lists no images: nothing to train on")
     if train_set.num_classes != cfg.model.num_classes:
-        raise ValueError(f"model.num_classes is {cfg.model.num_classes} but {cfg.data.train_annotations} has "
-                         f"{train_set.num_classes} categories")
+        raise UserError(f"model.num_classes is {cfg.model.num_classes} but {cfg.data.train_annotations} has "
+                        f"{train_set.num_classes} categories")
     if val_set.category_ids != train_set.category_ids:
-        raise ValueError(f"category ids differ between {cfg.data.train_annotations} {train_set.category_ids} "
-                         f"and {cfg.data.val_annotations} {val_set.category_ids}")
+        raise UserError(f"category ids differ between {cfg.data.train_annotations} {train_set.category_ids} "
+                        f"and {cfg.data.val_annotations} {val_set.category_ids}")
+    names, ids = list(train_set.class_names), [int(i) for i in train_set.category_ids]
+    extra = {"config": config_to_dict(cfg), "class_names": names, "category_ids": ids}
+
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        changed = _changed_keys(state["config"]["model"], extra["config"]["model"], "model")
+        if changed:
+            raise UserError(f"{ckpt_path} was trained with other model settings ({', '.join(changed)}); resume "
+                            "with the run's own config (its config.yaml), or start a new run with another --out")
+        changes = _category_changes(list(state["category_ids"]), ids)
+        if changes:
+            raise UserError(f"{ckpt_path} was trained on other category ids than {cfg.data.train_annotations} has now "
+                            f"({', '.join(changes)}): its labels would change meaning. Resume with the run's own data, "
+                            f"or fine-tune from its weights in a new run (--init {ckpt_path} --out NEW_FOLDER)")
 
     init = cfg.train.init if not resume else None
     if cfg.model.backbone.weights is None and cfg.model.backbone.norm == "frozen_bn" and init is None:
@@ -812,9 +953,9 @@ def train(
             "norm, i.e. no normalisation at all; to train it from scratch set model.backbone.norm=group_norm")
     # With train.init the ImageNet backbone weights would be overwritten: not loaded.
     model_cfg = replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)) if init else cfg.model
-    detector = build_model(model_cfg)
+    detector = build_detector(model_cfg, build_model)
     if init:
-        for line in load_init_weights(detector, init):
+        for line in load_init_weights(detector, init, cfg.model):
             log(line)
     detector = detector.to(device)
     amp = amp_dtype(cfg.train.amp)
@@ -829,8 +970,6 @@ def train(
             loss_module, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
 
     groups = train_set.aspect_ratio_groups() if cfg.data.group_by_aspect_ratio else None
-    if cfg.train.accumulate < 1:
-        raise ValueError(f"train.accumulate must be >= 1, got {cfg.train.accumulate}")
     # an iteration (optimizer step) takes accumulate micro-batches of data.batch_size images per process
     sampler = TrainBatchSampler(len(train_set), cfg.data.batch_size * cfg.train.accumulate, cfg.train.seed,
                                 dist.rank(), dist.world_size(), groups)
@@ -838,33 +977,31 @@ def train(
                           cfg.data.pad_size_divisor)
 
     metrics = MetricsFile(out / METRICS_NAME)
-    names, ids = list(train_set.class_names), [int(i) for i in train_set.category_ids]
-    extra = {"config": config_to_dict(cfg), "class_names": names, "category_ids": ids}
     eval_hook = EvalHook(val_set, val_loader, cfg.train.eval_every, metrics, write=main)
     # the EMA first: the other hooks see the average of the step just done
     hooks: list[Hook] = [EMAHook(detector, cfg.train.ema_momentum, cfg.train.ema_total_iter, cfg.train.ema_interval)
                          ] if cfg.train.ema else []
-    checkpoint_hook = CheckpointHook(ckpt_path, extra)  # on every process, before the evaluation as on rank 0
+    # on every process, before the evaluation as on rank 0
+    checkpoint_hook = CheckpointHook(ckpt_path, extra, cfg.train.checkpoint_every)
     hooks += [LoggerHook(metrics, cfg.train.log_every), checkpoint_hook, eval_hook,
               PlotHook(metrics, out / PLOT_NAME)] if main else [checkpoint_hook, eval_hook]
     if main and cfg.train.tensorboard:
         hooks.append(TensorBoardHook(out / TENSORBOARD_DIR, cfg.train.log_every, eval_hook, cfg, names, ids,
                                      cfg.train.tensorboard_images))
 
+    hooks += extra_hooks
     trainer = Trainer(detector, loss_module, optimizer, schedule, loader, sampler, device,
                       cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks, amp)
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        changed = _changed_keys(state["config"]["model"], extra["config"]["model"], "model")
-        if changed:
-            raise ValueError(f"{ckpt_path} was trained with other model settings ({', '.join(changed)}); resume "
-                             "with the run's own config (its config.yaml), or start a new run with another --out")
-        trainer.load_state_dict(state)
+    if state is not None:
+        trainer.load_state_dict(state, str(ckpt_path))
+        del state
         log(f"resumed from {ckpt_path}: epoch {trainer.epoch}, iteration {trainer.iteration}")
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-    trainer.run()
+    try:
+        trainer.run()
+    except TrainingInterrupted as stop:
+        raise TrainingInterrupted(stop.signal_name, stop.epoch, stop.iteration, ckpt_path) from None
 
     if main:
         with trainer.evaluation_weights():
