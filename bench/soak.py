@@ -4,9 +4,9 @@ flat after the warm-up: a leak in the training loop, the hooks, the evaluation o
 loading shows as a positive slope.
 
 RSS is VmRSS of /proc/self/status (Linux), sampled before the first step and every ``--every``
-iterations, then again after glibc's ``malloc_trim(0)`` has returned the allocator's free memory to
-the system (``rss_trimmed_mb``: the memory in use, without what malloc keeps for reuse), with the
-number of Python objects the garbage collector tracks. The slope is the least-squares line through
+iterations, then again after a garbage collection and glibc's ``malloc_trim(0)``, which returns the
+allocator's free memory to the system (``rss_trimmed_mb``: the memory in use, without what malloc
+keeps for reuse), with the number of Python objects the garbage collector tracks. The slope is the least-squares line through
 the samples after ``--warmup`` iterations, in MB per 100 iterations; the verdict is on the trimmed
 RSS (a leak), the raw slope is reported too. Writes bench/results/soak.json and a bench/RESULTS.md row.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import os
 import sys
 import tempfile
 import time
@@ -71,6 +72,7 @@ class MemoryHook(Hook):
 
     def _sample(self, trainer: Trainer) -> None:
         rss = resident_mb()
+        gc.collect()  # unreachable cycles are not in use either (and would blur the object count)
         malloc_trim()
         self.samples.append({"iter": trainer.iteration, "rss_mb": round(rss, 2), "rss_trimmed_mb": round(resident_mb(), 2),
                              "python_objects": len(gc.get_objects()),
@@ -103,6 +105,7 @@ def main() -> None:
     cfg = load_config(args.config, [f"train.max_iters={args.iters}", f"train.eval_every={args.eval_every}",
                                     "train.device=cpu", "train.log_every=50", *args.overrides])
     memory = MemoryHook(args.every)
+    malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # glibc tunables change the raw RSS
     with tempfile.TemporaryDirectory() as run:
         metrics = train(cfg, run, extra_hooks=[memory])
     # the samples after a step are taken before that epoch's evaluation: the warm-up ends one sample after the second
@@ -112,6 +115,7 @@ def main() -> None:
     if len(after) < 3:
         raise SystemExit(f"only {len(after)} samples after the warm-up of {warmup} iterations: raise --iters")
     slope, raw_slope = slope_per_100(after, "rss_trimmed_mb"), slope_per_100(after, "rss_mb")
+    late_slope = slope_per_100(after[len(after) // 2:], "rss_trimmed_mb")  # does the growth fade?
     objects_slope = slope_per_100(after, "python_objects")
     flat = abs(slope) <= args.tolerance
     summary: dict[str, Any] = {
@@ -120,7 +124,8 @@ def main() -> None:
         "rss_start_mb": memory.samples[0]["rss_mb"], "rss_after_warmup_mb": after[0]["rss_mb"],
         "rss_end_mb": after[-1]["rss_mb"], "rss_max_after_warmup_mb": max(s["rss_mb"] for s in after),
         "trimmed_after_warmup_mb": after[0]["rss_trimmed_mb"], "trimmed_end_mb": after[-1]["rss_trimmed_mb"],
-        "slope_mb_per_100_iters": round(slope, 3), "raw_slope_mb_per_100_iters": round(raw_slope, 3),
+        "slope_mb_per_100_iters": round(slope, 3), "second_half_slope_mb_per_100_iters": round(late_slope, 3),
+        "raw_slope_mb_per_100_iters": round(raw_slope, 3), "malloc_env": malloc_env,
         "python_objects_slope_per_100_iters": round(objects_slope, 1),
         "tolerance_mb_per_100_iters": args.tolerance, "flat": flat,
         "seconds": memory.samples[-1]["seconds"], "final_metrics": metrics, "samples": memory.samples,
@@ -128,7 +133,8 @@ def main() -> None:
     write_json(args.out, summary)
     result = (f"in use (RSS after malloc_trim) {summary['trimmed_after_warmup_mb']:.0f} MB after the warm-up (iteration "
               f"{after[0]['iter']}), {summary['trimmed_end_mb']:.0f} MB at the end: slope {slope:+.2f} MB / 100 "
-              f"iterations, {'flat' if flat else 'GROWING'} (tolerance {args.tolerance:g}); Python objects "
+              f"iterations ({late_slope:+.2f} over the second half), {'flat' if flat else 'GROWING'} (tolerance "
+              f"{args.tolerance:g}); Python objects "
               f"{objects_slope:+.0f} / 100 iterations; raw RSS {summary['rss_start_mb']:.0f} MB before the first step, "
               f"{summary['rss_after_warmup_mb']:.0f} after the warm-up, {summary['rss_end_mb']:.0f} at the end, slope "
               f"{raw_slope:+.2f} MB / 100 iterations; {summary['seconds']:.0f} s")
@@ -137,7 +143,7 @@ def main() -> None:
     protocol = (f"{args.config} {' '.join(args.overrides)}".strip() + f", {data}, {args.iters} iterations, evaluation "
                 f"every {args.eval_every} epochs ({cfg.data.synthetic_val if cfg.data.synthetic else '?'} val images), "
                 f"last.pt every epoch, {args.threads} thread(s); VmRSS every {args.every} iterations, slope over "
-                f"iterations >= {warmup}; {machine()}")
+                f"iterations >= {warmup}" + "".join(f"; {k}={v}" for k, v in malloc_env.items()) + f"; {machine()}")
     append_result("soak", protocol, result)
     print(result)
 
