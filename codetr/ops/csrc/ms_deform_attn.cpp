@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -111,7 +112,7 @@ at::Tensor forward(const at::Tensor& value_in, c10::IntArrayRef shapes, const at
   const std::vector<Level> levels = make_levels(shapes, tokens);
   TORCH_CHECK(static_cast<int64_t>(levels.size()) == num_levels, "spatial_shapes has ", levels.size(),
               " levels, locations ", num_levels);
-  at::Tensor output = at::zeros({batch, queries, heads, dim}, value.options());
+  at::Tensor output = at::empty({batch, queries, heads, dim}, value.options());  // rows zeroed as they are filled
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward", [&] {
     const scalar_t* v = value.const_data_ptr<scalar_t>();
     const scalar_t* loc = locations.const_data_ptr<scalar_t>();
@@ -148,6 +149,7 @@ at::Tensor forward(const at::Tensor& value_in, c10::IntArrayRef shapes, const at
         int64_t i = 0;
         for (int64_t h = 0; h < heads; ++h) {
           scalar_t* __restrict__ o = out + (bq * heads + h) * dim;
+          std::fill(o, o + dim, scalar_t(0));
           for (; i < head_end[h]; ++i) {
             const scalar_t* __restrict__ row = rows[i];
             const scalar_t w = row_weights[i];
@@ -176,8 +178,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((at::get_num_threads() + pairs - 1) / pairs,
                                                                 queries / 64));
   at::Tensor grad_value_parts = at::zeros({splits, batch, tokens, heads, dim}, value.options());
-  at::Tensor grad_locations = at::zeros_like(locations);
-  at::Tensor grad_weights = at::zeros_like(weights);
+  at::Tensor grad_locations = at::empty_like(locations);  // every element is written below
+  at::Tensor grad_weights = at::empty_like(weights);
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward", [&] {
     const scalar_t* v = value.const_data_ptr<scalar_t>();
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
@@ -202,7 +204,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
             for (int64_t p = 0; p < points; ++p) {
               const int64_t i = l * points + p, s = sample0 + i;
               near[i] = corners(loc[2 * s], loc[2 * s + 1], levels[l], cs[i]);
-              if (!near[i]) continue;
+              if (!near[i]) {  // no neighbour inside the map: no gradient
+                gatt[s] = gloc[2 * s] = gloc[2 * s + 1] = 0;
+                continue;
+              }
               for (int k = 0; k < 4; ++k) {
                 if (cs[i].index[k] < 0) continue;
                 const int64_t offset = ((b * tokens + cs[i].index[k]) * heads + h) * dim;
