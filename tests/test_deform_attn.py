@@ -250,3 +250,17 @@ def test_fused_kernel_rejects_other_devices_and_dtypes():
         multi_scale_deformable_attn(value.half(), shapes, locations.half(), weights.half(), sampler="fused")
     with pytest.raises(ValueError, match="of one dtype"):
         multi_scale_deformable_attn(value.float(), shapes, locations, weights, sampler="fused")
+
+
+@needs_kernel
+def test_fused_kernel_float32_rounds_pixel_coordinates_as_grid_sample():
+    """On a 152-pixel-wide map float32 coordinates rounded twice move samples by an ulp (~1e-5 in
+    the output); the kernel rounds them once as grid_sample does and agrees to ~1 ulp of the output."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(100, 152)]
+    value = torch.randn(1, 100 * 152, 1, 4, generator=g)
+    locations = torch.rand(1, 2000, 1, 1, 1, 2, generator=g)
+    weights = torch.ones(1, 2000, 1, 1, 1)
+    fused = multi_scale_deformable_attn(value, shapes, locations, weights, sampler="fused")
+    reference = multi_scale_deformable_attn(value, shapes, locations, weights, sampler="grid_sample")
+    torch.testing.assert_close(fused, reference, rtol=0, atol=1e-6)

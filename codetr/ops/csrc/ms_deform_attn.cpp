@@ -52,11 +52,20 @@ struct Corners {
   scalar_t fx, fy;
 };
 
+// The pixel coordinate (centres at integers) of a normalised one, as F.grid_sample computes it on
+// CPUs: (g + 1) * size / 2 - 0.5 from the grid g = 2 * loc - 1, rounded once (its vectorised
+// kernel fuses the multiply-add; float32 coordinates rounded twice move the samples by up to an
+// ulp of the coordinate, which changes outputs by ~1e-5 at a width of 152).
+template <typename scalar_t>
+inline scalar_t pixel_coordinate(scalar_t loc, int64_t size) {
+  const scalar_t g1 = 2 * loc - 1 + 1;
+  return static_cast<scalar_t>(static_cast<double>(g1) * (static_cast<double>(size) / 2) - 0.5);
+}
+
 // Returns false when the point is so far outside the map that every neighbour is outside.
 template <typename scalar_t>
 inline bool corners(scalar_t lx, scalar_t ly, const Level& level, Corners<scalar_t>& c) {
-  const scalar_t x = lx * level.width - scalar_t(0.5);
-  const scalar_t y = ly * level.height - scalar_t(0.5);
+  const scalar_t x = pixel_coordinate(lx, level.width), y = pixel_coordinate(ly, level.height);
   // negated comparisons also reject NaN; the bounds keep floor() within int64
   if (!(x >= -1 && y >= -1 && x <= level.width && y <= level.height)) return false;
   const scalar_t x0f = std::floor(x), y0f = std::floor(y);
