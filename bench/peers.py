@@ -9,8 +9,9 @@ measurement alternates the two implementations (which goes first flips each roun
 - the multi-scale deformable attention alone (8 heads x 32 channels, 4 levels at strides 8-64
   of an 800x1216 image, 4 points), at the encoder shape (20197 queries sampling around their own
   pixel) and at the decoder shape (300 queries sampling inside random boxes): forward, and
-  forward + backward; outputs within 1e-5; peak RSS added by the forward (and forward +
-  backward), from the kernel's high-water mark (``/proc/self/clear_refs``);
+  forward + backward; outputs within 1e-5; peak RSS added by one forward (and forward +
+  backward), each in a fresh process whose allocator returns freed blocks at once, from the
+  kernel's high-water mark (``/proc/self/clear_refs``);
 - end-to-end inference, batch 1, at 640x640 and 800x1216: transformers' forward against
   codetr's ``predict_tensors`` (forward + top-k), both under ``torch.inference_mode``; the top-100
   detections (codetr's post-processing applied to both outputs) must be the same;
@@ -22,7 +23,11 @@ measurement alternates the two implementations (which goes first flips each roun
   over the rate of a large float32 matmul on the same threads; with ``--compile`` also for
   ``torch.compile``d codetr inference.
 
-    python bench/peers.py --threads 2 --warmup 2 --repeats 7
+transformers' timm ResNet-50 gets its stem and layer1 frozen, as in the original and in codetr
+(transformers 5 leaves them trainable). The allocator settings (``MALLOC_*`` environment
+variables, ``LD_PRELOAD``) are recorded with the results: they move the numbers.
+
+    python bench/peers.py --threads 2 --warmup 2 --repeats 7 [--compile]
 """
 
 from __future__ import annotations
@@ -97,6 +102,13 @@ def op_peak_rss_mb(queries: int, implementation: str, backward: bool) -> float |
                           "backward" if backward else "forward"], env=env, check=True, capture_output=True, text=True)
     value = out.stdout.strip().splitlines()[-1]
     return None if value == "None" else float(value)
+
+
+def allocator() -> str:
+    """The memory allocator settings of this process (they move the numbers: fresh pages are
+    costly to fault in, and the implementations allocate differently)."""
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"]
+    return "allocator: " + (", ".join(settings) if settings else "glibc malloc defaults")
 
 
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
@@ -359,7 +371,8 @@ def main() -> None:
         return
     rate = matmul_rate(torch.device("cpu"))
     print(f"matmul rate {rate / 1e9:.1f} GFLOP/s", flush=True)
-    results: dict[str, Any] = {"threads": args.threads, "matmul_gflops_per_s": rate / 1e9}
+    results: dict[str, Any] = {"threads": args.threads, "matmul_gflops_per_s": rate / 1e9, "allocator": allocator(),
+                               "note": args.note}
     tokens = sum(h * w for h, w in LEVELS)
     for name, queries in (("op_encoder", tokens), ("op_decoder", 300)):
         results[name] = measure_op(queries, args.warmup, args.repeats)
@@ -398,7 +411,7 @@ def main() -> None:
     protocol = (f"transformers {transformers.__version__} DeformableDetrForObjectDetection (R50, two-stage, box refinement, "
                 f"300 queries) vs codetr with the same weights, one process, alternating, float32, {args.threads} threads, "
                 f"warm-up {args.warmup}, median of {args.repeats}, outputs checked; matmul {rate / 1e9:.0f} GFLOP/s; "
-                f"{machine()}" + (f"; {args.note}" if args.note else ""))
+                f"{allocator()}; {machine()}" + (f"; {args.note}" if args.note else ""))
     append_result("peers", protocol, "; ".join(parts))
     print("; ".join(parts))
 
