@@ -263,7 +263,7 @@ def measure_inference(theirs: torch.nn.Module, ours: DeformableDETR, size: tuple
     flops = count_flops(lambda: ours.predict_tensors(images, masks, sizes))
     record: dict[str, Any] = {"size": [height, width], "codetr_gflops": flops / 1e9}
     if compile:
-        compiled = torch.compile(ours.predict_tensors)
+        compiled = torch.compile(ours.predict_tensors, dynamic=False)  # one graph per size
         start = time.perf_counter()
         with torch.inference_mode():
             check_detections(compiled(images, masks, sizes), ours.predict_tensors(images, masks, sizes),

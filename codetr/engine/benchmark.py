@@ -181,7 +181,7 @@ def run_benchmark(config: str, overrides: list[str] | None = None, weights: str 
     record["inference_gflops_per_image"] = flops / batch / 1e9
     record["inference"] = summary(time_runs(infer(), warmup, iters, device_), batch, flops, rate)
     if compile:
-        compiled = infer(torch.compile(model.predict_tensors))
+        compiled = infer(torch.compile(model.predict_tensors, dynamic=False))
         start = time.perf_counter()
         compiled()
         record["compile_s"] = time.perf_counter() - start
