@@ -41,12 +41,6 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"codetr {__version__}"
 
 
-def test_unbuilt_commands_say_so(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", "model.safetensors"]) == 2
-    err = capsys.readouterr().err
-    assert "codetr bench: not built yet" in err and "nothing was done" in err
-
-
 def test_data_synth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "synth", "--out", str(tmp_path), "--train", "2", "--val", "1", "--size", "64"]) == 0
     data = json.loads((tmp_path / "annotations/instances_val.json").read_text())

@@ -50,7 +50,7 @@ class LoadedModel:
             return self.class_names, self.category_ids
         return default_labels(self.cfg.model.num_classes)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def detect(self, image: Tensor) -> Detections:
         """Detections in ``image`` (3, H, W) RGB, uint8 or float in [0, 1]: the evaluation
         pre-processing, one image per forward (no batch partner's padding), boxes xyxy in

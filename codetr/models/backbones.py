@@ -35,7 +35,19 @@ RESNETS = {"resnet18": 1, "resnet34": 1, "resnet50": 4, "resnet101": 4}  # name 
 # timm Swin names used by the released configs (window 7 at 224 px pretraining, window 12 at 384 px).
 SWINS = ("swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224", "swin_base_patch4_window7_224",
          "swin_base_patch4_window12_384", "swin_large_patch4_window7_224", "swin_large_patch4_window12_384")
-NORMS = {"frozen_bn": FrozenBatchNorm2d, "group_norm": lambda channels: nn.GroupNorm(32, channels)}
+
+
+class FrozenBatchNorm(FrozenBatchNorm2d):
+    """torchvision's FrozenBatchNorm2d (same buffers, same numbers) with one intermediate fewer:
+    ``x * scale`` then an in-place ``+ bias``, instead of two fresh tensors. x (B, C, H, W)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return (x * scale.view(1, -1, 1, 1)).add_(bias.view(1, -1, 1, 1))
+
+
+NORMS = {"frozen_bn": FrozenBatchNorm, "group_norm": lambda channels: nn.GroupNorm(32, channels)}
 TORCHVISION_WEIGHTS = {"torchvision": "IMAGENET1K_V1", "torchvision_v2": "IMAGENET1K_V2"}
 # Plain ViTs (codetr.models.vit, built from timm parts): name -> architecture (released Co-DINO ViT-L:
 # 16x16 patches, 24 blocks of 1024 channels and 16 heads, position embedding of a 512 px pretraining).

@@ -131,7 +131,7 @@ class CoDETR(nn.Module):
         """The base detector's tensor-only inference (what the ONNX export runs)."""
         return self.detector.predict_tensors(images, masks, image_sizes)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, batch: Batch) -> list[Detections]:
         if self.co.eval_head == "detr":
             return self.detector.predict(batch)

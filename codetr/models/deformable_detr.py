@@ -288,7 +288,7 @@ class DeformableDETR(nn.Module):
         """Weighted loss terms of a training batch; the total is their sum."""
         return self.detr_loss(batch)[0]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, batch: Batch) -> list[Detections]:
         """Top ``max_detections`` (query, class) pairs by sigmoid score, no NMS; boxes xyxy in
         pixels of each unpadded input image, clipped to it."""

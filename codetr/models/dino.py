@@ -152,7 +152,7 @@ class DINO(DeformableDETR):
             top_k = self.cfg.transformer.num_queries
         return super().postprocess(logits, boxes, image_sizes, top_k)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, batch: Batch) -> list[Detections]:
         """Top ``num_queries`` pairs, class-wise Soft-NMS, the best ``max_detections`` (as
         released); boxes xyxy in pixels of each unpadded input image."""

@@ -1,9 +1,16 @@
-"""Multi-scale deformable attention (Deformable-DETR) in pure PyTorch.
+"""Multi-scale deformable attention (Deformable-DETR): pure PyTorch, and a fused CPU kernel.
 
-Two interchangeable bilinear samplers, with the same semantics (``align_corners=False``, zero
-outside the map): ``F.grid_sample`` (the default), and a gather of the four neighbouring pixels
-for ONNX runtimes without GridSample (``codetr export --no-grid-sample``). Select one for a
-block of code with :func:`use_sampler`.
+Interchangeable implementations with the same semantics (bilinear, ``align_corners=False``,
+zero outside the map), selected by name (the ``sampler`` argument, or :func:`use_sampler` for a
+block of code):
+
+- ``grid_sample``: ``F.grid_sample`` per level (the reference; what GPUs and ONNX export run);
+- ``gather``: one gather of the four neighbouring pixels per level, for ONNX runtimes without
+  GridSample (``codetr export --no-grid-sample``);
+- ``fused``: the C++ CPU kernel of :mod:`codetr.ops.deform_attn_cpu` (compiled on first use),
+  several times faster forward and backward, without the large sampled intermediate;
+- ``auto`` (the default): ``fused`` for float32 / float64 CPU tensors when the kernel can be
+  built (and not while tracing for ONNX), else ``grid_sample``.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SAMPLERS = ("grid_sample", "gather")
-_sampler = "grid_sample"
+from codetr.ops import deform_attn_cpu
+
+SAMPLERS = ("auto", "fused", "grid_sample", "gather")
+_sampler = "auto"
 
 
 @contextlib.contextmanager
@@ -30,6 +39,14 @@ def use_sampler(name: str) -> Iterator[None]:
         yield
     finally:
         _sampler = previous
+
+
+def _fused_applies(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether the fused CPU kernel takes these tensors (and no ONNX / TorchScript trace is running)."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    dtype = tensors[0].dtype
+    return dtype in deform_attn_cpu.DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
 
 
 def grid_sample_bilinear(value: Tensor, locations: Tensor) -> Tensor:
@@ -80,6 +97,16 @@ def multi_scale_deformable_attn(
     sampler = _sampler if sampler is None else sampler
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown bilinear sampler {sampler!r}; choose from {SAMPLERS}")
+    tensors = (value, sampling_locations, attention_weights)
+    if sampler == "auto":
+        sampler = "fused" if _fused_applies(tensors) and deform_attn_cpu.kernel_available() else "grid_sample"
+    if sampler == "fused":
+        if not _fused_applies(tensors):
+            raise ValueError("the fused deformable-attention kernel takes float32 or float64 CPU tensors of one dtype, "
+                             f"got {[(t.device.type, t.dtype) for t in tensors]}")
+        if not deform_attn_cpu.kernel_available():
+            raise RuntimeError("the fused deformable-attention kernel could not be built (see the warning above)")
+        return deform_attn_cpu.fused_deformable_attn(value, spatial_shapes, sampling_locations, attention_weights)
     sample = grid_sample_bilinear if sampler == "grid_sample" else gather_bilinear
     batch, _, heads, head_dim = value.shape
     _, queries, _, levels, points, _ = sampling_locations.shape
