@@ -236,6 +236,15 @@ def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path,
     with pytest.raises(UserError, match=r"model\.co\.lambda1: 1\.0 -> 0\.5\)"):
         train(changed, out, resume=True, build_model=FakeDetector)
 
+    # a checkpoint of an older codetr, without the settings added since, resumes: they take their
+    # defaults (a setting present with another value is refused, as above)
+    del ckpt["config"]["model"]["transformer"]["enc_with_cp"]
+    atomic_save(ckpt, out / "last.pt")
+    changed.model.transformer.enc_with_cp = 1
+    changed.model.co.lambda1 = 1.0
+    with pytest.raises(UserError, match=r"model\.transformer\.enc_with_cp: 0 -> 1\)"):
+        train(changed, out, resume=True, build_model=FakeDetector)
+
     # resuming a finished run trains and evaluates nothing more and returns the recorded metrics
     assert train(tiny_config(tiny_data), out, resume=True, build_model=FakeDetector) == final
     assert read_jsonl(out / "metrics.jsonl") == records

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
-from codetr.config import Config, ModelConfig, TrainConfig, config_to_dict, save_config, validate_config
+from codetr.config import Config, ModelConfig, TrainConfig, config_from_dict, config_to_dict, save_config, validate_config
 from codetr.data import build_dataloader, build_dataset, collate
 from codetr.engine import distributed as dist
 from codetr.engine.amp import amp_dtype, keep_float32
@@ -937,7 +937,9 @@ def train(
     state = None
     if resume:
         state = load_checkpoint(ckpt_path)
-        changed = _changed_keys(state["config"]["model"], extra["config"]["model"], "model")
+        # read through the current Config, so that settings added since the run started take their defaults
+        saved = config_to_dict(config_from_dict(state["config"], source=str(ckpt_path)))
+        changed = _changed_keys(saved["model"], extra["config"]["model"], "model")
         if changed:
             raise UserError(f"{ckpt_path} was trained with other model settings ({', '.join(changed)}); resume "
                             "with the run's own config (its config.yaml), or start a new run with another --out")
