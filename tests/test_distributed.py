@@ -7,14 +7,15 @@ global batch keep it that of one process) except one, which the sampler gives ra
 step: that rank has no objects and its ATSS head no positive there.
 
 The training runs of the tests (:data:`RUNS`) share one torchrun launch of this file (see its end);
-the resumed run continues in a second launch, of ``-m codetr train --resume``: importing PyTorch
-in every process is most of a launch's time.
+the run stopped by a signal to one process continues in a second launch, of
+``-m codetr train --resume``: importing PyTorch in every process is most of a launch's time.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ from safetensors.torch import load_file
 
 from codetr.config import load_config
 from codetr.engine import train
-from codetr.engine.trainer import TrainBatchSampler
+from codetr.engine import distributed as dist
+from codetr.engine.trainer import TrainBatchSampler, Trainer, TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 3
@@ -90,8 +92,7 @@ def overrides(root: Path, batch_size: int, *extra: str) -> list[str]:
 DETERMINISTIC = ("model.co.aux_heads=[atss]", "model.co.zero_padding=true", "train.grad_clip=0")
 # The distributed runs (output folder: config, overrides), 1 image per process. The tiny Co-DINO
 # draws random numbers in each process: denoising noise, proposal and negative sampling.
-RUNS = {"ddp": (CONFIG, DETERMINISTIC), "straight": ("co_dino_tiny", ()),
-        "stopped": ("co_dino_tiny", ("train.max_iters=1",))}
+RUNS = {"ddp": (CONFIG, DETERMINISTIC), "straight": ("co_dino_tiny", ())}
 
 
 def torchrun(args: list[str]) -> str:
@@ -140,11 +141,15 @@ def test_two_processes_train_as_one_process_with_their_global_batch(runs: Path, 
     assert len(evals[1]) == 1 and evals[1][0]["AP"] == pytest.approx(evals[0][0]["AP"], abs=1e-6)
 
 
-def test_distributed_resume_continues_exactly(runs: Path) -> None:
+def test_a_signal_to_one_process_stops_all_and_resume_continues_exactly(runs: Path) -> None:
     """The tiny Co-DINO (random draws in each process; rank 1 without objects, hence without
-    denoising queries, in the first step): stopped after 1 step, then resumed by
-    ``torchrun -m codetr train --resume``, the run ends with the weights and losses of an
-    uninterrupted one (each process resumes its own RNG states)."""
+    denoising queries, in the first step): SIGTERM to rank 1 during step 1 stops both processes
+    after that step with one checkpoint; resumed by ``torchrun -m codetr train --resume``, the run
+    ends with the weights and losses of an uninterrupted one (each process resumes its own RNG states)."""
+    stops = [json.loads((runs / "stopped" / f"stop_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert stops == [{"signal": "a stop signal on another process", "iteration": 1},
+                     {"signal": "SIGTERM", "iteration": 1}]
+    assert torch.load(runs / "stopped" / "last.pt", weights_only=True)["iteration"] == 1
     output = torchrun(["-m", "codetr", "train", "co_dino_tiny", *overrides(runs / "data", 1), "--out",
                        str(runs / "stopped"), "--resume"])
     assert output.count("done: ") == 1 and "AP nan" not in output  # rank 0 reports
@@ -154,6 +159,25 @@ def test_distributed_resume_continues_exactly(runs: Path) -> None:
     assert [r["losses"] for r in train_records(runs / "stopped")] == [r["losses"] for r in train_records(runs / "straight")]
 
 
+def signal_rank1_after_step1() -> None:
+    """Rank 1 (only) receives SIGTERM at the end of training step 1."""
+    real_step = Trainer.step
+
+    def step(self: Trainer, batches: list) -> None:
+        real_step(self, batches)
+        if self.iteration == 1 and dist.rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    Trainer.step = step
+
+
 if __name__ == "__main__":  # launched by the fixture ``runs``: python -m torch.distributed.run ... THIS_FILE ROOT
+    root = Path(sys.argv[1])
     for name, (config, extra) in RUNS.items():
-        train(load_config(config, overrides(Path(sys.argv[1]) / "data", 1, *extra)), Path(sys.argv[1]) / name)
+        train(load_config(config, overrides(root / "data", 1, *extra)), root / name)
+    signal_rank1_after_step1()
+    try:
+        train(load_config("co_dino_tiny", overrides(root / "data", 1)), root / "stopped")
+    except TrainingInterrupted as stop:
+        (root / "stopped" / f"stop_rank{dist.rank()}.json").write_text(
+            json.dumps({"signal": stop.signal_name, "iteration": stop.iteration}))

@@ -98,6 +98,31 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_is_exact(
     assert_same_run(out, straight)
 
 
+def test_a_stop_signal_during_an_evaluation_abandons_it_and_resume_evaluates_first(
+        data: Path, straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM while the epoch-2 evaluation predicts the first of its 2 images: the second is not
+    predicted, the checkpoint holds step 4 and no evaluation of step 4 is recorded; the resumed run
+    evaluates first and ends as the uninterrupted one."""
+    out, predicted = tmp_path / "run", []
+    real_predict = FakeDetector.predict
+
+    def predict(self: FakeDetector, batch: Batch) -> list:
+        predicted.append(batch.targets[0].image_id)
+        if len(predicted) == 3:  # epoch 1 evaluated 2 images
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_predict(self, batch)
+
+    monkeypatch.setattr(FakeDetector, "predict", predict)
+    with pytest.raises(TrainingInterrupted) as stop:
+        train(tiny_config(data, log_every=4), out, build_model=FakeDetector)
+    monkeypatch.undo()
+    assert len(predicted) == 3 and stop.value.iteration == 4
+    assert load_checkpoint(out / "last.pt")["iteration"] == 4
+    assert [r["iter"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"] == [2]
+    train(tiny_config(data, log_every=4), out, resume=True, build_model=FakeDetector)
+    assert_same_run(out, straight)
+
+
 def test_sigint_during_codetr_train_says_how_to_resume(data: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``codetr train`` process gets SIGINT after its first logged step: it saves, prints the command to resume

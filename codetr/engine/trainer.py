@@ -413,8 +413,9 @@ class Trainer:
         return ema.ema.applied(self.detector) if ema is not None else contextlib.nullcontext()
 
     def run(self) -> None:
-        """Train to the end; a SIGINT / SIGTERM stops after the current step (or the running epoch-end
-        evaluation): the hooks' :meth:`Hook.on_interrupt` (the checkpoint), then :class:`TrainingInterrupted`."""
+        """Train to the end; a SIGINT / SIGTERM stops after the current step (and abandons a running
+        evaluation, which the resumed run does first): the hooks' :meth:`Hook.on_interrupt` (the
+        checkpoint), then :class:`TrainingInterrupted`."""
         with StopSignals() as signals:
             self._signals = signals
             for hook in self.hooks:
@@ -681,6 +682,10 @@ class CheckpointHook(Hook):
         log(f"saved checkpoint {self.path} (epoch {trainer.epoch}, iteration {trainer.iteration})")
 
 
+class _EvaluationStopped(Exception):
+    """A stop signal arrived during an evaluation (caught by :meth:`EvalHook.run`)."""
+
+
 class EvalHook(Hook):
     """COCO evaluation every ``every`` epochs and at the end; results go to metrics.jsonl.
 
@@ -718,10 +723,23 @@ class EvalHook(Hook):
     def _due(self, trainer: Trainer) -> bool:
         return self.every > 0 and trainer.epoch % self.every == 0
 
+    def _batches(self, trainer: Trainer) -> Iterator[Any]:
+        """The evaluation batches, ending in :class:`_EvaluationStopped` once a stop signal arrived
+        (on any process: all of them have the same number of batches)."""
+        for batch in self.loader:
+            if trainer.stop_requested():
+                raise _EvaluationStopped
+            yield batch
+
     def run(self, trainer: Trainer) -> None:
+        """Evaluate now; a stop signal abandons the evaluation (a resumed run starts with it)."""
         log(f"evaluating on {len(self.dataset)} images (epoch {trainer.epoch}, iteration {trainer.iteration})")
-        with preserved_rng(), trainer.evaluation_weights():
-            self.latest = evaluate(trainer.detector, self.dataset, self.loader)
+        try:
+            with preserved_rng(), trainer.evaluation_weights():
+                self.latest = evaluate(trainer.detector, self.dataset, self._batches(trainer))
+        except _EvaluationStopped:
+            log("evaluation stopped: the resumed run evaluates first")
+            return
         self._evaluated_at = trainer.iteration
         self.runs += 1
         if self.write:
