@@ -102,7 +102,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [f"train.max_iters={args.iters}", f"train.eval_every={args.eval_every}",
+    # as many epochs as iterations: train.max_iters ends the run, not the config's schedule
+    cfg = load_config(args.config, [f"train.max_iters={args.iters}", f"train.epochs={args.iters}",
+                                    f"train.eval_every={args.eval_every}",
                                     "train.device=cpu", "train.log_every=50", *args.overrides])
     memory = MemoryHook(args.every)
     malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}  # glibc tunables change the raw RSS

@@ -36,6 +36,10 @@ class TTAConfig:
     # (weighted box fusion of the ensemble-boxes package: pip install ensemble-boxes).
     merge: str = "nms"
     iou: float = 0.5  # IoU threshold of the merge
+    # Detections scoring below it are left out of every view before the merge (ensemble-boxes'
+    # skip_box_thr). Weighted box fusion averages the scores of a cluster, so DETR's many
+    # low-scoring near-duplicates dilute the score of a well-found object: raise it for "wbf".
+    min_score: float = 0.0
     max_detections: int | None = None  # kept per image after the merge; None: model.max_detections
 
 

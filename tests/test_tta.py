@@ -157,6 +157,26 @@ def test_wbf_merge_fuses_boxes_across_views() -> None:
     assert torch.allclose(merged.boxes, torch.stack([fused, one.boxes[1]]), atol=1e-3)
 
 
+def test_min_score_keeps_low_scoring_duplicates_out_of_the_fusion() -> None:
+    pytest.importorskip("ensemble_boxes")
+    found = Detections(torch.tensor([[10.0, 10.0, 30.0, 30.0]]), torch.tensor([0.9]), torch.tensor([0]))
+    duplicates = Detections(torch.tensor([[11.0, 10.0, 31.0, 30.0]] * 3), torch.tensor([0.05, 0.04, 0.03]),
+                            torch.tensor([0, 0, 0]))
+    views = [found, Detections(torch.cat([found.boxes, duplicates.boxes]), torch.cat([found.scores, duplicates.scores]),
+                               torch.cat([found.labels, duplicates.labels]))]
+    # one cluster of 5 boxes: the mean score (0.9 + 0.9 + 0.05 + 0.04 + 0.03) / 5, capped at 2 views of 2
+    diluted = merge_detections(views, (100, 100), TTAConfig(merge="wbf", iou=0.55), max_detections=10)
+    assert torch.allclose(diluted.scores, torch.tensor([1.92 / 5]), atol=1e-6)
+    kept = merge_detections(views, (100, 100), TTAConfig(merge="wbf", iou=0.55, min_score=0.1), max_detections=10)
+    assert torch.allclose(kept.scores, torch.tensor([0.9]), atol=1e-6)
+    assert torch.allclose(kept.boxes, found.boxes, atol=1e-3)
+    # the same floor for the other merges (at IoU 0.95 the found boxes merge, the duplicates are apart)
+    nms = TTAConfig(merge="nms", iou=0.95)
+    assert merge_detections(views, (100, 100), nms, max_detections=10).scores.tolist() == pytest.approx([0.9, 0.05])
+    nms.min_score = 0.5
+    assert merge_detections(views, (100, 100), nms, max_detections=10).scores.tolist() == pytest.approx([0.9])
+
+
 def test_bad_settings_are_named() -> None:
     with pytest.raises(ValueError, match="data.tta.merge"):
         TTADetector(blob_model(TTAConfig(merge="vote")))
@@ -166,6 +186,8 @@ def test_bad_settings_are_named() -> None:
         TTADetector(blob_model(TTAConfig(iou=1.5)))
     with pytest.raises(ValueError, match="data.tta.max_detections"):
         TTADetector(blob_model(TTAConfig(max_detections=0)))
+    with pytest.raises(ValueError, match="data.tta.min_score"):
+        TTADetector(blob_model(TTAConfig(min_score=1.0)))
 
 
 @pytest.mark.parametrize("config", ["deformable_detr_tiny", "dino_tiny", "co_dino_tiny"])

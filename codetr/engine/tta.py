@@ -13,7 +13,8 @@ class-wise:
 - "wbf": weighted box fusion (Solovyev et al. 2021) by the ``ensemble-boxes`` package, each view
   one "model" of equal weight, fused scores averaged over the views (``conf_type='avg'``).
 
-then the best ``max_detections`` are kept (``data.tta.max_detections``, else ``model.max_detections``).
+Detections scoring below ``data.tta.min_score`` are left out before the merge; then the best
+``max_detections`` are kept (``data.tta.max_detections``, else ``model.max_detections``).
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def flip_boxes(boxes: Tensor, width: int) -> Tensor:
 def merge_detections(views: list[Detections], size: tuple[int, int], tta: TTAConfig,
                      max_detections: int) -> Detections:
     """Merge the detections of every view (boxes xyxy in pixels of the original image of
-    ``size`` (height, width)) by ``tta.merge`` at ``tta.iou``; the best ``max_detections``,
-    scores descending."""
+    ``size`` (height, width)) scoring at least ``tta.min_score`` by ``tta.merge`` at ``tta.iou``;
+    the best ``max_detections``, scores descending."""
+    views = [Detections(d.boxes[d.scores >= tta.min_score], d.scores[d.scores >= tta.min_score],
+                        d.labels[d.scores >= tta.min_score]) for d in views]
     boxes = torch.cat([d.boxes.float() for d in views])
     scores = torch.cat([d.scores.float() for d in views])
     labels = torch.cat([d.labels for d in views])
@@ -119,6 +122,8 @@ class TTADetector:
             raise ValueError(f"data.tta.merge must be one of {list(MERGES)}, got {self.tta.merge!r}")
         if not 0 <= self.tta.iou <= 1:
             raise ValueError(f"data.tta.iou must be in [0, 1], got {self.tta.iou!r}")
+        if not 0 <= self.tta.min_score < 1:
+            raise ValueError(f"data.tta.min_score must be in [0, 1), got {self.tta.min_score!r}")
         if self.tta.max_detections is not None and self.tta.max_detections <= 0:
             raise ValueError(f"data.tta.max_detections must be positive or null, got {self.tta.max_detections!r}")
         self.max_detections = self.tta.max_detections or detector.cfg.model.max_detections
