@@ -18,6 +18,7 @@ import math
 import posixpath
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,17 +228,29 @@ def check_annotations(data: dict[str, Any], report: DatasetReport) -> dict[int, 
     return images
 
 
+def _identified(records: list[Any], kind: str, report: DatasetReport,
+                keep_duplicates: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(id, record) of each record of ``kind`` ("category", "image", "annotation") that is a dict
+    with an integer 'id'. The others are reported (``{kind}_field``), and so are repeated ids
+    (``{kind}_duplicate``), which are left out unless ``keep_duplicates``."""
+    seen: set[int] = set()
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or not _is_int(record.get("id")):
+            report.add(f"{kind}_field", f"{kind} #{i}: field 'id' missing or not an integer")
+            continue
+        record_id = record["id"]
+        if record_id in seen:
+            report.add(f"{kind}_duplicate", f"{kind} id {record_id} ({kind} #{i})")
+            if not keep_duplicates:
+                continue
+        seen.add(record_id)
+        yield record_id, record
+
+
 def _check_categories(categories: list[Any], report: DatasetReport) -> dict[int, str]:
     names: dict[str, int] = {}
     valid: dict[int, str] = {}
-    for i, cat in enumerate(categories):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            report.add("category_field", f"category #{i}: field 'id' missing or not an integer")
-            continue
-        cat_id = cat["id"]
-        if cat_id in valid:
-            report.add("category_duplicate", f"category id {cat_id} (category #{i})")
-            continue
+    for cat_id, cat in _identified(categories, "category", report):
         name = cat.get("name")
         valid[cat_id] = name if isinstance(name, str) else ""
         if not isinstance(name, str):
@@ -254,14 +267,7 @@ def _check_images(images: list[Any], report: DatasetReport) -> tuple[set[int], d
     ids: set[int] = set()
     valid: dict[int, dict[str, Any]] = {}
     files: dict[str, int] = {}
-    for i, img in enumerate(images):
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
-            report.add("image_field", f"image #{i}: field 'id' missing or not an integer")
-            continue
-        image_id = img["id"]
-        if image_id in ids:
-            report.add("image_duplicate", f"image id {image_id} (image #{i})")
-            continue
+    for image_id, img in _identified(images, "image", report):
         ids.add(image_id)
         ok = True
         name = img.get("file_name")
@@ -289,19 +295,12 @@ def _check_images(images: list[Any], report: DatasetReport) -> tuple[set[int], d
 def _check_annotation_records(data: dict[str, Any], annotations: list[Any], image_ids: set[int],
                               images: dict[int, dict[str, Any]], categories: dict[int, str],
                               report: DatasetReport) -> None:
-    ann_ids: set[int] = set()
     boxes_seen: dict[tuple[Any, ...], int] = {}
     annotated: set[int] = set()
     used: set[int] = set()
     crowd = usable = 0
-    for i, ann in enumerate(annotations):
-        if not isinstance(ann, dict) or not _is_int(ann.get("id")):
-            report.add("annotation_field", f"annotation #{i}: field 'id' missing or not an integer")
-            continue
-        where = f"annotation id {ann['id']}"
-        if ann["id"] in ann_ids:
-            report.add("annotation_duplicate", f"{where} (annotation #{i})")
-        ann_ids.add(ann["id"])
+    for ann_id, ann in _identified(annotations, "annotation", report, keep_duplicates=True):
+        where = f"annotation id {ann_id}"
         image_id, cat_id, bbox = ann.get("image_id"), ann.get("category_id"), ann.get("bbox")
         if not _is_int(image_id) or image_id not in image_ids:
             report.add("image_id_unknown", f"{where}: field 'image_id' ({image_id!r}) is not an image id of the file")
@@ -329,9 +328,9 @@ def _check_annotation_records(data: dict[str, Any], annotations: list[Any], imag
             continue
         key = (image_id, cat_id, *bbox)
         if key in boxes_seen:
-            report.add("annotation_repeated", f"annotation ids {boxes_seen[key]} and {ann['id']} (image id "
+            report.add("annotation_repeated", f"annotation ids {boxes_seen[key]} and {ann_id} (image id "
                                               f"{image_id}, category id {cat_id}, bbox {bbox})")
-        boxes_seen.setdefault(key, ann["id"])
+        boxes_seen.setdefault(key, ann_id)
         img = images.get(image_id)
         if img is None:
             continue  # its image record is malformed: reported there
