@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_result, machine, write_json  # noqa: E402
 
-from codetr.config import load_config  # noqa: E402
-from codetr.engine import train  # noqa: E402
-from codetr.engine.trainer import Hook, Trainer  # noqa: E402
+from codetr.config_parsing import load_config  # noqa: E402
+from codetr.training.loop import Hook, Trainer  # noqa: E402
+from codetr.training.run import train  # noqa: E402
 
 
 def resident_mb() -> float:

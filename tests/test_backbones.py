@@ -25,7 +25,8 @@ from official_co_detr import (
 from timm.models.swin_transformer import PatchMerging, get_relative_position_index
 
 from codetr.config import BackboneConfig
-from codetr.convert.mmdet import SWIN_MMDET, SWIN_V1, Layout, convert_state_dict, unfold_to_concat
+from codetr.convert.mmdet import convert_state_dict
+from codetr.convert.mmdet_rules import SWIN_MMDET, SWIN_V1, Layout, unfold_to_concat
 from codetr.models.backbones import SWINS, ResNetBackbone, SwinBackbone, build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from codetr.benchmark import parse_size
 from codetr.cli import main
-from codetr.config import load_config
-from codetr.engine.benchmark import parse_size
+from codetr.config_parsing import load_config
 from codetr.errors import UserError
 from codetr.models.build import build_model
 

@@ -7,9 +7,9 @@ import dataclasses
 import pytest
 import torch
 
-from codetr.config import load_config
+from codetr.config_parsing import load_config
 from codetr.models.build import build_model
-from codetr.models.codetr import CoDETR
+from codetr.models.co_detr import CoDETR
 from codetr.models.deformable_detr import DeformableDETR
 from codetr.structures import Batch, Target
 

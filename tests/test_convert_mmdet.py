@@ -20,29 +20,23 @@ from official_co_detr import (
     co_deformable_detr,
     co_dino,
     format_list,
-    read_list,
     random_state,
+    read_list,
     released_configs,
     resnet,
     swin_mmdet,
     swin_v1,
 )
+from synthetic_config import synthetic_data
 
 from codetr.cli import main
-from codetr.config import load_config
-from codetr.convert.mmdet import (
-    CheckpointError,
-    coco_classes,
-    convert_checkpoint,
-    detect_detector,
-    load_mmdet_checkpoint,
-    model_config_for,
-    read_classes,
-)
+from codetr.config_parsing import load_config
+from codetr.convert.mmdet import coco_classes, convert_checkpoint, model_config_for, read_classes
+from codetr.convert.mmdet_checkpoint import CheckpointError, load_mmdet_checkpoint
+from codetr.convert.mmdet_rules import detect_detector
 from codetr.data import collate
-from codetr.engine import load_model
+from codetr.inference.loading import load_model
 from codetr.structures import Target
-from synthetic_config import synthetic_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

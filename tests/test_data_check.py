@@ -14,8 +14,8 @@ from codetr.cli import main
 from codetr.config import DataConfig
 from codetr.data import CocoDetection, build_dataset, generate_synthetic_coco
 from codetr.data.check import check_dataset
-from codetr.engine.evaluator import METRIC_NAMES, evaluate_images
 from codetr.errors import DatasetError, UserError
+from codetr.inference.evaluate import METRIC_NAMES, evaluate_images
 from codetr.structures import Detections
 
 CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]

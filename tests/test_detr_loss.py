@@ -5,7 +5,7 @@ import torch
 from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
 
 from codetr.config import LossConfig
-from codetr.models.heads.detr_loss import DetrCriterion
+from codetr.models.losses.detr_loss import DetrCriterion
 from codetr.structures import DetrOutput, Target
 
 C = 4

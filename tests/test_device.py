@@ -11,7 +11,7 @@ from PIL import Image
 
 from codetr import Detector
 from codetr.cli import build_parser, main
-from codetr.engine.predictor import resolve_device
+from codetr.devices import resolve_device
 from codetr.errors import UserError
 from codetr.export.runtime import onnx_providers
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from codetr.config import load_config
+from codetr.config_parsing import load_config
 from codetr.models.build import build_model
-from codetr.models.codetr import CoDETR
+from codetr.models.co_detr import CoDETR
 from codetr.models.dino import DINO, apply_soft_nms
 from codetr.models.transformer.position import box_sine_embed
 from codetr.ops.soft_nms import batched_soft_nms

@@ -17,16 +17,22 @@ from PIL import Image, ImageDraw
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from codetr.config import Config, DataConfig, ModelConfig, TrainConfig, load_config
+from codetr.config import Config, DataConfig, ModelConfig, TrainConfig
+from codetr.config_parsing import load_config
 from codetr.data import build_dataloader
-from codetr.engine import evaluate, load_model, predict_images, train
-from codetr.engine import trainer as trainer_module
-from codetr.engine.checkpoint import atomic_save, load_checkpoint
-from codetr.engine.evaluator import coco_results
-from codetr.engine.predictor import PALETTE, LoadedModel
-from codetr.engine.trainer import Trainer, param_groups
+from codetr.data.samplers import TrainBatchSampler, train_loader
 from codetr.errors import UserError
+from codetr.files import atomic_save
+from codetr.inference.evaluate import coco_results, evaluate
+from codetr.inference.loading import LoadedModel, load_model
+from codetr.inference.predict import predict_images
+from codetr.inference.visualize import PALETTE
+from codetr.inference.weights import read_checkpoint
 from codetr.structures import Batch, Detections, Target
+from codetr.training import hooks as hooks_module
+from codetr.training.loop import Trainer
+from codetr.training.optim import param_groups
+from codetr.training.run import train
 
 CATEGORY_IDS = [3, 17, 90]  # sparse dataset ids: labels 0, 1, 2
 NAMES = ["cat_a", "cat_b", "cat_c"]
@@ -223,7 +229,7 @@ def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path,
     os.umask(umask)
     for name in ("last.pt", "model.safetensors", "metrics.jsonl"):  # usual permissions, not mkstemp's 0600
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask
-    ckpt = load_checkpoint(out / "last.pt")  # weights_only=True
+    ckpt = read_checkpoint(out / "last.pt")  # weights_only=True
     assert (ckpt["epoch"], ckpt["iteration"], ckpt["iter_in_epoch"]) == (3, 6, 0)
     assert ckpt["category_ids"] == CATEGORY_IDS
 
@@ -267,7 +273,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
 
     # Stopped mid-epoch by max_iters, then resumed without the limit.
     train(tiny_config(tiny_data, max_iters=3), tmp_path / "stopped", build_model=FakeDetector)
-    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["iter_in_epoch"] == 1
+    assert read_checkpoint(tmp_path / "stopped" / "last.pt")["iter_in_epoch"] == 1
     train(cfg, tmp_path / "stopped", resume=True, build_model=FakeDetector)
     resumed, _ = safetensors_of(tmp_path / "stopped" / "model.safetensors")
 
@@ -279,7 +285,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
             raise KeyboardInterrupt
         real_step(self, batches)
 
-    monkeypatch.setattr(trainer_module.Trainer, "step", dying_step)
+    monkeypatch.setattr(Trainer, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "killed", build_model=FakeDetector)
     monkeypatch.undo()
@@ -288,7 +294,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
 
     # Killed while evaluating after epoch 2 (its checkpoint is written, its eval is not):
     # the resumed run evaluates epoch 2 first.
-    real_evaluate = trainer_module.evaluate
+    real_evaluate = hooks_module.evaluate
     calls = []
 
     def dying_evaluate(*args: object) -> dict[str, float]:
@@ -297,7 +303,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
             raise KeyboardInterrupt
         return real_evaluate(*args)
 
-    monkeypatch.setattr(trainer_module, "evaluate", dying_evaluate)
+    monkeypatch.setattr(hooks_module, "evaluate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "killed_eval", build_model=FakeDetector)
     monkeypatch.undo()
@@ -339,9 +345,9 @@ def test_resume_is_exact_with_the_real_co_detr(tmp_path: Path) -> None:
 def test_training_batches_do_not_depend_on_workers(tiny_data: Path) -> None:
     """Sample order and augmentation are a pure function of (seed, epoch, position)."""
     def batches(workers: int) -> list[Tensor]:
-        sampler = trainer_module.TrainBatchSampler(4, 2, seed=3)
+        sampler = TrainBatchSampler(4, 2, seed=3)
         dataset = build_dataloader(data_config(tiny_data), "train").dataset
-        loader = trainer_module.train_loader(dataset, sampler, num_workers=workers, seed=3)
+        loader = train_loader(dataset, sampler, num_workers=workers, seed=3)
         out = []
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
@@ -364,7 +370,7 @@ def test_grouped_batches_are_of_one_orientation_deterministic_resumable_and_spli
     groups = [1, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1]  # 3 portrait-or-square, 8 landscape images
     for batch_size, world in ((2, 1), (3, 1), (2, 3)):
         def epoch(e: int, rank: int = 0, start: int = 0) -> list[list[tuple[int, int]]]:
-            sampler = trainer_module.TrainBatchSampler(11, batch_size, seed=5, rank=rank, world_size=world,
+            sampler = TrainBatchSampler(11, batch_size, seed=5, rank=rank, world_size=world,
                                                        groups=groups)
             sampler.set_epoch(e, start_batch=start)
             return list(sampler)
@@ -386,7 +392,7 @@ def test_grouped_batches_are_of_one_orientation_deterministic_resumable_and_spli
         assert epoch(2) != ranks[0]
         assert epoch(1, start=2) == ranks[0][2:]  # resume at batch 2
     # without groups, orientations mix within batches
-    assert any(len({groups[i] for i, _ in b}) > 1 for b in trainer_module.TrainBatchSampler(11, 2, seed=5))
+    assert any(len({groups[i] for i, _ in b}) > 1 for b in TrainBatchSampler(11, 2, seed=5))
 
 
 def test_aspect_ratio_groups_and_grouped_training(tiny_data: Path, tmp_path: Path,
@@ -400,7 +406,7 @@ def test_aspect_ratio_groups_and_grouped_training(tiny_data: Path, tmp_path: Pat
         seen.append([t.image_id for batch in batches for t in batch.targets])
         real_step(self, batches)
 
-    monkeypatch.setattr(trainer_module.Trainer, "step", recording_step)
+    monkeypatch.setattr(Trainer, "step", recording_step)
     train(tiny_config(tiny_data, epochs=2, eval_every=0), tmp_path / "grouped", build_model=FakeDetector)
     assert sorted(sorted(b) for b in seen) == [[1, 3], [1, 3], [2, 4], [2, 4]]  # image ids: landscape 1, 3
     seen.clear()
@@ -521,7 +527,7 @@ def test_an_images_detections_do_not_depend_on_the_rest_of_the_evaluation_set(
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
     captured: list[list[dict]] = []
-    monkeypatch.setattr("codetr.engine.evaluator.coco_metrics", lambda gt, results, ids: captured.append(results))
+    monkeypatch.setattr("codetr.inference.evaluate.coco_metrics", lambda gt, results, ids: captured.append(results))
 
     def records_of_image_1(root: Path) -> list[dict]:
         data = data_config(root, test_scale=64, max_size=96, batch_size=3)

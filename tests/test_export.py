@@ -14,8 +14,8 @@ import yaml
 
 from codetr import Detector
 from codetr.cli import main
-from codetr.config import load_config
-from codetr.engine.predictor import LoadedModel
+from codetr.config_parsing import load_config
+from codetr.inference.loading import LoadedModel
 from codetr.models.build import build_model
 from codetr.structures import Batch
 

@@ -4,21 +4,20 @@ the class layers when the number of classes differs, and training runs."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+from synthetic_config import synthetic_data
 
 from codetr.cli import main
-from codetr.config import load_config
-from codetr.engine.trainer import load_init_weights
-from codetr.engine.weights import CLASS_LAYERS
+from codetr.config_parsing import load_config
 from codetr.errors import UserError
+from codetr.models.base import class_dependent_tensors
 from codetr.models.build import build_model
-from synthetic_config import synthetic_data
+from codetr.training.run import init_from_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,10 +46,10 @@ def test_another_class_count_reinitialises_only_the_class_layers(published: tupl
     path, state = published
     model = tiny(3)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    report = "\n".join(load_init_weights(model, path))
+    report = "\n".join(init_from_file(model, path))
     reinit = {k for k, v in model.state_dict().items() if not torch.equal(v, state[k])}
     assert reinit == {k for k in fresh if is_class_layer(k)}  # the class branches, RoI fc_cls / fc_reg, ATSS classifier
-    assert len(reinit) == 14 and all(any(re.search(p, k) for p in CLASS_LAYERS) for k in reinit)
+    assert len(reinit) == 14 and all(k in class_dependent_tensors(model) for k in reinit)
     assert all(torch.equal(model.state_dict()[k], fresh[k]) for k in reinit)  # their fresh init, untouched
     assert f"re-initialised (the number of classes differs): {', '.join(sorted(reinit))}" in report
     assert "freshly initialised" not in report
@@ -59,7 +58,7 @@ def test_another_class_count_reinitialises_only_the_class_layers(published: tupl
 def test_same_class_count_loads_everything(published: tuple[Path, dict]) -> None:
     path, state = published
     model = tiny(4)
-    report = load_init_weights(model, path)
+    report = init_from_file(model, path)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert not any("re-initialised" in line for line in report)
 
@@ -69,16 +68,16 @@ def test_inference_weights_leave_the_training_parts_fresh(published: tuple[Path,
     inference = {k: v for k, v in state.items() if not k.startswith(("adapter.", "aux_heads.", "positive_queries."))}
     save_file(inference, str(tmp_path / "inference.safetensors"))
     model = tiny(4)
-    report = load_init_weights(model, tmp_path / "inference.safetensors")
+    report = init_from_file(model, tmp_path / "inference.safetensors")
     assert any(line.startswith("not in the file, freshly initialised") and "adapter, aux_heads, positive_queries" in line
                for line in report)
     plain = tiny(4, "model.co.aux_heads=[]")  # a plain detector skips the file's training-only parts
-    assert any("skipped (training-only parts" in line for line in load_init_weights(plain, published[0]))
+    assert any("skipped (training-only parts" in line for line in init_from_file(plain, published[0]))
 
 
 def test_other_mismatches_are_errors_naming_the_tensor_and_the_likely_cause(published: tuple[Path, dict]) -> None:
     with pytest.raises(UserError) as err:
-        load_init_weights(tiny(4, "model.transformer.ffn_dim=128"), published[0], load_config(
+        init_from_file(tiny(4, "model.transformer.ffn_dim=128"), published[0], load_config(
             "co_deformable_detr_tiny", ["model.transformer.ffn_dim=128"]).model)
     message = str(err.value)
     assert "(15 tensors of other shapes, 0 missing, 0 not in the model)" in message
@@ -88,7 +87,7 @@ def test_other_mismatches_are_errors_naming_the_tensor_and_the_likely_cause(publ
     assert len(message.splitlines()) <= 6  # a summary, not one line per tensor
     with pytest.raises(UserError, match=r"missing: decoder_layers.3.*\n.*likely cause: another number of "
                                         r"decoder_layers: 3 in the file, 4 in the model \(model.transformer.dec_layers\)"):
-        load_init_weights(tiny(4, "model.transformer.dec_layers=4"), published[0])
+        init_from_file(tiny(4, "model.transformer.dec_layers=4"), published[0])
 
 
 def test_train_init_fine_tunes_on_another_class_count(published: tuple[Path, dict], tmp_path: Path,

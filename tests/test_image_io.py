@@ -12,8 +12,8 @@ from PIL import Image
 from codetr.config import Config, DataConfig
 from codetr.data import CocoDetection
 from codetr.data.image import DEFAULT_MAX_IMAGE_PIXELS, open_image, read_header, read_image
-from codetr.engine.predictor import predict_images
 from codetr.errors import DatasetError, ImageFileError, UserError
+from codetr.inference.predict import predict_images
 from codetr.structures import Detections
 
 ORIENTATION = 0x0112

@@ -16,16 +16,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_engine import FakeDetector, read_jsonl, safetensors_of, tiny_config, write_coco
 
 from codetr.cli import main
-from codetr.engine import train
-from codetr.engine import trainer as trainer_module
-from codetr.config import save_config
-from codetr.engine.checkpoint import atomic_write, load_checkpoint
-from codetr.engine.trainer import Trainer, TrainingInterrupted, ignore_stop_signals
+from codetr.config_parsing import save_config
+from codetr.data import build_dataset
+from codetr.data.samplers import TrainBatchSampler, ignore_stop_signals, train_loader
 from codetr.errors import UserError
+from codetr.files import atomic_write
+from codetr.inference.weights import read_checkpoint
 from codetr.structures import Batch
-from test_engine import FakeDetector, read_jsonl, safetensors_of, tiny_config, write_coco
+from codetr.training.loop import Trainer
+from codetr.training.run import train
+from codetr.training.signals import TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,7 +61,7 @@ def signal_at(iteration: int, sig: signal.Signals, monkeypatch: pytest.MonkeyPat
         if self.iteration == iteration:
             os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(trainer_module.Trainer, "step", step)
+    monkeypatch.setattr(Trainer, "step", step)
 
 
 def assert_same_run(run: Path, reference: Path) -> None:
@@ -91,7 +94,7 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_is_exact(
     assert (stop.value.signal_name, stop.value.iteration, stop.value.checkpoint) == (sig.name, iteration, out / "last.pt")
     assert f"training stopped by {sig.name} after iteration {iteration}" in str(stop.value)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # the usual handlers are back
-    ckpt = load_checkpoint(out / "last.pt")
+    ckpt = read_checkpoint(out / "last.pt")
     assert (ckpt["iteration"], ckpt["epoch"], ckpt["iter_in_epoch"]) == (iteration, epoch, iter_in_epoch)
     assert not (out / "model.safetensors").exists()  # the run is not finished
     train(tiny_config(data, log_every=4), out, resume=True, build_model=FakeDetector)
@@ -117,7 +120,7 @@ def test_a_stop_signal_during_an_evaluation_abandons_it_and_resume_evaluates_fir
         train(tiny_config(data, log_every=4), out, build_model=FakeDetector)
     monkeypatch.undo()
     assert len(predicted) == 3 and stop.value.iteration == 4
-    assert load_checkpoint(out / "last.pt")["iteration"] == 4
+    assert read_checkpoint(out / "last.pt")["iteration"] == 4
     assert [r["iter"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"] == [2]
     train(tiny_config(data, log_every=4), out, resume=True, build_model=FakeDetector)
     assert_same_run(out, straight)
@@ -147,7 +150,7 @@ def test_sigint_during_codetr_train_says_how_to_resume(data: Path, tmp_path: Pat
         _, err = process.communicate(timeout=240)
     finally:
         process.kill()
-    stopped = load_checkpoint(out / "last.pt")["iteration"]
+    stopped = read_checkpoint(out / "last.pt")["iteration"]
     assert process.returncode == 130, err
     assert f"training stopped by SIGINT after iteration {stopped} (epoch {(stopped + 1) // 2}); checkpoint {out / 'last.pt'}" in err
     command = next(line for line in err.splitlines() if line.startswith("resume with: "))
@@ -174,11 +177,11 @@ def test_checkpoint_every_writes_mid_epoch_and_resume_is_exact(data: Path, strai
             raise KeyboardInterrupt
         real_step(self, batches)
 
-    monkeypatch.setattr(trainer_module.Trainer, "step", dying_step)
+    monkeypatch.setattr(Trainer, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train(tiny_config(data, log_every=4, checkpoint_every=1), out, build_model=FakeDetector)
     monkeypatch.undo()
-    ckpt = load_checkpoint(out / "last.pt")
+    ckpt = read_checkpoint(out / "last.pt")
     assert (ckpt["iteration"], ckpt["epoch"], ckpt["iter_in_epoch"]) == (5, 2, 1)  # after step 5, mid-epoch 3
     train(tiny_config(data, log_every=4, checkpoint_every=1), out, resume=True, build_model=FakeDetector)
     # the weights and also the metrics: the record at iteration 6 averages steps 5 (before the kill) and 6
@@ -207,7 +210,7 @@ def test_temporary_files_of_a_killed_save_are_removed_at_the_next_start(
     train(tiny_config(data, max_iters=2), out, resume=True, build_model=FakeDetector)
     assert f"removed 1 temporary file(s) of interrupted saves in {out} (0.0 MB): {orphans[0].name}" in capsys.readouterr().out
     assert not orphans[0].exists() and (out / ".notes.tmp").exists()
-    assert load_checkpoint(out / "last.pt")["iteration"] == 2
+    assert read_checkpoint(out / "last.pt")["iteration"] == 2
 
 
 # ------------------------------------------------------------------------------ another run's outputs
@@ -228,7 +231,7 @@ def test_a_previous_runs_outputs_need_overwrite(data: Path, tmp_path: Path) -> N
     assert [r["iter"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"] == [1, 2]
     # with a checkpoint: --overwrite starts over too, --resume and --overwrite exclude each other
     train(tiny_config(data, epochs=1), out, build_model=FakeDetector, overwrite=True)
-    assert load_checkpoint(out / "last.pt")["iteration"] == 2
+    assert read_checkpoint(out / "last.pt")["iteration"] == 2
     with pytest.raises(UserError, match="pass one of them"):
         train(tiny_config(data, epochs=1), out, resume=True, overwrite=True, build_model=FakeDetector)
     with pytest.raises(SystemExit):
@@ -241,7 +244,7 @@ def test_a_previous_runs_outputs_need_overwrite(data: Path, tmp_path: Path) -> N
 def test_resume_refuses_changed_category_ids(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(tiny_config(data, max_iters=1), out, build_model=FakeDetector)
-    assert load_checkpoint(out / "last.pt")["category_ids"] == [3, 17, 90]
+    assert read_checkpoint(out / "last.pt")["category_ids"] == [3, 17, 90]
     renumbered = tmp_path / "renumbered"
     renumbered.mkdir()
     for split in ("train", "val"):  # the same 3 classes, the last one now with id 91
@@ -260,9 +263,9 @@ def test_resume_refuses_changed_category_ids(data: Path, tmp_path: Path) -> None
 def test_data_loader_workers_ignore_stop_signals(data: Path) -> None:
     """A Ctrl-C reaches the whole process group: the training loader's workers must survive it so that the
     main process can finish its step and save."""
-    dataset = trainer_module.build_dataset(tiny_config(data).data, "train")
-    sampler = trainer_module.TrainBatchSampler(len(dataset), 2, seed=0)
-    assert trainer_module.train_loader(dataset, sampler, 1, 0).worker_init_fn is ignore_stop_signals
+    dataset = build_dataset(tiny_config(data).data, "train")
+    sampler = TrainBatchSampler(len(dataset), 2, seed=0)
+    assert train_loader(dataset, sampler, 1, 0).worker_init_fn is ignore_stop_signals
     child = os.fork()
     if child == 0:  # as a worker process: after its init function, both signals leave it running
         code = 1  # a KeyboardInterrupt (SIGINT not ignored) leaves it at 1; SIGTERM not ignored kills the process

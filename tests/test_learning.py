@@ -5,11 +5,12 @@ from pathlib import Path
 
 import torch
 
-from codetr.config import load_config
+from codetr.config_parsing import load_config
 from codetr.data import build_dataloader
 from codetr.data.synthetic import generate_synthetic_coco
-from codetr.engine import evaluate, train
+from codetr.inference.evaluate import evaluate
 from codetr.models.build import build_model
+from codetr.training.run import train
 
 STEPS = 150
 

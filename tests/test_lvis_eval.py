@@ -16,7 +16,7 @@ from PIL import Image
 
 from codetr.config import DataConfig
 from codetr.data import build_dataset
-from codetr.engine.evaluator import eval_style, evaluate_images, evaluate_on_val, lvis_metrics
+from codetr.inference.evaluate import eval_style, evaluate_images, evaluate_on_val, lvis_metrics
 from codetr.structures import Detections
 
 CATEGORIES = [{"id": 1, "name": "rare", "frequency": "r"}, {"id": 2, "name": "common", "frequency": "c"},

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.ops import FrozenBatchNorm2d
 
-from codetr.config import load_config
+from codetr.config_parsing import load_config
 from codetr.models.backbones import ResNetBackbone
 from codetr.models.deformable_detr import DeformableDETR
 from codetr.structures import Batch, Target

@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 
-from codetr.config import CONFIG_DIR, ModelConfig, load_config
+from codetr.config import ModelConfig
+from codetr.config_parsing import CONFIG_DIR, load_config
 from codetr.data import build_transforms
 from codetr.models.backbones import build_backbone
 from codetr.models.build import build_model

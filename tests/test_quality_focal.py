@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from codetr.models.heads.quality_focal import quality_focal_loss
+from codetr.models.losses.quality_focal import quality_focal_loss
 
 
 def direct_formula(logits: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor, beta: float) -> torch.Tensor:

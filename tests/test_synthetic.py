@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from codetr.cli.data import main_synth
 from codetr.data import CocoDetection, generate_synthetic_coco
-from codetr.data.synthetic import CATEGORIES, EMPTY_EVERY, main_synth, render_sample
+from codetr.data.synthetic import CATEGORIES, EMPTY_EVERY, render_sample
 
 SIZE = 256
 

@@ -16,24 +16,27 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_engine import FakeDetector, safetensors_of, tiny_config, write_coco
 from torch import nn
 
-from codetr.engine import train
-from codetr.engine import trainer as trainer_module
-from codetr.engine.checkpoint import load_checkpoint
-from codetr.engine.predictor import load_model
-from codetr.config import Config, LayerDecayConfig, ModelConfig, TrainConfig, load_config
+from codetr.config import Config, LayerDecayConfig, ModelConfig, TrainConfig
+from codetr.config_parsing import load_config
 from codetr.data import collate
-from codetr.engine.amp import keep_float32
-from codetr.engine.ema import ExpMomentumEMA
-from codetr.engine.layer_decay import layer_decay_param_groups
-from codetr.engine.trainer import LrSchedule, Trainer, build_optimizer, micro_batches
+from codetr.data.samplers import micro_batches
+from codetr.inference.loading import load_model
+from codetr.inference.weights import read_checkpoint
 from codetr.models.build import build_model
-from codetr.models.heads.detr_loss import DetrCriterion
+from codetr.models.losses.detr_loss import DetrCriterion
 from codetr.models.transformer import deformable_attention
 from codetr.models.vit import ViT
 from codetr.structures import Batch, Target
-from test_engine import FakeDetector, safetensors_of, tiny_config, write_coco
+from codetr.training import hooks as hooks_module
+from codetr.training.amp import keep_float32
+from codetr.training.ema import ExpMomentumEMA
+from codetr.training.layer_decay import layer_decay_param_groups
+from codetr.training.loop import LossForward, Trainer
+from codetr.training.optim import LrSchedule, build_optimizer
+from codetr.training.run import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,7 +54,7 @@ def coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
     """The training plot is not under test here and takes most of a tiny run's time."""
-    monkeypatch.setattr(trainer_module, "plot_training", lambda *args: None)
+    monkeypatch.setattr(hooks_module, "plot_training", lambda *args: None)
 
 
 # ---------------------------------------------------------------------------------- EMA
@@ -127,21 +130,21 @@ def test_training_with_ema_evaluates_and_saves_the_average(coco: Path, tmp_path:
         after_steps.append({k: v.clone() for k, v in self.detector.state_dict().items()})
 
     evaluated: list[torch.Tensor] = []
-    real_evaluate = trainer_module.evaluate
+    real_evaluate = hooks_module.evaluate
 
     def recording_evaluate(model: nn.Module, *args: object) -> dict[str, float]:
         evaluated.append(model.head.weight.detach().clone())
         return real_evaluate(model, *args)
 
-    monkeypatch.setattr(trainer_module.Trainer, "step", recording_step)
-    monkeypatch.setattr(trainer_module, "evaluate", recording_evaluate)
+    monkeypatch.setattr(Trainer, "step", recording_step)
+    monkeypatch.setattr(hooks_module, "evaluate", recording_evaluate)
     train(cfg, tmp_path / "run", build_model=FakeDetector)
 
     start, *steps = after_steps
     assert len(steps) == 2
     momenta = [released_momentum(i, 0.1, 2) for i in range(2)]
     expected = closed_form_ema(start["head.weight"], [s["head.weight"] for s in steps], momenta).float()
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "run" / "last.pt")
     average = ckpt["hooks"]["EMAHook"]["averages"]["head.weight"]
     torch.testing.assert_close(average, expected)
     assert torch.equal(ckpt["model"]["head.weight"], steps[-1]["head.weight"])  # the trained weights themselves
@@ -177,8 +180,8 @@ def test_resume_is_exact_with_the_recipe(recipe: str, coco: Path, tmp_path: Path
     train(recipe_config(coco, settings), tmp_path / "straight", build_model=FakeDetector)
     train(recipe_config(coco, settings, max_iters=3), tmp_path / "resumed", build_model=FakeDetector)
     train(recipe_config(coco, settings), tmp_path / "resumed", resume=True, build_model=FakeDetector)
-    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
-    resumed = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    straight = read_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = read_checkpoint(tmp_path / "resumed" / "last.pt")
     assert straight["iteration"] == resumed["iteration"] == 6
     if settings.get("amp") == "fp16":  # the loss scale of the gradient scaler is checkpointed too
         assert straight["grad_scaler"]["scale"] == resumed["grad_scaler"]["scale"] > 0
@@ -284,7 +287,7 @@ def test_linear_warmup_composed_with_the_step_schedule(coco: Path, tmp_path: Pat
         real_step(self, batches)
         used.append([g["lr"] for g in self.optimizer.param_groups])
 
-    monkeypatch.setattr(trainer_module.Trainer, "step", recording_step)
+    monkeypatch.setattr(Trainer, "step", recording_step)
     cfg = tiny_config(coco, eval_every=0, lr=1e-2, lr_steps=[2], warmup_iters=5, warmup_ratio=0.01)
     train(cfg, tmp_path / "run", build_model=FakeDetector)
     # 3 epochs of 2 iterations: warm-up over iterations 0-4, lr x 0.1 in epoch 2 (iterations 4, 5)
@@ -334,7 +337,7 @@ def test_bf16_autocast_trains_a_tiny_co_deformable_detr_with_float32_boundaries(
     targets = [Target(torch.tensor([[2.0, 3.0, 20.0, 18.0], [12.0, 8.0, 30.0, 30.0]]), torch.tensor([0, 2])),
                Target(torch.tensor([[4.0, 4.0, 28.0, 24.0]]), torch.tensor([1]))]
     batch = collate(list(zip(images, targets)))
-    trainer = Trainer(model, trainer_module._LossForward(model), build_optimizer(model, cfg.train), LrSchedule([]),
+    trainer = Trainer(model, LossForward(model), build_optimizer(model, cfg.train), LrSchedule([]),
                       loader=None, sampler=None, device=torch.device("cpu"), epochs=1, max_iters=None,  # type: ignore[arg-type]
                       grad_clip=0.1, hooks=[], amp=torch.bfloat16)
     losses = []
@@ -373,7 +376,7 @@ def test_accumulated_micro_batches_make_the_step_of_one_batch(num_images: int) -
     cfg = TrainConfig(lr=1e-2, lr_mult={"backbone": 0.1}, grad_clip=1.0)
 
     def one_step(detector: nn.Module, batches: list[Batch]) -> Trainer:
-        trainer = Trainer(detector, trainer_module._LossForward(detector), build_optimizer(detector, cfg), LrSchedule([]),
+        trainer = Trainer(detector, LossForward(detector), build_optimizer(detector, cfg), LrSchedule([]),
                           loader=None, sampler=None, device=torch.device("cpu"), epochs=1, max_iters=None,  # type: ignore[arg-type]
                           grad_clip=cfg.grad_clip, hooks=[])
         torch.manual_seed(5)
@@ -483,6 +486,6 @@ def test_load_model_from_a_checkpoint_takes_the_ema_average(coco: Path, tmp_path
     monkeypatch.setitem(sys.modules, "codetr.models.build", types.SimpleNamespace(build_model=FakeDetector))
     loaded = load_model(tmp_path / "run" / "last.pt")
     weights, _ = safetensors_of(tmp_path / "run" / "model.safetensors")
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt = read_checkpoint(tmp_path / "run" / "last.pt")
     assert not torch.equal(ckpt["model"]["head.weight"], weights["head.weight"])
     assert torch.equal(loaded.model.state_dict()["head.weight"], weights["head.weight"])

@@ -16,8 +16,8 @@ from torchvision.ops import box_iou
 from codetr import Detector
 from codetr.cli import main
 from codetr.config import Config, DataConfig, ModelConfig, TTAConfig
-from codetr.engine.predictor import LoadedModel
-from codetr.engine.tta import TTADetector, flip_boxes, merge_detections, tta_views
+from codetr.inference.loading import LoadedModel
+from codetr.inference.tta import TTADetector, flip_boxes, merge_detections, tta_views
 from codetr.structures import Batch, Detections
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,12 +15,13 @@ from safetensors.torch import load_file as safetensors_tensors
 from safetensors.torch import save_file
 
 from codetr.cli import main
-from codetr.config import Config, ConfigError, DataConfig, TrainConfig, config_to_dict, load_config
-from codetr.engine import train
-from codetr.engine.checkpoint import save_inference_weights
-from codetr.engine.plots import read_metrics
+from codetr.config import Config, DataConfig, TrainConfig
+from codetr.config_parsing import ConfigError, config_to_dict, load_config
 from codetr.errors import UserError
+from codetr.inference.weights import save_inference_weights
 from codetr.models.build import build_model
+from codetr.training.plots import read_metrics
+from codetr.training.run import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

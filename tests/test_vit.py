@@ -13,9 +13,17 @@ from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva
 from torch import Tensor, nn
 
-from codetr.models.sfp import SimpleFeaturePyramid
-from codetr.models.vit import (ViT, ViTBlock, convert_vit_state_dict, interleaved_window_blocks, rope_table, vit_large,
-                               window_partition, window_unpartition)
+from codetr.models.necks.sfp import SimpleFeaturePyramid
+from codetr.models.vit import (
+    ViT,
+    ViTBlock,
+    convert_vit_state_dict,
+    interleaved_window_blocks,
+    rope_table,
+    vit_large,
+    window_partition,
+    window_unpartition,
+)
 
 DATA = Path(__file__).parent / "data"
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 import yaml
 from official_co_detr import DATA, co_dino, random_state, read_list, sfp, vit
 
-from codetr.config import load_config
-from codetr.convert.mmdet import CheckpointError, convert_checkpoint, model_config_for
+from codetr.config_parsing import load_config
+from codetr.convert.mmdet import convert_checkpoint, model_config_for
+from codetr.convert.mmdet_checkpoint import CheckpointError
 from codetr.models.aux.roi import RoIHead
 from codetr.models.backbones import build_backbone
 from codetr.models.build import build_model
@@ -238,7 +239,7 @@ def test_codetr_convert_mmdet_on_a_tiny_vit_checkpoint(tmp_path: Path, capsys: p
     """``codetr convert mmdet`` end to end on an EMA-hook checkpoint of the tiny ViT Co-DINO: the report names
     what it dropped, and the written weights load (config and classes from the file) and detect."""
     from codetr.cli import main
-    from codetr.engine import load_model
+    from codetr.inference.loading import load_model
 
     config = tmp_path / "tiny_vit.yaml"
     overrides = load_config("co_dino_5scale_vit_large_coco", TINY_VIT).model

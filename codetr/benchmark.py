@@ -20,7 +20,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +28,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from codetr.config import Config
+from codetr.config_parsing import load_config
 from codetr.errors import UserError
+from codetr.export.onnx import export_onnx
+from codetr.inference.loading import LoadedModel, build_detector, load_model, without_backbone_weights
 from codetr.structures import Batch, Target
+from codetr.training.optim import build_optimizer
 
 MATMUL_SIZE = 2048
 BOXES_PER_IMAGE = 8
@@ -115,17 +118,12 @@ def load_benchmark_model(config: str, overrides: list[str], weights: str | None,
                          device: torch.device) -> tuple[nn.Module, Config]:
     """The detector of ``config`` (+ overrides) with ``weights``, or randomly initialised
     (seed 0, nothing downloaded), and its config."""
-    from codetr.config import load_config
-    from codetr.engine.predictor import load_model
-    from codetr.models.build import build_model
-
     if weights is not None:
         loaded = load_model(weights, config, overrides, device)
         return loaded.model, loaded.cfg
     cfg = load_config(config, overrides)
     torch.manual_seed(0)
-    model = build_model(replace(cfg.model, backbone=replace(cfg.model.backbone, weights=None)))
-    return model.to(device), cfg
+    return build_detector(without_backbone_weights(cfg.model)).to(device), cfg
 
 
 def deform_attn_implementation(device: torch.device) -> str:
@@ -196,8 +194,6 @@ def run_benchmark(config: str, overrides: list[str] | None = None, weights: str 
 def training_record(model: nn.Module, cfg: Config, data: Batch, warmup: int, iters: int, device: torch.device,
                     rate: float) -> dict[str, Any]:
     """Seconds per training step (forward + loss + backward + AdamW step) on ``data``."""
-    from codetr.engine.trainer import build_optimizer
-
     model.train()
     optimizer = build_optimizer(model, cfg.train)
 
@@ -220,9 +216,6 @@ def training_record(model: nn.Module, cfg: Config, data: Batch, warmup: int, ite
 def onnx_times(model: nn.Module, cfg: Config, data: Batch, warmup: int, iters: int) -> list[float]:
     """Seconds per run of the ONNX export of ``model`` under onnxruntime (CPU, torch's thread count)."""
     import onnxruntime
-
-    from codetr.engine.predictor import LoadedModel
-    from codetr.export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(LoadedModel(model.cpu().eval(), cfg, None, None), Path(tmp) / "model.onnx")

@@ -1,4 +1,5 @@
-"""Minimal torch.distributed helpers: launched by ``torchrun`` (WORLD_SIZE > 1) or single process."""
+"""Minimal torch.distributed helpers: launched by ``torchrun`` (WORLD_SIZE > 1) or single process;
+log lines printed by the main process only."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 def init_distributed(device: torch.device) -> bool:
@@ -73,3 +75,9 @@ def mean_over_processes(values: dict[str, float], device: torch.device) -> dict[
     stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(stacked)
     return dict(zip(values, (stacked / world_size()).tolist()))
+
+
+def log(message: str) -> None:
+    """Print a log line on the main process (through tqdm, so progress bars stay intact)."""
+    if is_main_process():
+        tqdm.write(message)

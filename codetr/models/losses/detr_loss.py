@@ -17,7 +17,7 @@ from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal
 
 from codetr.config import LossConfig
 from codetr.models.assigners import HungarianMatcher
-from codetr.models.heads.quality_focal import quality_focal_loss
+from codetr.models.losses.quality_focal import quality_focal_loss
 from codetr.ops.boxes import aligned_box_iou
 from codetr.structures import DetrOutput, Target
 
@@ -48,6 +48,8 @@ class DetrCriterion(nn.Module):
     ``class_agnostic_proposals``: the encoder proposals are trained as one "object" class
     (Deformable-DETR two-stage) rather than with the ground-truth classes (DINO).
     """
+
+    float32_methods = ("forward", "assigned_loss")  # run in float32 under mixed precision (codetr.models.base)
 
     def __init__(self, num_classes: int, cfg: LossConfig, class_agnostic_proposals: bool = True) -> None:
         super().__init__()

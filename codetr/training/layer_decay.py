@@ -2,7 +2,8 @@
 ``LayerDecayOptimizerConstructor`` (Sense-X/Co-DETR ``mmdet/core/optimizers/layer_decay_optimizer_constructor.py``,
 ``get_layer_id_for_vit``), which the Co-DINO ViT-L COCO config trains with (rate 0.8, 24 layers).
 
-Each trainable parameter gets a layer id from its name in the detector (``backbone.`` prefixed):
+Each trainable parameter gets a layer id from its name in the detector (``backbone.`` prefixed;
+:func:`codetr.models.base.layer_id`):
 0 for the patch embedding and the position embedding (and class / mask tokens), ``i + 1`` for
 ``backbone.blocks.{i}``, ``num_layers + 1`` for everything else (the rest of the backbone, the
 neck, the transformer, the heads). Its learning rate is ``lr * rate ** (num_layers + 1 - id)``:
@@ -20,16 +21,7 @@ from typing import Any
 
 from torch import nn
 
-BLOCKS = "backbone.blocks."
-
-
-def vit_layer_id(name: str, num_layers: int) -> int:
-    """The layer id of the detector parameter ``name`` (see the module docstring)."""
-    if name in ("backbone.cls_token", "backbone.mask_token", "backbone.pos_embed") or name.startswith("backbone.patch_embed"):
-        return 0
-    if name.startswith(BLOCKS):
-        return int(name.split(".")[2]) + 1
-    return num_layers + 1
+from codetr.models.base import BACKBONE_BLOCKS, base_detector_name, layer_id
 
 
 def has_weight_decay(name: str, ndim: int) -> bool:
@@ -43,8 +35,6 @@ def layer_decay_param_groups(model: nn.Module, lr: float, weight_decay: float, r
     ``layer_{id}_decay`` / ``layer_{id}_no_decay``, each with ``lr_mult`` (the layer's scale), ``lr``
     and ``weight_decay``; frozen parameters are left out. Names are taken relative to the base
     detector (a Co-DETR wrapper's ``detector.`` prefix removed)."""
-    from codetr.models.codetr import BASE  # the Co-DETR wrapper's prefix (a heavy import, only when needed)
-
     if not 0.0 < rate <= 1.0:
         raise ValueError(f"train.layer_decay.rate must be in (0, 1], got {rate}")
     groups: dict[str, dict[str, Any]] = {}
@@ -52,12 +42,12 @@ def layer_decay_param_groups(model: nn.Module, lr: float, weight_decay: float, r
     for full_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        name = full_name.removeprefix(BASE)
-        layer = vit_layer_id(name, num_layers)
-        if layer > num_layers + 1 or (name.startswith(BLOCKS) and layer == num_layers + 1):
+        name = base_detector_name(full_name)
+        layer = layer_id(name, num_layers)
+        if layer > num_layers + 1 or (name.startswith(BACKBONE_BLOCKS) and layer == num_layers + 1):
             raise ValueError(f"train.layer_decay.num_layers is {num_layers}, but the backbone has {name}: "
                              "set it to the number of ViT blocks")
-        blocks_seen |= name.startswith(BLOCKS)
+        blocks_seen |= name.startswith(BACKBONE_BLOCKS)
         decay = has_weight_decay(name, param.ndim)
         key = f"layer_{layer}_{'decay' if decay else 'no_decay'}"
         scale = rate ** (num_layers + 1 - layer)

@@ -22,9 +22,9 @@ from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as F
 
+from codetr import distributed as dist
 from codetr.config import DataConfig
 from codetr.data import build_dataloader
-from codetr.engine import distributed as dist
 from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Batch, Detections
 
@@ -204,7 +204,7 @@ def evaluate_on_val(model: nn.Module, cfg: DataConfig, category_ids: Sequence[in
                     source: str, detect: Callable[[Tensor], Detections] | None = None) -> dict[str, float]:
     """What ``codetr eval`` computes: :func:`evaluate` on the validation split of ``cfg``, COCO
     or LVIS metrics by ``cfg.eval_style``; with ``detect`` (e.g. test-time augmentation,
-    :class:`codetr.engine.tta.TTADetector`), :func:`evaluate_images` with it instead.
+    :class:`codetr.inference.tta.TTADetector`), :func:`evaluate_images` with it instead.
 
     ``category_ids`` are the dataset ids the model was trained for (None: not known); they
     must be the validation set's, else a ValueError names ``source`` (the weights file).

@@ -19,35 +19,18 @@ weights keep the base detector's names: a Co- model's weights are the plain mode
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from codetr.config import ModelConfig
-from codetr.models.aux.atss import ATSSHead
-from codetr.models.aux.roi import FasterRCNNAux
-from codetr.models.deformable_detr import DeformableDETR, EncoderOutput
-from codetr.models.neck import PyramidAdapter
+from codetr.models.base import BASE, TRAINING_ONLY, AuxHead, BaseDetector
+from codetr.models.deformable_detr import EncoderOutput
+from codetr.models.necks.channel_mapper import PyramidAdapter
 from codetr.models.positive_queries import select_positive_queries
 from codetr.structures import Batch, Detections
-
-AUX_HEADS = ("rcnn", "atss")
-TRAINING_ONLY = ("adapter.", "aux_heads.", "positive_queries.")
-BASE = "detector."
-
-
-def build_aux_head(name: str, cfg: ModelConfig, strides: list[int], loss_scale: float) -> nn.Module:
-    """One auxiliary head on the pyramid of the given strides (the encoder levels + one)."""
-    d, co = cfg.transformer.d_model, cfg.co
-    if name == "atss":
-        return ATSSHead(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, stacked_convs=co.atss_stacked_convs)
-    if name == "rcnn":
-        return FasterRCNNAux(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, rpn_pre_nms=co.rpn_pre_nms,
-                             rpn_proposals=co.rpn_proposals, roi_samples=co.roi_samples, roi_fc_dim=co.roi_fc_dim,
-                             roi_finest_scale=co.roi_finest_scale, roi_convs=co.roi_convs, roi_fcs=co.roi_fcs,
-                             roi_class_agnostic=co.roi_class_agnostic, roi_target_stds=tuple(co.roi_target_stds))
-    raise ValueError(f"unknown auxiliary head {name!r} in model.co.aux_heads; choose from {AUX_HEADS}")
 
 
 def head_tags(names: list[str]) -> list[str]:
@@ -58,17 +41,21 @@ def head_tags(names: list[str]) -> list[str]:
 class CoDETR(nn.Module):
     """A base DETR detector with auxiliary one-to-many heads and customized positive queries.
 
-    detector: the base detector (``detr_loss``, ``encode_images``, ``decode``, ``predict``,
-    ``inference_state_dict``, ``level_strides``, ``criterion``). queries: the positive-query
-    embedding (``forward(head, reference, feats) -> (query, query_pos or None)``), or None to
-    train the auxiliary heads without positive queries.
+    detector: the base detector (:class:`~codetr.models.base.BaseDetector`). aux_heads: one
+    :class:`~codetr.models.base.AuxHead` per name of ``cfg.co.aux_heads``, in that order, built on
+    the pyramid of :meth:`aux_strides` (:func:`codetr.models.build.build_aux_head`). queries: the
+    positive-query embedding (``forward(head, reference, feats) -> (query, query_pos or None)``), or
+    None to train the auxiliary heads without positive queries.
     """
 
-    def __init__(self, detector: DeformableDETR, cfg: ModelConfig, queries: nn.Module | None) -> None:
+    def __init__(self, detector: BaseDetector, cfg: ModelConfig, aux_heads: Sequence[AuxHead],
+                 queries: nn.Module | None) -> None:
         super().__init__()
         co = cfg.co
         if not co.aux_heads:
             raise ValueError("Co-DETR needs at least one auxiliary head in model.co.aux_heads")
+        if len(aux_heads) != len(co.aux_heads):
+            raise ValueError(f"{len(aux_heads)} auxiliary heads for model.co.aux_heads={co.aux_heads}")
         if co.eval_head != "detr" and co.eval_head not in co.aux_heads:
             raise ValueError(f"model.co.eval_head={co.eval_head!r} is not among model.co.aux_heads={co.aux_heads}")
         if co.eval_head != "detr" and co.aux_heads.count(co.eval_head) > 1:
@@ -76,17 +63,25 @@ class CoDETR(nn.Module):
                              "lists it more than once")
         self.cfg, self.co = cfg, co
         self.detector = detector
-        strides = detector.level_strides
-        strides = strides + [strides[-1] * 2]
-        loss_scale = cfg.transformer.dec_layers * co.lambda2
         self.adapter = PyramidAdapter(cfg.transformer.d_model)
-        self.aux_heads = nn.ModuleList(build_aux_head(name, cfg, strides, loss_scale) for name in co.aux_heads)
+        self.aux_heads = nn.ModuleList(aux_heads)
         self.tags = head_tags(co.aux_heads)
         self.positive_queries = queries
         # The base detector's weights keep their own names (no "detector." prefix) in state dicts.
         self.register_state_dict_post_hook(_drop_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
         self.register_load_state_dict_post_hook(_report_without_base_prefix)
+
+    @staticmethod
+    def aux_strides(detector: BaseDetector) -> list[int]:
+        """The strides of the auxiliary heads' pyramid: the encoder levels', plus one level at twice the last."""
+        strides = detector.level_strides
+        return strides + [strides[-1] * 2]
+
+    @staticmethod
+    def aux_loss_scale(cfg: ModelConfig) -> float:
+        """The weight of the auxiliary heads' losses: ``dec_layers * lambda2``."""
+        return cfg.transformer.dec_layers * cfg.co.lambda2
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """The base detector's inference weights (plus the evaluated auxiliary head, if not "detr")."""

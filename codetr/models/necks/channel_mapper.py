@@ -68,7 +68,7 @@ def build_neck(cfg: ModelConfig, in_channels: list[int]) -> nn.Module:
         return ChannelMapper(in_channels, t.d_model, t.num_feature_levels, cfg.neck_bias)
     if cfg.neck != "sfp":
         raise ValueError(f"unknown model.neck {cfg.neck!r}; choose from {NECKS}")
-    from codetr.models.sfp import SimpleFeaturePyramid
+    from codetr.models.necks.sfp import SimpleFeaturePyramid
 
     if len(in_channels) != 1 or t.num_feature_levels != 5:
         raise ValueError(f"model.neck=sfp makes 5 levels (p2-p6) from one backbone map; got {len(in_channels)} backbone "

@@ -12,8 +12,9 @@ autocast off inside):
 - the auxiliary heads' training step (``forward_train`` of the ATSS and Faster R-CNN heads):
   IoU assigners, RoIAlign into float32 buffers, box coding and losses.
 
-The wrapping is done on the model's instances by :func:`keep_float32` when ``train.amp`` is set,
-so the model code itself stays precision-agnostic.
+Each of these modules declares those methods in its ``float32_methods`` (the model contract,
+:mod:`codetr.models.base`); :func:`keep_float32` wraps them on the model's instances when
+``train.amp`` is set, so the model code itself stays precision-agnostic.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from codetr.errors import UserError
+from codetr.models.base import float32_regions
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 AUTOCAST_DEVICES = ("cpu", "cuda", "mps")
@@ -69,25 +71,13 @@ def in_float32(method: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def float32_boundaries() -> dict[type, tuple[str, ...]]:
-    """The module types and the methods of theirs that run in float32 (see the module docstring)."""
-    from codetr.models.aux.atss import ATSSHead
-    from codetr.models.aux.roi import FasterRCNNAux
-    from codetr.models.heads.detr_loss import DetrCriterion
-    from codetr.models.transformer.deformable_attention import MSDeformAttn
-    return {MSDeformAttn: ("forward",), DetrCriterion: ("forward", "assigned_loss"),
-            ATSSHead: ("forward_train",), FasterRCNNAux: ("forward_train",)}
-
-
 def keep_float32(model: nn.Module) -> int:
-    """Make the :func:`float32_boundaries` methods of every submodule of ``model`` run in float32
-    (each instance's method replaced by its :func:`in_float32` wrapper); returns the number of
-    modules changed."""
-    boundaries = float32_boundaries()
+    """Make the methods that the submodules of ``model`` declare in ``float32_methods``
+    (:func:`codetr.models.base.float32_regions`) run in float32 (each instance's method replaced by
+    its :func:`in_float32` wrapper); returns the number of modules changed."""
     count = 0
-    for module in model.modules():
-        methods = next((names for cls, names in boundaries.items() if isinstance(module, cls)), ())
+    for module, methods in float32_regions(model):
         for name in methods:
             setattr(module, name, in_float32(getattr(module, name)))
-        count += bool(methods)
+        count += 1
     return count

@@ -1,5 +1,6 @@
-"""Weights files into a detector: the one loading path behind ``codetr eval`` / ``predict`` /
-``export``, ``train --init`` and the Python API, with a short diagnosis when they do not fit.
+"""Weights files: reading and writing them, and loading their tensors into a detector with a short
+diagnosis when they do not fit (behind ``codetr eval`` / ``predict`` / ``export``, ``train --init``
+and the Python API; :mod:`codetr.inference.loading` builds the model).
 
 A file is inference weights (``.safetensors``: class names, category ids and the config in its
 metadata) or a training checkpoint (``last.pt``; with ``train.ema`` its average replaces the
@@ -9,28 +10,24 @@ weights, as training evaluated and saved it).
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
-from codetr.engine.checkpoint import load_checkpoint, read_safetensors
 from codetr.errors import UserError
+from codetr.files import atomic_write
+from codetr.models.base import CLASS_COUNT_TENSOR, REPEATED_MODULES, TRAINING_ONLY, class_dependent_tensors
 
-# Parameters whose shape follows the number of classes: when fine-tuning on another class count
-# (train.init) they keep their fresh initialisation. The DETR class branches, the RoI head's
-# classifier and class-wise box regression, the ATSS classifier, a denoising label embedding.
-CLASS_LAYERS = (r"^class_branches\.", r"\.roi\.fc_(cls|reg)\.", r"\.atss_cls\.", r"label_embedding\.")
-# The tensor whose first dimension is the number of classes.
-CLASS_TENSOR = "class_branches.0.bias"
-# Repeated modules (name prefix before the index) and the config key that sets how many there are.
-REPEATED = {"decoder_layers": "model.transformer.dec_layers", "encoder.layers": "model.transformer.enc_layers",
-            "neck.convs": "model.transformer.num_feature_levels", "aux_heads": "model.co.aux_heads"}
 # Config sizes that shape many tensors, named when a mismatched dimension equals one of them.
 SIZES = ("transformer.d_model", "transformer.ffn_dim", "transformer.num_queries", "transformer.n_heads",
          "transformer.n_points", "transformer.num_feature_levels", "co.roi_fc_dim", "dino.num_dn_queries")
@@ -47,7 +44,7 @@ class WeightsFile:
     config_text: str | None
 
 
-def read_weights(path: str | Path) -> WeightsFile:
+def read_weights_file(path: str | Path) -> WeightsFile:
     """Read ``.safetensors`` inference weights or a ``.pt`` training checkpoint (UserError naming the
     file when it is neither)."""
     path = Path(path)
@@ -59,22 +56,10 @@ def read_weights(path: str | Path) -> WeightsFile:
         except json.JSONDecodeError as err:
             raise UserError(f"{path}: unreadable class names or category ids in its metadata ({err})") from None
         return WeightsFile(state, names, ids, metadata.get("config"))
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     averages = ckpt.get("hooks", {}).get("EMAHook", {}).get("averages", {})
     return WeightsFile({**ckpt["model"], **averages}, ckpt["class_names"], ckpt["category_ids"],
                        yaml.safe_dump(ckpt["config"], sort_keys=False))
-
-
-def build_detector(model_cfg: Any, build: Callable[[Any], nn.Module] | None = None) -> nn.Module:
-    """``build(model_cfg)`` (default :func:`codetr.models.build.build_model`); a ValueError, which
-    building raises for a config value it cannot use (an unknown ``model.neck``, a backbone weights
-    file of another network, ...), becomes a UserError."""
-    if build is None:
-        from codetr.models.build import build_model as build  # heavy import, only when a model is needed
-    try:
-        return build(model_cfg)
-    except ValueError as err:
-        raise UserError(f"cannot build the model from the config: {err}") from err
 
 
 def _shape(t: Tensor) -> str:
@@ -92,25 +77,26 @@ def _config_value(cfg: Any, dotted: str) -> Any:
     return cfg
 
 
-def likely_causes(state: dict[str, Tensor], own: dict[str, Tensor], cfg: Any = None) -> list[str]:
+def likely_causes(state: dict[str, Tensor], own: dict[str, Tensor], cfg: Any = None,
+                  classes: Collection[str] = ()) -> list[str]:
     """Config differences that explain why ``state`` does not fit a model with tensors ``own``
-    (``cfg``: its ModelConfig, to name the keys): another class count, another repeat count of a
+    (``cfg``: its ModelConfig, to name the keys; ``classes``: its class-dependent tensors): another class count, another repeat count of a
     module (decoder layers, ...), another size (d_model, ...), or no common names at all."""
     causes = []
     if not set(state) & set(own):
         return [f"none of the file's {len(state)} tensor names is one of this model: weights of another "
                 "implementation or architecture (`codetr convert` converts official mmdet and Hugging Face weights)"]
-    if CLASS_TENSOR in state and CLASS_TENSOR in own and state[CLASS_TENSOR].shape != own[CLASS_TENSOR].shape:
-        causes.append(f"another number of classes: {state[CLASS_TENSOR].shape[0]} in the file, model.num_classes "
-                      f"{own[CLASS_TENSOR].shape[0]} in the config (to fine-tune on other classes: --init / train.init)")
-    for prefix, key in REPEATED.items():
+    if CLASS_COUNT_TENSOR in state and CLASS_COUNT_TENSOR in own and state[CLASS_COUNT_TENSOR].shape != own[CLASS_COUNT_TENSOR].shape:
+        causes.append(f"another number of classes: {state[CLASS_COUNT_TENSOR].shape[0]} in the file, model.num_classes "
+                      f"{own[CLASS_COUNT_TENSOR].shape[0]} in the config (to fine-tune on other classes: --init / train.init)")
+    for prefix, key in REPEATED_MODULES.items():
         pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
         count = [len({m.group(1) for k in keys if (m := pattern.match(k))}) for keys in (state, own)]
         if count[0] != count[1] and count[0] and count[1]:
             causes.append(f"another number of {prefix}: {count[0]} in the file, {count[1]} in the model ({key})")
     pairs: Counter[tuple[int, int]] = Counter()
     for k in state.keys() & own.keys():
-        if _is_class_layer(k) or state[k].shape == own[k].shape or state[k].dim() != own[k].dim():
+        if k in classes or state[k].shape == own[k].shape or state[k].dim() != own[k].dim():
             continue
         pairs.update({(a, b) for a, b in zip(state[k].shape, own[k].shape) if a != b})
     for (in_file, in_model), n in pairs.most_common(2):
@@ -120,30 +106,25 @@ def likely_causes(state: dict[str, Tensor], own: dict[str, Tensor], cfg: Any = N
     return causes
 
 
-def _is_class_layer(name: str) -> bool:
-    return any(re.search(p, name) for p in CLASS_LAYERS)
-
-
-def load_weights(model: nn.Module, state: dict[str, Tensor], source: str, cfg: Any = None,
+def load_state(model: nn.Module, state: dict[str, Tensor], source: str, cfg: Any = None,
                  reinit_classes: bool = False) -> list[str]:
     """Load ``state`` (full or inference-only) into ``model``; returns report lines.
 
     Every tensor the model needs at inference (``inference_state_dict``) must be in ``state`` with
     its shape; training-only parts missing from ``state`` keep the model's initialisation and
     those of ``state`` the model lacks (a plain detector) are skipped. ``reinit_classes``
-    (fine-tuning): tensors of :data:`CLASS_LAYERS` of another shape keep their fresh
-    initialisation. Anything else that differs is a UserError naming ``source``, with counts, the
+    (fine-tuning): the model's class-dependent tensors (:func:`codetr.models.base.class_dependent_tensors`)
+    of another shape keep their fresh initialisation. Anything else that differs is a UserError naming ``source``, with counts, the
     first names and the likely cause (:func:`likely_causes`; ``cfg`` the model's ModelConfig).
     """
-    from codetr.models.codetr import TRAINING_ONLY  # the parts a plain detector does not have
-
     own = model.state_dict()
+    classes = class_dependent_tensors(model)
     needed = set(model.inference_state_dict()) if hasattr(model, "inference_state_dict") else set(own)
     other_shape = [k for k in state if k in own and state[k].shape != own[k].shape]
-    reinit = [k for k in other_shape if reinit_classes and _is_class_layer(k)]
+    reinit = [k for k in other_shape if reinit_classes and k in classes]
     # the tensors telling most first: those of other shapes that do not depend on the number of classes
     wrong = [f"{k} (file {_shape(state[k])}, model {_shape(own[k])})"
-             for k in sorted(other_shape, key=_is_class_layer) if k not in reinit]
+             for k in sorted(other_shape, key=lambda k: k in classes) if k not in reinit]
     unknown = [k for k in state if k not in own and not k.startswith(TRAINING_ONLY)]
     missing = [k for k in own if k not in state and k in needed]
     if wrong or unknown or missing:
@@ -151,7 +132,7 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str, cfg: A
                  f"{len(missing)} missing, {len(unknown)} not in the model):"]
         lines += [f"  {what}: {_listed(keys)}" for what, keys in
                   (("other shapes", wrong), ("missing", missing), ("not in the model", unknown)) if keys]
-        lines += [f"  likely cause: {cause}" for cause in likely_causes(state, own, cfg)]
+        lines += [f"  likely cause: {cause}" for cause in likely_causes(state, own, cfg, classes)]
         raise UserError("\n".join(lines))
     loaded = {k: v for k, v in state.items() if k in own and k not in reinit}
     model.load_state_dict(loaded, strict=False)
@@ -166,3 +147,72 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], source: str, cfg: A
     if skipped:
         lines.append(f"skipped (training-only parts this model does not have): {len(skipped)} tensors")
     return lines
+
+
+CHECKPOINT_VERSION = 1
+CHECKPOINT_FORMAT = "codetr-checkpoint"
+# What a checkpoint must hold besides its format and version (Trainer.state_dict and the run's labels).
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "iter_in_epoch", "iteration", "rng", "config", "class_names",
+                   "category_ids")
+
+
+def _existing_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a training checkpoint written by the trainer (``weights_only=True``); a UserError naming
+    the file when it is not one (another pickle, a plain state dict, a truncated or corrupt file)."""
+    path = Path(path)
+    _existing_file(path, "checkpoint")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path} is not a codetr training checkpoint (torch.load failed: {reason})") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        hint = (": it looks like an mmdet checkpoint; convert it with `codetr convert mmdet`"
+                if isinstance(ckpt, dict) and "state_dict" in ckpt else "")
+        raise UserError(f"{path} is not a codetr training checkpoint (no 'format': '{CHECKPOINT_FORMAT}'){hint}")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise UserError(f"{path}: checkpoint version {ckpt.get('version')} is not supported "
+                        f"(expected {CHECKPOINT_VERSION})")
+    missing = [key for key in CHECKPOINT_KEYS if key not in ckpt]
+    if missing:
+        raise UserError(f"{path}: incomplete codetr checkpoint, no {', '.join(missing)}")
+    return ckpt
+
+
+def save_inference_weights(
+    path: str | Path,
+    state_dict: dict[str, Tensor],
+    class_names: list[str],
+    category_ids: list[int],
+    config: dict[str, Any],
+) -> None:
+    """Write ``state_dict`` as safetensors (atomically) with class names, category ids and config."""
+    metadata = {
+        "format": "codetr",
+        "class_names": json.dumps(class_names),
+        "category_ids": json.dumps(category_ids),
+        "config": yaml.safe_dump(config, sort_keys=False),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    data = safetensors_bytes(tensors, metadata=metadata)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file."""
+    path = Path(path)
+    _existing_file(path, "weights file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:
+        raise UserError(f"{path} is not a safetensors weights file ({err})") from err
+    return tensors, metadata
