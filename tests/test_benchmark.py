@@ -16,6 +16,7 @@ from codetr.models.build import build_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_bench_writes_the_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "co_deformable_detr_tiny", "model.num_classes=3", "--size", "96x128", "--batch", "2",

@@ -37,7 +37,7 @@ SEED = 3
 NUM_TRAIN = 4
 CONFIG = "co_deformable_detr_tiny"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def first_step_item(rank: int) -> int:

@@ -161,7 +161,9 @@ def model_config_for(cfg: ModelConfig, state: dict[str, Tensor]) -> ModelConfig:
     number of queries does not match the config."""
     import dataclasses
 
-    from codetr.models.backbones import RESNETS, SWINS, VITS
+    from codetr.models.backbones.resnet import RESNETS
+    from codetr.models.backbones.swin import SWINS
+    from codetr.models.backbones.vit import VITS
 
     family = detect_detector(state)
     arch, query_key = FAMILIES[family]
@@ -214,7 +216,7 @@ def _rename_vit(state: dict[str, Tensor], cfg: ModelConfig) -> tuple[dict[str, T
     """``state`` with its ``backbone.*`` tensors renamed by ``convert_vit_state_dict`` (the window
     settings of ``cfg.backbone`` checked against the RoPE tables), the dropped RoPE table names, and
     new name -> released name."""
-    from codetr.models.vit import convert_vit_state_dict, interleaved_window_blocks
+    from codetr.models.backbones.vit import convert_vit_state_dict, interleaved_window_blocks
 
     released = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     depth = len({k.split(".")[1] for k in released if k.startswith("blocks.")})

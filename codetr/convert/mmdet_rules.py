@@ -175,7 +175,7 @@ SWIN_MMDET = [
 
 
 # The released EVA-02-style ViT (mmdet/models/backbones/vit.py): convert_checkpoint first renames its
-# tensors with codetr.models.vit.convert_vit_state_dict (which checks and drops the RoPE tables).
+# tensors with codetr.models.backbones.vit.convert_vit_state_dict (which checks and drops the RoPE tables).
 VIT = [Rule(r"^backbone\.(.+)$", r"backbone.\1")]
 
 

@@ -20,7 +20,7 @@ from torchvision.ops import box_convert
 
 from codetr.config import ModelConfig
 from codetr.models.activation_checkpoint import maybe_checkpoint
-from codetr.models.backbones import build_backbone
+from codetr.models.backbones.build import build_backbone
 from codetr.models.losses.detr_loss import DetrCriterion
 from codetr.models.necks.channel_mapper import build_neck
 from codetr.models.transformer.decoder import DeformableDecoderLayer

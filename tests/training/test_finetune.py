@@ -90,6 +90,7 @@ def test_other_mismatches_are_errors_naming_the_tensor_and_the_likely_cause(publ
         init_from_file(tiny(4, "model.transformer.dec_layers=4"), published[0])
 
 
+@pytest.mark.slow
 def test_train_init_fine_tunes_on_another_class_count(published: tuple[Path, dict], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     synth = tmp_path / "synth"

@@ -44,6 +44,7 @@ def detector(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     return Detector(small_config(request.param, tmp_path_factory.mktemp("export")), device="cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grid_sample", [True, False], ids=["grid_sample", "gather"])
 def test_onnxruntime_matches_pytorch(detector: Detector, grid_sample: bool, tmp_path: Path) -> None:
     path = detector.export(tmp_path / "model.onnx", grid_sample=grid_sample)
@@ -93,6 +94,7 @@ def test_export_refuses_what_it_cannot_export(tmp_path: Path) -> None:
         export_onnx(loaded, tmp_path / "m.onnx")
 
 
+@pytest.mark.slow
 def test_cli_export_then_predict_onnx_and_python_api(tmp_path: Path) -> None:
     """`codetr export --no-grid-sample --opset 14`, then `codetr predict --onnx` and
     Detector.from_onnx give PyTorch's detections on image files of two other sizes."""
@@ -150,6 +152,7 @@ def test_from_onnx_errors(tmp_path: Path) -> None:
         Detector.from_onnx(tmp_path / "other.onnx")
 
 
+@pytest.mark.slow
 def test_co_dino_exports_its_top_k_and_soft_nms_runs_after_the_graph(tmp_path: Path) -> None:
     """Co-DINO: the graph holds DINO's inference up to the top num_queries pairs; Soft-NMS runs on
     onnxruntime's outputs in Detector.from_onnx, giving PyTorch's detections."""
@@ -173,6 +176,7 @@ def test_co_dino_exports_its_top_k_and_soft_nms_runs_after_the_graph(tmp_path: P
     np.testing.assert_allclose(np.asarray(ours.boxes), np.asarray(theirs.boxes), atol=TOLERANCE)
 
 
+@pytest.mark.slow
 def test_lsj_model_on_onnx_gives_pytorch_detections_in_original_pixels(tmp_path: Path) -> None:
     """Co-DINO with large-scale jitter: the input is a 96 px canvas holding the resized image, so
     boxes are scaled by original / resized size (not / canvas size), on onnxruntime as in PyTorch,

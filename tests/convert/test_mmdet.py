@@ -53,7 +53,7 @@ ZOO = {  # packaged config -> official key/shape list
     "co_dino_5scale_r50_1x_coco": "co_dino_5scale_r50",
     "co_dino_5scale_lsj_r50_3x_coco": "co_dino_5scale_r50",
     "co_dino_5scale_swin_large_1x_coco": "co_dino_5scale_swin_large",  # the 2x / 3x / LSJ / O365 rows share it
-    "co_dino_5scale_lsj_swin_large_3x_coco": "co_dino_5scale_swin_large",  # (tests/test_model_zoo.py checks them all)
+    "co_dino_5scale_lsj_swin_large_3x_coco": "co_dino_5scale_swin_large",  # (tests/models/test_model_zoo.py checks them all)
 }
 TINY_SIZES = dict(num_classes=6, num_queries=50, d=64, ffn_dim=256, enc_layers=2, dec_layers=3, heads=4, roi_fc=256)
 TINY_SWIN = {"embed_dim": 16, "depths": [2, 2, 2, 2], "num_heads": [1, 2, 4, 8]}
@@ -103,7 +103,7 @@ def save_mmdet(state: dict[str, torch.Tensor], path: Path, meta: dict | None = N
 
 
 def test_official_lists_are_current() -> None:
-    """tests/data/official/*_mmdet2.txt are the lists written from the released definitions."""
+    """tests/fixtures/official/*_mmdet2.txt are the lists written from the released definitions."""
     lists = released_configs()
     assert sorted(p.name for p in DATA.glob("*_mmdet2.txt")) == sorted(f"{name}_mmdet2.txt" for name in lists)
     for name, names in lists.items():
@@ -157,13 +157,14 @@ def test_co_dino_with_nine_encoder_layers_converts() -> None:
     assert conversion.ok and "encoder.layers.8.ffn.3.weight" in conversion.state_dict, conversion.report()
 
 
+@pytest.mark.slow
 def test_every_zoo_config_matches_its_release() -> None:
     for config, name in ZOO.items():
         state = random_state(read_list(DATA / f"{name}_mmdet2.txt"), meta=True)
         cfg = model_config_for(load_config(config).model, state)
         neck_in = [v.shape[1] for k, v in state.items() if re.match(r"neck\.convs\.\d\.conv\.weight", k)]
         with torch.device("meta"):
-            from codetr.models.backbones import build_backbone
+            from codetr.models.backbones.build import build_backbone
 
             assert neck_in == build_backbone(cfg.backbone).out_channels, config
         assert cfg.max_detections == (300 if "900q" in config or "dino" in config else 100)

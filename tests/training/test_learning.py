@@ -3,6 +3,7 @@ steps on a few synthetic images, detects the objects of those images."""
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from codetr.config_parsing import load_config
@@ -13,6 +14,8 @@ from codetr.models.build import build_model
 from codetr.training.run import train
 
 STEPS = 150
+
+pytestmark = pytest.mark.slow  # a long training
 
 
 def test_tiny_detector_learns_the_training_images(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_engine import FakeDetector, safetensors_of, tiny_config, write_coco
+from test_run import FakeDetector, safetensors_of, tiny_config, write_coco
 from torch import nn
 
 from codetr.config import Config, LayerDecayConfig, ModelConfig, TrainConfig
@@ -28,7 +28,7 @@ from codetr.inference.weights import read_checkpoint
 from codetr.models.build import build_model
 from codetr.models.losses.detr_loss import DetrCriterion
 from codetr.models.transformer import deformable_attention
-from codetr.models.vit import ViT
+from codetr.models.backbones.vit import ViT
 from codetr.structures import Batch, Target
 from codetr.training import hooks as hooks_module
 from codetr.training.amp import keep_float32
@@ -172,6 +172,7 @@ def recipe_config(root: Path, settings: dict, **train_settings: object) -> Confi
     return cfg
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_resume_is_exact_with_the_recipe(recipe: str, coco: Path, tmp_path: Path) -> None:
     """Stopped mid-epoch by max_iters and resumed: the same final weights, averages and losses

@@ -14,18 +14,10 @@ from timm.models.eva import Eva
 from torch import Tensor, nn
 
 from codetr.models.necks.sfp import SimpleFeaturePyramid
-from codetr.models.vit import (
-    ViT,
-    ViTBlock,
-    convert_vit_state_dict,
-    interleaved_window_blocks,
-    rope_table,
-    vit_large,
-    window_partition,
-    window_unpartition,
-)
+from codetr.models.backbones.vit import (ViT, ViTBlock, convert_vit_state_dict, interleaved_window_blocks, rope_table, vit_large,
+                                         window_partition, window_unpartition)
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "fixtures"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -18,6 +18,7 @@ from timm.layers import DropPath, PatchEmbed, SwiGLU, build_rotary_pos_embed
 from timm.models.eva import EvaAttention
 from torch import Tensor, nn
 
+from codetr.config import BackboneConfig
 from codetr.models.activation_checkpoint import maybe_checkpoint
 
 
@@ -218,3 +219,24 @@ def _check_rope_tables(released: Mapping[str, Tensor], window_size: int, window_
             raise ValueError(f"ViT state_dict entry {key!r}: the checkpoint has {describe(tokens.get(key))} where this ViT "
                              f"(window_size={window_size}, window blocks {sorted(window_blocks)}) expects "
                              f"{describe(expected.get(key))}: the checkpoint belongs to another config")
+
+
+# Plain ViTs (codetr.models.vit, built from timm parts): name -> architecture (released Co-DINO ViT-L:
+# 16x16 patches, 24 blocks of 1024 channels and 16 heads, position embedding of a 512 px pretraining).
+VITS = {"vit_large": dict(embed_dim=1024, depth=24, num_heads=16, pretrain_img_size=512)}
+
+
+def build_vit(cfg: BackboneConfig) -> nn.Module:
+    """The plain ViT of ``cfg.name`` (architecture overridable by ``timm_args``), window blocks of
+    ``window_size`` with every ``global_every``-th block global; one map at stride 16. Its weights come
+    with the detector's (``codetr convert mmdet``, ``train.init``): the released configs start from a
+    detection checkpoint, not from ImageNet weights."""
+    if cfg.weights is not None:
+        raise ValueError(f"model.backbone.weights={cfg.weights!r}: {cfg.name} loads its weights with the detector's "
+                         "(codetr convert mmdet, then train.init or --weights); set model.backbone.weights=null")
+    unknown = set(cfg.timm_args) - set(VITS[cfg.name])
+    if unknown:
+        raise ValueError(f"model.backbone.timm_args {sorted(unknown)} are not ViT arguments; choose from {sorted(VITS[cfg.name])}")
+    arch = VITS[cfg.name] | cfg.timm_args
+    return ViT(**arch, window_size=cfg.window_size, window_block_indexes=interleaved_window_blocks(arch["depth"], cfg.global_every),
+               drop_path_rate=cfg.drop_path_rate, use_act_checkpoint=cfg.with_cp)

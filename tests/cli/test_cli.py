@@ -58,6 +58,7 @@ def test_config_errors_are_reported_without_traceback(config_file: Path, tmp_pat
         main(["train", str(config_file), "--out", str(tmp_path), "--bogus"])
 
 
+@pytest.mark.slow
 def test_train_resume_eval_predict(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     # Overrides after the options are accepted too.
@@ -92,6 +93,7 @@ def test_train_resume_eval_predict(config_file: Path, tmp_path: Path, capsys: py
                  "--out", str(tmp_path / "pred")]) == 2
 
 
+@pytest.mark.slow
 def test_demo(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
     assert main(["demo", "--config", str(config_file), "--out", str(out), "--iters", "1", "--score-thr", "0"]) == 0
@@ -102,6 +104,7 @@ def test_demo(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert len(list((out / "predictions").glob("*.png"))) == 2  # the 2 val images (at most 4 are drawn)
 
 
+@pytest.mark.slow
 def test_convert_hf_deformable_detr_then_predict(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from codetr.config_parsing import load_config
 from codetr.convert.mmdet import convert_checkpoint, model_config_for
 from codetr.convert.mmdet_checkpoint import CheckpointError
 from codetr.models.aux.roi import RoIHead
-from codetr.models.backbones import build_backbone
+from codetr.models.backbones.build import build_backbone
 from codetr.models.build import build_model
 from codetr.structures import Batch, Target
 
@@ -38,7 +38,7 @@ def is_buffer(name: str) -> bool:
 @pytest.mark.parametrize("config", list(RELEASED))
 def test_released_lists_have_the_independently_listed_backbone_and_neck(config: str) -> None:
     """The ViT and SFP parts of the official lists equal the key files written separately from the
-    released vit.py / sfp.py (tests/data/co_dino_vit_large_*_keys.txt), names, shapes and order."""
+    released vit.py / sfp.py (tests/fixtures/co_dino_vit_large_*_keys.txt), names, shapes and order."""
     reference = []
     for line in (DATA.parent / BACKBONE_KEYS[config]).read_text().splitlines():
         if line and not line.startswith("#"):
@@ -73,6 +73,7 @@ def convert_meta(config: str, names: list[tuple[str, tuple[int, ...]]], keep_aux
     return state, convert_checkpoint(state, cfg, keep_aux, {k: tuple(v.shape) for k, v in tensors.items()})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", list(RELEASED))
 @pytest.mark.parametrize("keep_aux", [False, True])
 def test_released_vit_large_checkpoints_convert_without_leftovers(config: str, keep_aux: bool) -> None:
@@ -162,6 +163,7 @@ def tiny_batch() -> Batch:
     return Batch(images, masks, torch.tensor([[128, 128], [128, 112]]), targets)
 
 
+@pytest.mark.slow
 def test_tiny_vit_trains_inside_co_dino() -> None:
     """The COCO ViT-L config at tiny sizes (same code: ViT with window and global blocks and activation
     checkpointing, SFP, ConvFC RoI head): a few AdamW steps with finite losses, gradients in every ViT block

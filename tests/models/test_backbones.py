@@ -27,7 +27,9 @@ from timm.models.swin_transformer import PatchMerging, get_relative_position_ind
 from codetr.config import BackboneConfig
 from codetr.convert.mmdet import convert_state_dict
 from codetr.convert.mmdet_rules import SWIN_MMDET, SWIN_V1, Layout, unfold_to_concat
-from codetr.models.backbones import SWINS, ResNetBackbone, SwinBackbone, build_backbone
+from codetr.models.backbones.build import build_backbone
+from codetr.models.backbones.resnet import ResNetBackbone
+from codetr.models.backbones.swin import SwinBackbone, SWINS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

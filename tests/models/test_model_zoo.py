@@ -12,7 +12,7 @@ import torch
 from codetr.config import ModelConfig
 from codetr.config_parsing import CONFIG_DIR, load_config
 from codetr.data import build_transforms
-from codetr.models.backbones import build_backbone
+from codetr.models.backbones.build import build_backbone
 from codetr.models.build import build_model
 
 CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
@@ -31,6 +31,7 @@ def built(model: ModelConfig) -> tuple[list[int], dict[str, tuple[int, ...]]]:
     return _BUILT[key]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_packaged_config_builds_with_its_class_count_and_levels(name: str) -> None:
     cfg = load_config(name)

@@ -7,7 +7,7 @@ import torch
 from torchvision.ops import FrozenBatchNorm2d
 
 from codetr.config_parsing import load_config
-from codetr.models.backbones import ResNetBackbone
+from codetr.models.backbones.resnet import ResNetBackbone
 from codetr.models.deformable_detr import DeformableDETR
 from codetr.structures import Batch, Target
 
@@ -117,6 +117,7 @@ def test_predict_returns_sorted_boxes_inside_the_image(two_stage):
         assert torch.all((det.labels >= 0) & (det.labels < 6))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("config", ["deformable_detr_tiny", "co_dino_tiny"])
 def test_transformer_activation_checkpointing_recomputes_and_keeps_loss_and_gradients(config):

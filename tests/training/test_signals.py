@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_engine import FakeDetector, read_jsonl, safetensors_of, tiny_config, write_coco
+from test_run import FakeDetector, read_jsonl, safetensors_of, tiny_config, write_coco
 
 from codetr.cli import main
 from codetr.config_parsing import save_config
@@ -31,7 +31,7 @@ from codetr.training.run import train
 from codetr.training.signals import TrainingInterrupted
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ def assert_same_run(run: Path, reference: Path) -> None:
     (signal.SIGTERM, 3, 1, 1),  # mid-epoch
     (signal.SIGINT, 4, 2, 0),  # an epoch's last step: its evaluation runs on resume
 ])
+@pytest.mark.slow
 def test_a_stop_signal_checkpoints_the_step_and_resume_is_exact(
         sig: signal.Signals, iteration: int, epoch: int, iter_in_epoch: int, data: Path, straight: Path,
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -126,6 +127,7 @@ def test_a_stop_signal_during_an_evaluation_abandons_it_and_resume_evaluates_fir
     assert_same_run(out, straight)
 
 
+@pytest.mark.slow
 def test_sigint_during_codetr_train_says_how_to_resume(data: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A ``codetr train`` process gets SIGINT after its first logged step: it saves, prints the command to resume
@@ -216,6 +218,7 @@ def test_temporary_files_of_a_killed_save_are_removed_at_the_next_start(
 # ------------------------------------------------------------------------------ another run's outputs
 
 
+@pytest.mark.slow
 def test_a_previous_runs_outputs_need_overwrite(data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(tiny_config(data, epochs=1), out, build_model=FakeDetector)

@@ -19,7 +19,7 @@ from codetr.structures import Batch, Detections, Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 # the mmdetection 3.x Co-DINO R50 state-dict list (3 classes), copied from shared/reference
-RELEASED_KEYS = Path(__file__).parent / "data" / "official" / "co_dino_5scale_r50_lsj_3classes_mmdet3_reference.txt"
+RELEASED_KEYS = Path(__file__).parents[1] / "fixtures" / "official" / "co_dino_5scale_r50_lsj_3classes_mmdet3_reference.txt"
 
 
 def tiny(name="co_dino_tiny", **co):

@@ -213,6 +213,7 @@ def test_any_detector(config: str) -> None:
     assert torch.equal(predictions[0].boxes, TTADetector(loaded).detect(image).boxes)
 
 
+@pytest.mark.slow
 def test_eval_and_predict_with_tta_on_synthetic_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     synth = tmp_path / "synth"
     cfg = {
@@ -252,6 +253,7 @@ def test_eval_and_predict_with_tta_on_synthetic_data(tmp_path: Path, capsys: pyt
     assert len([r for r in records if r["file_name"] == first.name]) == len(expected) > 0
 
 
+@pytest.mark.slow
 def test_an_onnx_model_runs_with_tta(tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)

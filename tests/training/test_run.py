@@ -264,6 +264,7 @@ def test_no_backbone_warning_for_a_group_norm_backbone(tiny_data: Path, tmp_path
     assert "model.backbone.norm" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,6 +324,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
             [r["loss"] for r in straight if r["type"] == "train"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_the_real_co_detr(tmp_path: Path) -> None:
     """The tiny Co-Deformable-DETR (random sampling in its RPN/RoI heads, augmentation):
     stopped after 3 iterations and resumed, it ends with the weights of an uninterrupted run."""
@@ -395,6 +397,7 @@ def test_grouped_batches_are_of_one_orientation_deterministic_resumable_and_spli
     assert any(len({groups[i] for i, _ in b}) > 1 for b in TrainBatchSampler(11, 2, seed=5))
 
 
+@pytest.mark.slow
 def test_aspect_ratio_groups_and_grouped_training(tiny_data: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     dataset = build_dataloader(data_config(tiny_data), "train").dataset
