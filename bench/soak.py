@@ -1,4 +1,4 @@
-"""Soak test: a long tiny-model training run (the real ``codetr.engine.train``: data loading,
+"""Soak test: a long tiny-model training run (the real ``codetr.training.run.train``: data loading,
 hooks, checkpoints, evaluations) whose resident memory is sampled as it goes. Memory must stay
 flat after the warm-up: a leak in the training loop, the hooks, the evaluation or the data
 loading shows as a positive slope.
