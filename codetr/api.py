@@ -5,7 +5,7 @@
     result = det.predict("image.jpg")[0]
     result.boxes, result.scores, result.labels, result.names   # xyxy pixels of the image
 
-``predict`` runs :meth:`codetr.inference.predict.LoadedModel.detect` (what ``codetr predict``
+``predict`` runs :meth:`codetr.inference.loading.LoadedModel.detect` (what ``codetr predict``
 runs), ``evaluate`` :func:`codetr.inference.evaluate.evaluate_on_val` (``codetr eval``),
 ``train`` :func:`codetr.training.run.train` (``codetr train``) and ``export``
 :func:`codetr.export.export_onnx` (``codetr export``).

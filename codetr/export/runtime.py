@@ -42,7 +42,7 @@ def onnx_providers(device: str = "auto") -> list[Any]:
 class OnnxDetector:
     """An ONNX file written by :func:`codetr.export.export_onnx`, on onnxruntime.
 
-    ``detect`` and ``labels`` behave as :class:`codetr.inference.predict.LoadedModel`'s, so
+    ``detect`` and ``labels`` behave as :class:`codetr.inference.loading.LoadedModel`'s, so
     ``predict_images`` and :class:`codetr.Detector` run either.
     """
 

@@ -109,7 +109,7 @@ class TTADetector:
     """A detector run with test-time augmentation; ``detect`` and ``labels`` behave as the
     wrapped detector's, so ``predict_images``, ``codetr.Detector`` and the evaluation run it.
 
-    ``detector`` is a :class:`codetr.inference.predict.LoadedModel` or a
+    ``detector`` is a :class:`codetr.inference.loading.LoadedModel` or a
     :class:`codetr.export.OnnxDetector` (any object with ``cfg``, ``labels()`` and a ``detect``
     that pre-processes with ``self.cfg.data``); ``tta`` defaults to its ``cfg.data.tta``.
     """

@@ -221,7 +221,7 @@ def _check_rope_tables(released: Mapping[str, Tensor], window_size: int, window_
                              f"{describe(expected.get(key))}: the checkpoint belongs to another config")
 
 
-# Plain ViTs (codetr.models.vit, built from timm parts): name -> architecture (released Co-DINO ViT-L:
+# Plain ViTs (the ViT above, built from timm parts): name -> architecture (released Co-DINO ViT-L:
 # 16x16 patches, 24 blocks of 1024 channels and 16 heads, position embedding of a 512 px pretraining).
 VITS = {"vit_large": dict(embed_dim=1024, depth=24, num_heads=16, pretrain_img_size=512)}
 
