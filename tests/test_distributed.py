@@ -127,16 +127,21 @@ def test_two_processes_train_as_one_process_with_their_global_batch(runs: Path, 
 
     single, ddp = train_records(tmp_path / "single"), train_records(runs / "ddp")
     assert [r["iter"] for r in ddp] == [1, 2]
-    for one, two in zip(single, ddp):
+    # After one AdamW step, the elements whose gradient is rounding noise have moved by lr either way
+    # (below), which moves the classification losses of step 2 by up to 2e-4 (relative) where the
+    # vectorised kernels round differently for a batch of 2 and of 1 (AVX-512 CPUs; 1e-6 with AVX2).
+    for one, two, rel in zip(single, ddp, (1e-5, 1e-3)):
         assert one["losses"].keys() == two["losses"].keys()
-        assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5, abs=1e-6)
+        assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=rel, abs=1e-6)
     # AdamW moves an element by about lr (5e-4) whatever the size of its gradient, so the few
     # elements whose gradient is rounding noise (its true value ~0) move by lr either way
-    # (measured: 0.07% of the elements by more than 1e-5; 61% with the gradients not averaged).
+    # (measured: 0.07% of the elements by more than 1e-5 on an AVX2 CPU, 7.6% on an AVX-512 one, where
+    # every gradient carries rounding noise from the batch-dependent kernels; 61% with the gradients
+    # not averaged).
     expected, weights = load_file(tmp_path / "single" / "model.safetensors"), load_file(runs / "ddp" / "model.safetensors")
     assert expected.keys() == weights.keys()
     differ = sum(int(((expected[k] - weights[k]).abs() > 1e-5).sum()) for k in expected)
-    assert differ / sum(v.numel() for v in expected.values()) < 0.005
+    assert differ / sum(v.numel() for v in expected.values()) < 0.2, differ
     # rank 0 evaluated both validation images (one predicted by each process): the same AP
     evals = [[r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
              for run in (tmp_path / "single", runs / "ddp")]
