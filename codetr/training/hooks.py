@@ -19,10 +19,7 @@ from tqdm import tqdm
 from codetr import distributed as dist
 from codetr.config import Config
 from codetr.distributed import log
-from codetr.files import (
-    atomic_save,
-    atomic_write_text,
-)
+from codetr.files import atomic_save, atomic_write_text
 from codetr.inference.evaluate import METRIC_NAMES, detection_records, evaluate
 from codetr.inference.loading import LoadedModel
 from codetr.inference.visualize import draw_detections
