@@ -133,14 +133,14 @@ def test_sigint_during_codetr_train_says_how_to_resume(data: Path, tmp_path: Pat
     """A ``codetr train`` process gets SIGINT after its first logged step: it saves, prints the command to resume
     and exits 130; that command continues the iteration count. (The detector is the tests' FakeDetector, for
     speed; that a resume after a stop signal ends with the weights of an uninterrupted run is shown above with
-    the same handler, and for the real Co-DETR after a stop in test_engine.)"""
+    the same handler, and for the real Co-DETR after a stop in test_run.)"""
     config = tmp_path / "run.yaml"
     save_config(tiny_config(data, epochs=10_000, eval_every=0), config)
     out = tmp_path / "run"
     script = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv.pop(1)); "
-              "import codetr.models.build; from test_engine import FakeDetector; "
+              "import codetr.models.build; from test_run import FakeDetector; "
               "codetr.models.build.build_model = FakeDetector; from codetr.cli import main; sys.exit(main())")
-    process = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "tests"), "train", str(config), "--out", str(out)],
+    process = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "tests" / "training"), "train", str(config), "--out", str(out)],
                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
