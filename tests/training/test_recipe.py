@@ -303,6 +303,7 @@ def test_linear_warmup_composed_with_the_step_schedule(coco: Path, tmp_path: Pat
 # --------------------------------------------------------------------- mixed precision
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_a_tiny_co_deformable_detr_with_float32_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
     """Autocast is on in the transformer's layers; the deformable attention, the DETR losses and
     the auxiliary heads see float32; on a repeated batch the loss is finite and goes down."""

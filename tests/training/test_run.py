@@ -199,6 +199,7 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatch: pyt
 # ----------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"

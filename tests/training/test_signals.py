@@ -102,6 +102,7 @@ def test_a_stop_signal_checkpoints_the_step_and_resume_is_exact(
     assert_same_run(out, straight)
 
 
+@pytest.mark.slow
 def test_a_stop_signal_during_an_evaluation_abandons_it_and_resume_evaluates_first(
         data: Path, straight: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGTERM while the epoch-2 evaluation predicts the first of its 2 images: the second is not
@@ -193,6 +194,7 @@ def test_checkpoint_every_writes_mid_epoch_and_resume_is_exact(data: Path, strai
 # ------------------------------------------------------------------------------- temporary files
 
 
+@pytest.mark.slow
 def test_temporary_files_of_a_killed_save_are_removed_at_the_next_start(
         data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
