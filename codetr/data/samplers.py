@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from codetr.data import collate
+from codetr.data.batch import collate
 from codetr.structures import Batch
 
+# The signals that stop training after a step (codetr.training.signals); the loader workers ignore them.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
