@@ -41,10 +41,7 @@ from common import append_result, machine, write_json  # noqa: E402
 from codetr.config_parsing import load_config  # noqa: E402
 from codetr.data import build_dataloader, build_dataset, generate_synthetic_coco, synthetic_is_current  # noqa: E402
 from codetr.inference.evaluate import evaluate  # noqa: E402
-from codetr.inference.loading import (
-    LoadedModel,  # noqa: E402
-    load_model,  # noqa: E402
-)
+from codetr.inference.loading import LoadedModel, load_model  # noqa: E402
 from codetr.training.plots import read_metrics  # noqa: E402
 from codetr.training.run import train  # noqa: E402
 

@@ -43,8 +43,8 @@ def measure_training(config: str, overrides: list[str], warmup: int, repeats: in
     """Training-step time and peak RSS of one model; runs in a child process."""
     from codetr.config_parsing import load_config
     from codetr.data import build_dataloader
-    from codetr.models.build import build_model
     from codetr.training.optim import build_optimizer
+    from codetr.models.build import build_model
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)

@@ -44,12 +44,13 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import transformers  # noqa: E402
 from common import append_result, machine, write_json  # noqa: E402
+
+import transformers  # noqa: E402
 from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention  # noqa: E402
 
-from codetr.benchmark import count_flops, matmul_rate  # noqa: E402
 from codetr.convert.hf_deformable_detr import config_from_hf, convert_hf_deformable_detr  # noqa: E402
+from codetr.benchmark import count_flops, matmul_rate  # noqa: E402
 from codetr.models.deformable_detr import DeformableDETR  # noqa: E402
 from codetr.ops.deform_attn import multi_scale_deformable_attn  # noqa: E402
 from codetr.structures import Target  # noqa: E402
