@@ -19,6 +19,7 @@ Triton's interpreter on CPU tensors instead: slow, and how the tests check them 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -185,13 +186,15 @@ def _check(value: Tensor, spatial_shapes: list[int], locations: Tensor, weights:
                              f"{[(str(x.device), x.dtype) for x in (value, locations, weights)]}")
 
 
-def _level_table(spatial_shapes: list[int], device: torch.device) -> Tensor:
-    """(levels, 3) int32 rows (H, W, index of the level's first token in S)."""
+@functools.lru_cache(maxsize=64)
+def _level_table(spatial_shapes: tuple[int, ...], device: torch.device) -> Tensor:
+    """(levels, 3) int32 rows (H, W, index of the level's first token in S) on ``device``; cached,
+    so that a model's dozen calls per image copy it to the device once."""
     rows, start = [], 0
     for i in range(0, len(spatial_shapes), 2):
         rows.append((spatial_shapes[i], spatial_shapes[i + 1], start))
         start += spatial_shapes[i] * spatial_shapes[i + 1]
-    return torch.tensor(rows, dtype=torch.int32).to(device, non_blocking=True)
+    return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
 def _grid(batch: int, queries: int, heads: int) -> tuple[int, int]:
@@ -207,11 +210,11 @@ def ms_deform_attn_triton(value: Tensor, spatial_shapes: list[int], locations: T
     value, locations, weights = value.contiguous(), locations.contiguous(), weights.contiguous()
     batch, tokens, heads, head_dim = value.shape
     queries, levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
-    out = value.new_zeros(batch, queries, heads, head_dim)
-    if out.numel() == 0 or levels * points == 0:
-        return out
+    if batch * queries * heads * head_dim == 0 or levels * points == 0:
+        return value.new_zeros(batch, queries, heads, head_dim)
+    out = value.new_empty(batch, queries, heads, head_dim)  # every element is written
     _forward_kernel[_grid(batch, queries, heads)](
-        value, _level_table(spatial_shapes, value.device), locations, weights, out,
+        value, _level_table(tuple(spatial_shapes), value.device), locations, weights, out,
         tokens, queries, heads, levels, points, head_dim, BLOCK_Q=BLOCK_Q, BLOCK_D=triton.next_power_of_2(head_dim),
         BFLOAT16=value.dtype == torch.bfloat16)
     return out
@@ -231,12 +234,14 @@ def ms_deform_attn_triton_backward(grad_output: Tensor, value: Tensor, spatial_s
     value, locations, weights = value.contiguous(), locations.contiguous(), weights.contiguous()
     batch, tokens, heads, head_dim = value.shape
     queries, levels, points = locations.shape[1], locations.shape[3], locations.shape[4]
-    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-    grad_locations = torch.zeros(locations.shape, dtype=torch.float32, device=value.device)
-    grad_weights = torch.zeros(weights.shape, dtype=torch.float32, device=value.device)
-    if grad_output.numel() and levels * points:
+    launch = grad_output.numel() > 0 and levels * points > 0
+    grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)  # atomic adds into it
+    # every element is written when the kernel runs
+    grad_locations = (torch.empty if launch else torch.zeros)(locations.shape, dtype=torch.float32, device=value.device)
+    grad_weights = (torch.empty if launch else torch.zeros)(weights.shape, dtype=torch.float32, device=value.device)
+    if launch:
         _backward_kernel[_grid(batch, queries, heads)](
-            grad_output, value, _level_table(spatial_shapes, value.device), locations, weights,
+            grad_output, value, _level_table(tuple(spatial_shapes), value.device), locations, weights,
             grad_value, grad_locations, grad_weights, tokens, queries, heads, levels, points, head_dim,
             BLOCK_Q=BLOCK_Q, BLOCK_D=triton.next_power_of_2(head_dim))
     return grad_value.to(value.dtype), grad_locations.to(locations.dtype), grad_weights.to(weights.dtype)
