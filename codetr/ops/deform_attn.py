@@ -11,7 +11,7 @@ block of code):
   several times faster forward and backward, without the large sampled intermediate;
 - ``triton``: the Triton kernel of :mod:`codetr.ops.deform_attn_triton` for CUDA tensors
   (float32, bfloat16, float16), forward and backward without the sampled intermediate; CPU
-  tensors run it in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before it was imported;
+  tensors run it in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported;
 - ``auto`` (the default): ``fused`` for float32 / float64 CPU tensors when the kernel can be
   built, ``triton`` for CUDA tensors when Triton is installed (neither while tracing for ONNX),
   else ``grid_sample``.
@@ -127,7 +127,7 @@ def multi_scale_deformable_attn(
             raise RuntimeError("the triton sampler needs the triton package (it comes with torch's CUDA wheels)")
         if not _triton_applies(tensors):
             raise ValueError("the Triton deformable-attention kernel takes float32, bfloat16 or float16 CUDA tensors "
-                             "(CPU tensors only under TRITON_INTERPRET=1, set before codetr.ops.deform_attn_triton is "
+                             "(CPU tensors only under TRITON_INTERPRET=1, set before triton is "
                              f"imported), got {[(t.device.type, t.dtype) for t in tensors]}")
         from codetr.ops import deform_attn_triton
         return deform_attn_triton.triton_deformable_attn(value, spatial_shapes, sampling_locations, attention_weights)

@@ -13,21 +13,20 @@ the torch custom operators ``codetr::ms_deform_attn_triton`` and ``ms_deform_att
 with an autograd formula and fake kernels, so they train and work under ``torch.compile``.
 
 Triton compiles the kernels for CUDA tensors. With ``TRITON_INTERPRET=1`` in the environment
-*before this module is imported* (Triton reads it when the kernels are defined), they run in
-Triton's interpreter on CPU tensors instead: slow, and how the tests check them without a GPU.
+before triton is first imported (``torch._dynamo`` imports it too), they run in Triton's
+interpreter on CPU tensors instead (:data:`INTERPRETED`): slow, and how the tests check them
+without a GPU.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_Q = 64
 
@@ -161,6 +160,11 @@ def _backward_kernel(grad_out_ptr, value_ptr, levels_ptr, loc_ptr, weight_ptr,
             tl.atomic_add(grad_value_base + o01, weighted * (fx2 * gy), mask=m01)
             tl.atomic_add(grad_value_base + o10, weighted * (gx * fy2), mask=m10)
             tl.atomic_add(grad_value_base + o11, weighted * (fx2 * fy2), mask=m11)
+
+
+# whether Triton defined the kernels above for its interpreter (it reads TRITON_INTERPRET once, when
+# first imported: setting it after anything imported triton has no effect)
+INTERPRETED = not isinstance(_forward_kernel, triton.runtime.jit.JITFunction)
 
 
 def _check(value: Tensor, spatial_shapes: list[int], locations: Tensor, weights: Tensor) -> None:
