@@ -13,8 +13,8 @@ block of code):
   (float32, bfloat16, float16), forward and backward without the sampled intermediate; CPU
   tensors run it in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported;
 - ``auto`` (the default): ``fused`` for float32 / float64 CPU tensors when the kernel can be
-  built, ``triton`` for CUDA tensors when Triton is installed (neither while tracing for ONNX),
-  else ``grid_sample``.
+  built, ``triton`` for CUDA tensors (Volta or later) when Triton is installed (neither while
+  tracing for ONNX), else ``grid_sample``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from codetr.ops import deform_attn_cpu
 
 SAMPLERS = ("auto", "fused", "triton", "grid_sample", "gather")
 _sampler = "auto"
-# found, not imported: importing Triton takes a second, and its interpreter flag is read when the kernels are defined
+# found, not imported: importing triton takes a second, and fixes whether it interprets (TRITON_INTERPRET)
 TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
@@ -118,7 +118,8 @@ def multi_scale_deformable_attn(
     if sampler == "auto":
         if _fused_applies(tensors) and deform_attn_cpu.kernel_available():
             sampler = "fused"
-        elif value.device.type == "cuda" and _triton_applies(tensors):
+        elif (value.device.type == "cuda" and _triton_applies(tensors)
+              and torch.cuda.get_device_capability(value.device)[0] >= 7):  # Triton compiles for Volta and later
             sampler = "triton"
         else:
             sampler = "grid_sample"

@@ -155,11 +155,12 @@ def _backward_kernel(grad_out_ptr, value_ptr, levels_ptr, loc_ptr, weight_ptr,
             d_y = (v10 - v00) * gx + (v11 - v01) * fx2
             tl.store(grad_loc_ptr + 2 * sample, attn * width * tl.sum(grad * d_x, axis=1), mask=valid)
             tl.store(grad_loc_ptr + 2 * sample + 1, attn * height * tl.sum(grad * d_y, axis=1), mask=valid)
+            # relaxed: the adds need no ordering among themselves, only completion by the kernel's end
             weighted = grad * attn[:, None]
-            tl.atomic_add(grad_value_base + o00, weighted * (gx * gy), mask=m00)
-            tl.atomic_add(grad_value_base + o01, weighted * (fx2 * gy), mask=m01)
-            tl.atomic_add(grad_value_base + o10, weighted * (gx * fy2), mask=m10)
-            tl.atomic_add(grad_value_base + o11, weighted * (fx2 * fy2), mask=m11)
+            tl.atomic_add(grad_value_base + o00, weighted * (gx * gy), mask=m00, sem="relaxed")
+            tl.atomic_add(grad_value_base + o01, weighted * (fx2 * gy), mask=m01, sem="relaxed")
+            tl.atomic_add(grad_value_base + o10, weighted * (gx * fy2), mask=m10, sem="relaxed")
+            tl.atomic_add(grad_value_base + o11, weighted * (fx2 * fy2), mask=m11, sem="relaxed")
 
 
 # whether Triton defined the kernels above for its interpreter (it reads TRITON_INTERPRET once, when
