@@ -156,9 +156,12 @@ def measure_op(name: str, dtype_name: str, warmup: int, repeats: int, copy_rate:
 
         outputs[sampler] = forward().float()
         ms_f, ms_fb = median_ms(forward, warmup, repeats), median_ms(forward_backward, warmup, repeats)
+        forward_peak = peak_added_mb(forward)
+        for t in leaves:  # the peak of forward + backward then counts the gradients it allocates
+            t.grad = None
         record[sampler] = {
             "forward_ms": ms_f, "forward_backward_ms": ms_fb,
-            "forward_peak_mb": peak_added_mb(forward), "forward_backward_peak_mb": peak_added_mb(forward_backward),
+            "forward_peak_mb": forward_peak, "forward_backward_peak_mb": peak_added_mb(forward_backward),
             "forward_of_copy_bandwidth": forward_bytes / (ms_f / 1e3) / copy_rate,
             "forward_backward_of_copy_bandwidth": backward_bytes / (ms_fb / 1e3) / copy_rate,
         }
@@ -212,7 +215,7 @@ def training_overrides(work: Path, iters: int) -> list[str]:
 
 def measure_training(sampler: str, precision: str, extra: list[str], work: Path, iters: int,
                      warmup: int) -> dict[str, Any]:
-    out = work / f"train_{sampler}_{precision}_{len(extra)}"
+    out = work / f"train_{len(list(work.glob('train_*')))}"
     args = ["train", TRAIN_CONFIG, "--out", str(out), "--overwrite", "--device", "cuda",
             *training_overrides(work, iters), f"train.amp={PRECISIONS[precision]}", *extra]
     result = run_child(sampler, args, work)

@@ -66,6 +66,12 @@ def _triton_applies(tensors: tuple[Tensor, ...]) -> bool:
     return all(t.device.type == device and t.dtype in deform_attn_triton.DTYPES for t in tensors)
 
 
+@torch.compiler.assume_constant_result  # a constant to torch.compile, not a graph break
+def _triton_compiles_for(device: torch.device) -> bool:
+    """Whether Triton compiles for this CUDA device: Volta (compute capability 7.0) or later."""
+    return torch.cuda.get_device_capability(device)[0] >= 7
+
+
 def grid_sample_bilinear(value: Tensor, locations: Tensor) -> Tensor:
     """value (N, D, H, W), locations (N, Q, P, 2) normalised (x, y) in [0, 1] -> (N, D, Q, P)."""
     return F.grid_sample(value, 2 * locations - 1, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -118,8 +124,7 @@ def multi_scale_deformable_attn(
     if sampler == "auto":
         if _fused_applies(tensors) and deform_attn_cpu.kernel_available():
             sampler = "fused"
-        elif (value.device.type == "cuda" and _triton_applies(tensors)
-              and torch.cuda.get_device_capability(value.device)[0] >= 7):  # Triton compiles for Volta and later
+        elif value.device.type == "cuda" and _triton_applies(tensors) and _triton_compiles_for(value.device):
             sampler = "triton"
         else:
             sampler = "grid_sample"

@@ -74,7 +74,8 @@ def random_problem(seed: int, batch: int, queries: int, levels: list[tuple[int, 
 def forward_backward(sampler: str, value, levels, locations, weights, dtype=None):
     inputs = [t.detach().clone().to(dtype or t.dtype).requires_grad_() for t in (value, locations, weights)]
     out = multi_scale_deformable_attn(inputs[0], levels, inputs[1], inputs[2], sampler=sampler)
-    grad = torch.randn(out.shape, generator=torch.Generator(DEVICE).manual_seed(0), device=DEVICE)
+    # the output gradient rounded to the inputs' dtype, then given in the output's
+    grad = torch.randn(out.shape, generator=torch.Generator(DEVICE).manual_seed(0), device=DEVICE).to(value.dtype)
     out.backward(grad.to(out.dtype))
     return [out.detach()] + [t.grad for t in inputs]
 
@@ -84,15 +85,19 @@ def forward_backward(sampler: str, value, levels, locations, weights, dtype=None
 
 def test_kernel_matches_grid_sample_in_float64_and_bfloat16():
     """Five levels, 2 images x 3000 queries: float32 outputs within 1e-5 and gradients within 1e-4
-    (relative) of grid_sample in float64; bfloat16 inputs within one bfloat16 ulp of the float64
-    reference of the same rounded inputs (the kernel rounds each result once)."""
+    of grid_sample in float64, relative to each gradient's largest element (a float32 pixel
+    coordinate on a 29-pixel-wide map is rounded by ~2e-6 pixel, which the location gradients, of
+    size ~width, carry: elementwise relative errors of 1e-3 where they cancel to ~0); bfloat16
+    inputs within one bfloat16 ulp of the float64 reference of the same rounded inputs (the kernel
+    rounds each result once)."""
     problem = random_problem(0, batch=2, queries=3000, levels=[(37, 29), (19, 15), (10, 8), (5, 4), (3, 2)])
     ours = forward_backward("triton", *problem)
     reference = forward_backward("grid_sample", *problem, dtype=torch.float64)
-    for name, a, b in zip(("output", "value", "locations", "weights"), ours, reference):
-        tolerance = 1e-5 if name == "output" else 1e-4
-        torch.testing.assert_close(a.double(), b, rtol=tolerance, atol=1e-5, msg=lambda m: f"{name}: {m}")
-    rounded = [t.bfloat16() if t.is_floating_point() else t for t in problem]
+    torch.testing.assert_close(ours[0].double(), reference[0], rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("value", "locations", "weights"), ours[1:], reference[1:]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4 * b.abs().max().item(),
+                                   msg=lambda m: f"{name}: {m}")
+    rounded = [t.bfloat16() if isinstance(t, torch.Tensor) else t for t in problem]
     ours = forward_backward("triton", *rounded)
     reference = forward_backward("grid_sample", *rounded, dtype=torch.float64)
     for name, a, b in zip(("output", "value", "locations", "weights"), ours, reference):
