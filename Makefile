@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 CONSTRAINTS := test-constraints.txt
 LATEST := .venv-latest
 
-.PHONY: demo test setup test-latest lock
+.PHONY: demo test test-fast setup test-latest lock
 
 setup: $(STAMP)
 
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The inner loop of development: everything but the end-to-end runs marked slow (under two minutes).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # The newest release of every dependency (not run by CI): drift is seen on purpose. When it passes,
 # `make lock` records that environment as the new pins.

@@ -38,11 +38,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_result, machine, write_json  # noqa: E402
 
-from codetr.config import load_config  # noqa: E402
+from codetr.config_parsing import load_config  # noqa: E402
 from codetr.data import build_dataloader, build_dataset, generate_synthetic_coco, synthetic_is_current  # noqa: E402
-from codetr.engine import evaluate, load_model, train  # noqa: E402
-from codetr.engine.plots import read_metrics  # noqa: E402
-from codetr.engine.predictor import LoadedModel  # noqa: E402
+from codetr.inference.evaluate import evaluate  # noqa: E402
+from codetr.inference.loading import LoadedModel, load_model  # noqa: E402
+from codetr.training.plots import read_metrics  # noqa: E402
+from codetr.training.run import train  # noqa: E402
 
 EPOCHS, LR_STEP, LR, TRAIN_IMAGES, VAL_IMAGES = 8, 7, 2.5e-4, 256, 64
 HELDOUT_SEED = 1  # generator seed of the held-out split (the training data use the config's)

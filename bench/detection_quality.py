@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import append_result, machine, write_json  # noqa: E402
 from convergence import EPOCHS, LR, load_on_heldout, run_dir  # noqa: E402
 
-from codetr.engine.plots import read_metrics  # noqa: E402
+from codetr.training.plots import read_metrics  # noqa: E402
 from codetr.structures import Detections  # noqa: E402
 
 

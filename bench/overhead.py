@@ -41,9 +41,9 @@ SCALES = {
 
 def measure_training(config: str, overrides: list[str], warmup: int, repeats: int, threads: int) -> dict:
     """Training-step time and peak RSS of one model; runs in a child process."""
-    from codetr.config import load_config
+    from codetr.config_parsing import load_config
     from codetr.data import build_dataloader
-    from codetr.engine.trainer import build_optimizer
+    from codetr.training.optim import build_optimizer
     from codetr.models.build import build_model
 
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def measure_inference(scale: str, warmup: int, repeats: int) -> dict:
 
     Returns ``{"plain": seconds, "co": seconds, "batch": B, "image": [H, W]}`` (medians).
     """
-    from codetr.config import load_config
+    from codetr.config_parsing import load_config
     from codetr.data import build_dataloader
     from codetr.models.build import build_model
 

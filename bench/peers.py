@@ -50,7 +50,7 @@ import transformers  # noqa: E402
 from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention  # noqa: E402
 
 from codetr.convert.hf_deformable_detr import config_from_hf, convert_hf_deformable_detr  # noqa: E402
-from codetr.engine.benchmark import count_flops, matmul_rate  # noqa: E402
+from codetr.benchmark import count_flops, matmul_rate  # noqa: E402
 from codetr.models.deformable_detr import DeformableDETR  # noqa: E402
 from codetr.ops.deform_attn import multi_scale_deformable_attn  # noqa: E402
 from codetr.structures import Target  # noqa: E402

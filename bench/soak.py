@@ -1,4 +1,4 @@
-"""Soak test: a long tiny-model training run (the real ``codetr.engine.train``: data loading,
+"""Soak test: a long tiny-model training run (the real ``codetr.training.run.train``: data loading,
 hooks, checkpoints, evaluations) whose resident memory is sampled as it goes. Memory must stay
 flat after the warm-up: a leak in the training loop, the hooks, the evaluation or the data
 loading shows as a positive slope.
@@ -31,9 +31,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import append_result, machine, write_json  # noqa: E402
 
-from codetr.config import load_config  # noqa: E402
-from codetr.engine import train  # noqa: E402
-from codetr.engine.trainer import Hook, Trainer  # noqa: E402
+from codetr.config_parsing import load_config  # noqa: E402
+from codetr.training.loop import Hook, Trainer  # noqa: E402
+from codetr.training.run import train  # noqa: E402
 
 
 def resident_mb() -> float:

@@ -40,11 +40,13 @@ from convergence import (  # noqa: E402
     run_dir,
 )
 
-from codetr.config import TTAConfig, load_config  # noqa: E402
+from codetr.config import TTAConfig  # noqa: E402
+from codetr.config_parsing import load_config  # noqa: E402
 from codetr.data import build_dataset  # noqa: E402
-from codetr.engine import load_model, train  # noqa: E402
-from codetr.engine.evaluator import evaluate_on_val  # noqa: E402
-from codetr.engine.tta import TTADetector  # noqa: E402
+from codetr.inference.evaluate import evaluate_on_val  # noqa: E402
+from codetr.inference.loading import load_model  # noqa: E402
+from codetr.inference.tta import TTADetector  # noqa: E402
+from codetr.training.run import train  # noqa: E402
 
 
 def settings(scales: list[int]) -> dict[str, TTAConfig | None]:

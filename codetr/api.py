@@ -5,9 +5,9 @@
     result = det.predict("image.jpg")[0]
     result.boxes, result.scores, result.labels, result.names   # xyxy pixels of the image
 
-``predict`` runs :meth:`codetr.engine.predictor.LoadedModel.detect` (what ``codetr predict``
-runs), ``evaluate`` :func:`codetr.engine.evaluator.evaluate_on_val` (``codetr eval``),
-``train`` :func:`codetr.engine.train` (``codetr train``) and ``export``
+``predict`` runs :meth:`codetr.inference.loading.LoadedModel.detect` (what ``codetr predict``
+runs), ``evaluate`` :func:`codetr.inference.evaluate.evaluate_on_val` (``codetr eval``),
+``train`` :func:`codetr.training.run.train` (``codetr train``) and ``export``
 :func:`codetr.export.export_onnx` (``codetr export``).
 """
 
@@ -21,31 +21,23 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-from codetr.config import Config, config_to_dict, load_config, save_config
+from codetr.config import Config
+from codetr.config_parsing import config_from_dict, config_to_dict, load_config, save_config
 from codetr.data.image import read_image, to_rgb
-from codetr.engine.checkpoint import save_inference_weights
-from codetr.engine.predictor import (
-    ImageDetector,
-    LoadedModel,
-    config_from_text,
-    list_images,
-    load_model,
-    resolve_device,
-)
-from codetr.engine.tta import TTADetector
-from codetr.engine.weights import build_detector, load_weights
+from codetr.devices import resolve_device
+from codetr.files import CONFIG_NAME, WEIGHTS_NAME
+from codetr.inference.loading import ImageDetector, LoadedModel, build_detector, build_loaded, load_model
+from codetr.inference.predict import list_images
+from codetr.inference.tta import TTADetector
+from codetr.inference.weights import save_inference_weights
 from codetr.structures import Detections
 
 if TYPE_CHECKING:
     import supervision
-
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.yaml"
 
 ImageSource = Union[str, Path, Image.Image, np.ndarray, Tensor]
 
@@ -93,7 +85,21 @@ class Detector:
     "cuda:1", ...
     """
 
-    def __init__(self, config: str | Path, weights: str | Path | None = None, device: str = "auto") -> None:
+    def __init__(self, config: str | Path | None, weights: str | Path | None = None, device: str = "auto", *,
+                 providers: list[Any] | None = None) -> None:
+        """``weights`` may also be an ONNX file (``.onnx``) written by :meth:`export`, run with
+        onnxruntime (:meth:`from_onnx`): ``config`` is then None (the file holds its config) and
+        ``providers`` onnxruntime's (default: those of ``device``)."""
+        if weights is not None and Path(weights).suffix == ".onnx":
+            from codetr.export import OnnxDetector
+
+            if config is not None:
+                raise ValueError("an ONNX model carries its own config: pass config=None")
+            self.device = torch.device("cpu")  # no PyTorch model
+            self._use(OnnxDetector(weights, providers, device), Path(weights))
+            return
+        if config is None and weights is None:
+            raise ValueError("Detector needs a config, weights, or both")
         self.device = resolve_device(device)
         if weights is None:
             cfg = load_config(config)
@@ -115,22 +121,19 @@ class Detector:
         """Load a folder holding ``model.safetensors`` and ``config.yaml`` (what ``codetr train``
         and :meth:`save_pretrained` write)."""
         folder = Path(folder)
-        missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / name).is_file()]
+        missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder} is not a pretrained detector folder: no {' and no '.join(missing)}")
-        return cls(folder / CONFIG_FILE, folder / WEIGHTS_FILE, device)
+        return cls(folder / CONFIG_NAME, folder / WEIGHTS_NAME, device)
 
     @classmethod
     def from_onnx(cls, path: str | Path, providers: list[Any] | None = None, device: str = "auto") -> Detector:
         """Run an ONNX file written by :meth:`export` / ``codetr export`` with onnxruntime, with
         ``providers`` or those of ``device`` ("auto": CUDA when PyTorch and onnxruntime have it,
         else the CPU; :func:`codetr.export.runtime.onnx_providers`). Only ``predict`` is available on it."""
-        from codetr.export import OnnxDetector
-
-        det = cls.__new__(cls)
-        det.device = torch.device("cpu")  # no PyTorch model
-        det._use(OnnxDetector(path, providers, device), Path(path))
-        return det
+        if Path(path).suffix != ".onnx":
+            raise ValueError(f"{path}: an ONNX model file ends in .onnx")
+        return cls(None, path, device, providers=providers)
 
     # ---- inference -------------------------------------------------------------------------
 
@@ -157,7 +160,7 @@ class Detector:
         ndarray (H, W, 3) uint8 RGB, a tensor (3, H, W) RGB (uint8, or float in [0, 1]), or a
         list of those. Each image runs alone through the evaluation pre-processing (as
         ``codetr predict`` and ``codetr eval``). ``tta``: test-time augmentation as configured
-        in ``cfg.data.tta`` (:mod:`codetr.engine.tta`; ``codetr predict --tta``).
+        in ``cfg.data.tta`` (:mod:`codetr.inference.tta`; ``codetr predict --tta``).
         """
         names = self.class_names
         runner = TTADetector(self._runner) if tta else self._runner
@@ -181,8 +184,7 @@ class Detector:
         loaded from weights trains from them; one built from a config alone starts from the
         config's initialisation, as ``codetr train``.
         """
-        from codetr.engine import train
-        from codetr.engine.trainer import WEIGHTS_NAME
+        from codetr.training.run import train
 
         loaded = self._torch("train")
         values = config_to_dict(self.cfg)
@@ -192,7 +194,7 @@ class Detector:
             for part in parents:
                 node = node.setdefault(part, {})
             node[leaf] = value
-        cfg = config_from_text(yaml.safe_dump(values, sort_keys=False))
+        cfg = config_from_dict(values, source="config")
         if cfg.train.device == "auto":
             cfg.train.device = str(self.device)
         start = None
@@ -200,20 +202,18 @@ class Detector:
             state, source = loaded.model.state_dict(), str(self.source)
 
             def start(model_cfg: Any) -> torch.nn.Module:  # the loaded weights, in the (overridden) architecture
-                model = build_detector(model_cfg)
-                load_weights(model, state, source, model_cfg)
-                return model
+                return build_loaded(model_cfg, state, source)
 
         metrics = train(cfg, out, resume=resume, build_model=start, overwrite=overwrite)
         out = Path(out)
-        self._use(load_model(out / WEIGHTS_NAME, out / CONFIG_FILE, device=self.device), out / WEIGHTS_NAME)
+        self._use(load_model(out / WEIGHTS_NAME, out / CONFIG_NAME, device=self.device), out / WEIGHTS_NAME)
         return metrics
 
     def evaluate(self, tta: bool = False) -> dict[str, float]:
         """Box metrics (percent; COCO or LVIS by ``cfg.data.eval_style``) on the config's
         validation data, as ``codetr eval``; ``tta``: with test-time augmentation, as
         ``codetr eval --tta``."""
-        from codetr.engine.evaluator import evaluate_on_val
+        from codetr.inference.evaluate import evaluate_on_val
 
         loaded = self._torch("evaluate")
         detect = TTADetector(loaded).detect if tta else None
@@ -226,9 +226,9 @@ class Detector:
         loaded = self._torch("save_pretrained")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, folder / CONFIG_FILE)
+        save_config(self.cfg, folder / CONFIG_NAME)
         names, ids = loaded.labels()
-        save_inference_weights(folder / WEIGHTS_FILE, loaded.model.inference_state_dict(), names, ids,
+        save_inference_weights(folder / WEIGHTS_NAME, loaded.model.inference_state_dict(), names, ids,
                                config_to_dict(self.cfg))
         return folder
 

@@ -5,7 +5,7 @@ the released Swin backbone. mmdet cannot be installed here; these stand in for i
 The lists follow the modules' registration order: ``CoDETR`` holds ``backbone``, ``neck``,
 ``query_head`` (``CoDeformDETRHead``: ``transformer``, ``downsample``, ``cls_branches``,
 ``reg_branches``, ``query_embedding``), ``rpn_head``, ``roi_head.<k>`` and ``bbox_head.<k>``.
-``tests/data/official/*_mmdet2.txt`` are these lists for the released configs (``write_lists`` writes
+``tests/fixtures/official/*_mmdet2.txt`` are these lists for the released configs (``write_lists`` writes
 them; a test checks they are current); the mmdetection 3.x reference list there was produced by
 mmdetection itself and checks the Co-DINO list exactly.
 """
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DATA = Path(__file__).parent / "data" / "official"
+DATA = Path(__file__).parent / "fixtures" / "official"
 Shape = tuple[int, ...]
 
 

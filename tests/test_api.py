@@ -51,6 +51,7 @@ def val_images(config_file: Path) -> list[Path]:
     return sorted((config_file.parent / "synth" / "val").glob("*.png"))
 
 
+@pytest.mark.slow
 def test_train_applies_overrides_and_writes_a_run(run: tuple[Path, dict[str, float]]) -> None:
     out, metrics = run
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -146,6 +147,7 @@ def test_save_pretrained_roundtrip(run: tuple[Path, dict[str, float]], config_fi
         assert not any(k.startswith(("aux_heads.", "adapter.", "positive_queries.")) for k in f.keys())
 
 
+@pytest.mark.slow
 def test_train_from_loaded_weights_starts_from_them(run: tuple[Path, dict[str, float]], tmp_path: Path) -> None:
     """A detector loaded from weights continues from them: with a learning rate multiplier 0 for every parameter
     (the "" key matches every name) the new run's weights are the old ones."""

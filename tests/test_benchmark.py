@@ -7,15 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from codetr.benchmark import parse_size
 from codetr.cli import main
-from codetr.config import load_config
-from codetr.engine.benchmark import parse_size
+from codetr.config_parsing import load_config
 from codetr.errors import UserError
 from codetr.models.build import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_bench_writes_the_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     assert main(["bench", "co_deformable_detr_tiny", "model.num_classes=3", "--size", "96x128", "--batch", "2",

@@ -25,17 +25,19 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
-from codetr.config import load_config
-from codetr.engine import train
-from codetr.engine import distributed as dist
-from codetr.engine.trainer import TrainBatchSampler, Trainer, TrainingInterrupted
+from codetr import distributed as dist
+from codetr.config_parsing import load_config
+from codetr.data.samplers import TrainBatchSampler
+from codetr.training.loop import Trainer
+from codetr.training.run import train
+from codetr.training.signals import TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 3
 NUM_TRAIN = 4
 CONFIG = "co_deformable_detr_tiny"
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 def first_step_item(rank: int) -> int:

@@ -9,7 +9,6 @@ with the class names and config in its metadata) and a ``config.yaml`` beside it
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -17,7 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from codetr.config import Config, ModelConfig, save_config
+from codetr.config import Config, ModelConfig
+from codetr.config_parsing import save_config
+from codetr.files import CONFIG_NAME
 
 # (pattern on the transformers name, replacement in codetr naming), applied in order; the
 # first match wins. Names without any match are an error.
@@ -138,29 +139,26 @@ def _load_state_dict(src: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{src}: no model.safetensors or pytorch_model.bin")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("src", type=Path, help="transformers model folder (config.json + weights)")
-    parser.add_argument("dst", type=Path, help="output .safetensors; config.yaml is written beside it")
-
-
-def run(args: argparse.Namespace) -> None:
-    from codetr.config import config_to_dict
-    from codetr.engine.checkpoint import save_inference_weights
+def convert_hf_folder(src: Path, dst: Path) -> None:
+    """Convert the transformers model folder ``src`` (config.json + weights) into the safetensors file
+    ``dst``, with ``config.yaml`` beside it (``codetr convert hf-deformable-detr``); prints what it wrote."""
+    from codetr.config_parsing import config_to_dict
+    from codetr.inference.weights import save_inference_weights
     from codetr.models.deformable_detr import DeformableDETR
 
-    config_path = (args.src if args.src.is_dir() else args.src.parent) / "config.json"
+    config_path = (src if src.is_dir() else src.parent) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: the transformers config is needed for the sizes")
     hf_config = json.loads(config_path.read_text())
     model_cfg = config_from_hf(hf_config)
-    state = convert_hf_deformable_detr(_load_state_dict(args.src))
+    state = convert_hf_deformable_detr(_load_state_dict(src))
     DeformableDETR(model_cfg).load_state_dict(state, strict=True)  # fails loudly on any mismatch
     cfg = Config(model=model_cfg)
     cfg.data.synthetic = False
     labels = {int(k): v for k, v in (hf_config.get("id2label") or {}).items()}
     ids = sorted(labels) if len(labels) == model_cfg.num_classes else list(range(model_cfg.num_classes))
     names = [labels.get(i, f"class_{i}") for i in ids]
-    args.dst.parent.mkdir(parents=True, exist_ok=True)
-    save_inference_weights(args.dst, state, names, ids, config_to_dict(cfg))
-    save_config(cfg, args.dst.parent / "config.yaml")
-    print(f"wrote {args.dst} ({len(state)} tensors) and {args.dst.parent / 'config.yaml'}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_inference_weights(dst, state, names, ids, config_to_dict(cfg))
+    save_config(cfg, dst.parent / CONFIG_NAME)
+    print(f"wrote {dst} ({len(state)} tensors) and {dst.parent / CONFIG_NAME}")

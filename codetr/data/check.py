@@ -12,7 +12,6 @@ a missing ``area``) that the user may want to fix; a note is worth knowing only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import posixpath
@@ -433,28 +432,3 @@ def fill_missing_areas(data: dict[str, Any]) -> None:
     for ann in data.get("annotations", []):
         if ann.get("area") is None:
             ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
-
-
-# --------------------------------------------------------------------------- codetr data check
-
-
-def add_check_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``codetr data check``."""
-    parser.add_argument("annotations", help="COCO-format annotation file (instances JSON)")
-    parser.add_argument("--images", required=True, help="folder the JSON's file names are relative to")
-    parser.add_argument("--no-decode", action="store_true",
-                        help="read each image's header only (size, EXIF orientation), not its pixels: faster, but "
-                             "truncated or corrupt image data goes unnoticed")
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
-                        help=f"larger images are errors, as with data.max_image_pixels (default {DEFAULT_MAX_IMAGE_PIXELS}, "
-                             "Pillow's decompression-bomb limit; 0: no limit)")
-    parser.add_argument("--examples", type=int, default=5,
-                        help=f"occurrences shown per kind of problem (default 5, at most {MAX_EXAMPLES})")
-
-
-def run_check(args: argparse.Namespace) -> int:
-    """Run ``codetr data check``: print the report; exit code 2 when it holds errors, else 0."""
-    report = check_dataset(args.annotations, args.images, decode=not args.no_decode,
-                           max_pixels=args.max_image_pixels or None)
-    print(report.format(min(args.examples, MAX_EXAMPLES)))
-    return 2 if report.num_errors else 0

@@ -20,7 +20,6 @@ Layout written by :func:`generate_synthetic_coco`::
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -275,31 +274,3 @@ def generate_synthetic_coco(
         paths[f"{split}_annotations"] = _write_split(out, split, num, size, seed)
         paths[f"{split}_images"] = out / split
     return paths
-
-
-def add_synth_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``codetr data synth``."""
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--train", type=int, default=64, help="number of training images (default 64)")
-    parser.add_argument("--val", type=int, default=16, help="number of validation images (default 16)")
-    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-
-
-def run_synth(args: argparse.Namespace) -> int:
-    """Run ``codetr data synth`` with parsed arguments; prints the written paths."""
-    paths = generate_synthetic_coco(args.out, args.train, args.val, args.size, args.seed)
-    for key, path in paths.items():
-        print(f"{key}: {path}")
-    return 0
-
-
-def main_synth(argv: list[str] | None = None) -> int:
-    """Stand-alone entry: ``python -m codetr.data.synthetic --out DIR [...]``."""
-    parser = argparse.ArgumentParser(description="Write the synthetic COCO-format shapes dataset.")
-    add_synth_arguments(parser)
-    return run_synth(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main_synth())

@@ -15,7 +15,7 @@ The graph (inputs and outputs, by name):
   (``data.augment: lsj``) the input is a square canvas holding the resized image at its top left:
   give H, W and scale the boxes by original / resized image size, as
   :meth:`codetr.export.runtime.OnnxDetector.detect` does (with the pre-processing of
-  :func:`codetr.engine.predictor.preprocess`, PyTorch's).
+  :func:`codetr.inference.loading.preprocess`, PyTorch's).
 - ``boxes`` (B, K, 4) float32 xyxy in pixels of ``orig_sizes``, clipped to the image;
   ``scores`` (B, K) float32 descending; ``labels`` (B, K) int64 contiguous labels 0..C-1;
   K = ``model.max_detections`` (top-k over the sigmoid scores of every (query, class) pair).
@@ -44,8 +44,8 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from codetr.config import config_to_dict
-from codetr.engine.predictor import LoadedModel
+from codetr.config_parsing import config_to_dict
+from codetr.inference.loading import LoadedModel
 from codetr.ops.deform_attn import use_sampler
 
 DEFAULT_OPSET = 16  # the first opset with GridSample (bilinear, zeros padding, align_corners=False)

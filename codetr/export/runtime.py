@@ -11,9 +11,11 @@ import torch
 from torch import Tensor
 
 from codetr.config import Config
-from codetr.engine.predictor import config_from_text, preprocess, resolve_device
+from codetr.config_parsing import config_from_text
+from codetr.devices import resolve_device
 from codetr.errors import UserError
 from codetr.export.onnx import INPUT_NAMES, METADATA_KEYS
+from codetr.inference.loading import preprocess
 from codetr.models.dino import apply_soft_nms
 from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Detections
@@ -40,7 +42,7 @@ def onnx_providers(device: str = "auto") -> list[Any]:
 class OnnxDetector:
     """An ONNX file written by :func:`codetr.export.export_onnx`, on onnxruntime.
 
-    ``detect`` and ``labels`` behave as :class:`codetr.engine.predictor.LoadedModel`'s, so
+    ``detect`` and ``labels`` behave as :class:`codetr.inference.loading.LoadedModel`'s, so
     ``predict_images`` and :class:`codetr.Detector` run either.
     """
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from codetr.config import ModelConfig
+from codetr.models.aux.atss import ATSSHead
+from codetr.models.aux.roi import FasterRCNNAux
+from codetr.models.base import AuxHead
 from codetr.models.deformable_detr import DeformableDETR
 from codetr.models.dino import DINO
 
 ARCHS = {"deformable_detr": DeformableDETR, "dino": DINO}
+AUX_HEADS = ("rcnn", "atss")
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
@@ -19,7 +23,7 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     detector = ARCHS[cfg.arch](cfg)
     if not cfg.co.aux_heads:
         return detector
-    from codetr.models.codetr import CoDETR
+    from codetr.models.co_detr import CoDETR
     from codetr.models.positive_queries import DinoPositiveQueryEmbedding, PositiveQueryEmbedding
 
     queries = None
@@ -27,4 +31,19 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         # Co-DINO's positive queries carry no content feature and leave the position to DINO's decoder
         embedding = DinoPositiveQueryEmbedding if cfg.arch == "dino" else PositiveQueryEmbedding
         queries = embedding(cfg.transformer.d_model, len(cfg.co.aux_heads))
-    return CoDETR(detector, cfg, queries)
+    strides, loss_scale = CoDETR.aux_strides(detector), CoDETR.aux_loss_scale(cfg)
+    heads = [build_aux_head(name, cfg, strides, loss_scale) for name in cfg.co.aux_heads]
+    return CoDETR(detector, cfg, heads, queries)
+
+
+def build_aux_head(name: str, cfg: ModelConfig, strides: list[int], loss_scale: float) -> AuxHead:
+    """One auxiliary head on the pyramid of the given strides (the encoder levels + one)."""
+    d, co = cfg.transformer.d_model, cfg.co
+    if name == "atss":
+        return ATSSHead(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, stacked_convs=co.atss_stacked_convs)
+    if name == "rcnn":
+        return FasterRCNNAux(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, rpn_pre_nms=co.rpn_pre_nms,
+                             rpn_proposals=co.rpn_proposals, roi_samples=co.roi_samples, roi_fc_dim=co.roi_fc_dim,
+                             roi_finest_scale=co.roi_finest_scale, roi_convs=co.roi_convs, roi_fcs=co.roi_fcs,
+                             roi_class_agnostic=co.roi_class_agnostic, roi_target_stds=tuple(co.roi_target_stds))
+    raise ValueError(f"unknown auxiliary head {name!r} in model.co.aux_heads; choose from {AUX_HEADS}")

@@ -20,9 +20,9 @@ from torchvision.ops import box_convert
 
 from codetr.config import ModelConfig
 from codetr.models.activation_checkpoint import maybe_checkpoint
-from codetr.models.backbones import build_backbone
-from codetr.models.heads.detr_loss import DetrCriterion
-from codetr.models.neck import build_neck
+from codetr.models.backbones.build import build_backbone
+from codetr.models.losses.detr_loss import DetrCriterion
+from codetr.models.necks.channel_mapper import build_neck
 from codetr.models.transformer.decoder import DeformableDecoderLayer
 from codetr.models.transformer.encoder import DeformableEncoder, check_with_cp
 from codetr.models.transformer.position import proposal_pos_embed, sine_position_embedding
@@ -88,6 +88,8 @@ def valid_ratio(mask: Tensor) -> Tensor:
 
 class DeformableDETR(nn.Module):
     """Backbone + channel mapper + deformable encoder/decoder + class/box branches + loss."""
+
+    class_layers = ("class_branches",)  # follow the number of classes (codetr.models.base)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

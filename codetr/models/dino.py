@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from codetr.config import ModelConfig
 from codetr.models.activation_checkpoint import maybe_checkpoint
 from codetr.models.deformable_detr import DeformableDETR, EncoderOutput, QuerySet
-from codetr.models.heads.detr_loss import DetrCriterion, normalised_targets
+from codetr.models.losses.detr_loss import DetrCriterion, normalised_targets
 from codetr.models.transformer.denoising import ContrastiveDenoising, DenoisingGroups
 from codetr.models.transformer.position import box_sine_embed
 from codetr.ops.boxes import inverse_sigmoid

@@ -150,6 +150,7 @@ def test_kernel_keeps_no_sampled_intermediate():
 # ------------------------------------------------------------------------------ what a user runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_training_with_autocast_resume_eval_predict_export(amp: str, config_file: Path, tmp_path: Path):
     """16 iterations of tiny Co-DINO on the GPU under autocast: finite losses that decrease; a run
@@ -203,6 +204,7 @@ def test_python_api_on_cuda_agrees_with_the_cpu(config_file: Path):
     torch.testing.assert_close(on_gpu.scores[:20].cpu(), on_cpu.scores[:20].cpu(), rtol=1e-2, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_torchrun_with_nccl_on_two_devices(config_file: Path, tmp_path: Path):
     out = tmp_path / "ddp"

@@ -219,6 +219,7 @@ def test_selected_by_name_and_by_use_sampler(monkeypatch):
         assert calls == [1, 1, 1]
 
 
+@pytest.mark.slow  # a subprocess
 def test_cpu_tensors_without_the_interpreter_are_an_error():
     """In a process without TRITON_INTERPRET the kernel takes CUDA tensors only, and says so."""
     code = ("import torch\nfrom codetr.ops import multi_scale_deformable_attn as f\n"

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, generalized_box_iou_loss, sigmoid_focal_loss
 
-from codetr.models.aux.base import DeltaXYWHCoder, PositiveSet, base_anchors, grid_anchors, valid_locations
 from codetr.models.assigners import ATSSAssigner
-from codetr.models.heads.detr_loss import mean_across_processes
+from codetr.models.aux.base import DeltaXYWHCoder, PositiveSet, base_anchors, grid_anchors, valid_locations
+from codetr.models.losses.detr_loss import mean_across_processes
 from codetr.structures import Detections, Target
 
 
@@ -37,6 +37,9 @@ def centerness_target(anchors: Tensor, gt: Tensor) -> Tensor:
 class ATSSHead(nn.Module):
     """ATSS on the auxiliary pyramid. Loss weights (focal 1, GIoU 2, centerness 1) are
     multiplied by ``loss_scale`` (Co-DETR: decoder layers x lambda2)."""
+
+    class_layers = ("atss_cls",)  # follow the number of classes (codetr.models.base)
+    float32_methods = ("forward_train",)  # run in float32 under mixed precision (codetr.models.base)
 
     def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
                  loss_scale: float = 1.0, stacked_convs: int = 1, octave_base_scale: float = 8.0,

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, generalized_box_iou_loss
 
+from codetr.models.assigners import MaxIoUAssigner, RandomSampler
 from codetr.models.aux.base import DeltaXYWHCoder, PositiveSet
 from codetr.models.aux.rpn import RPNHead
-from codetr.models.assigners import MaxIoUAssigner, RandomSampler
 from codetr.ops.roi_align import roi_align
 from codetr.structures import Detections, Target
 
@@ -148,6 +148,9 @@ class FasterRCNNAux(nn.Module):
     per image after NMS; roi_samples / roi_fc_dim: sampled RoIs per image and FC width;
     roi_finest_scale: see ``roi_levels``; roi_convs, roi_fcs, roi_class_agnostic, roi_target_stds:
     the box head's layers and deltas (``RoIHead``)."""
+
+    float32_methods = ("forward_train",)  # run in float32 under mixed precision (codetr.models.base)
+    class_layers = ("roi.fc_cls", "roi.fc_reg")  # follow the number of classes (codetr.models.base)
 
     def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
                  loss_scale: float = 1.0, rpn_pre_nms: int = 4000, rpn_proposals: int = 1000,

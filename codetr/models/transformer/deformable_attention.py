@@ -17,6 +17,8 @@ class MSDeformAttn(nn.Module):
     Parameter names follow Deformable-DETR: sampling_offsets, attention_weights, value_proj, output_proj.
     """
 
+    float32_methods = ("forward",)  # run in float32 under mixed precision (codetr.models.base)
+
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4) -> None:
         super().__init__()
         if d_model % n_heads:

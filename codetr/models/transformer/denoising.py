@@ -70,6 +70,8 @@ class ContrastiveDenoising(nn.Module):
         in (-1, 1) for positive copies and in (-2, -1] U [1, 2) for negative copies.
     """
 
+    class_layers = ("label_embedding",)  # follow the number of classes (codetr.models.base)
+
     def __init__(self, num_classes: int, d_model: int, num_dn_queries: int = 100,
                  label_noise: float = 0.5, box_noise: float = 1.0) -> None:
         super().__init__()

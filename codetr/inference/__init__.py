@@ -1,0 +1,1 @@
+"""Running trained detectors: the one build + load path, weights files, prediction, drawing, test-time augmentation, evaluation."""

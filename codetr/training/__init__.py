@@ -1,0 +1,1 @@
+"""Training: the loop and its hooks, stop signals, optimizer and schedule, mixed precision, EMA, the run folder."""
