@@ -128,8 +128,10 @@ def load_benchmark_model(config: str, overrides: list[str], weights: str | None,
 
 def deform_attn_implementation(device: torch.device) -> str:
     """The multi-scale deformable attention the model runs on ``device`` (sampler ``auto``)."""
-    from codetr.ops import deform_attn_cpu
+    from codetr.ops import deform_attn, deform_attn_cpu
 
+    if device.type == "cuda" and deform_attn.TRITON_FOUND:
+        return "triton"
     return "fused" if device.type == "cpu" and deform_attn_cpu.kernel_available() else "grid_sample"
 
 

@@ -1,9 +1,16 @@
 """Shared test fixtures."""
 
+import os
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+# Without CUDA, Triton kernels run only in Triton's interpreter, which must be chosen before triton
+# is first imported (torch._dynamo imports it): so here, before any test module.
+# tests/ops/test_deform_attn_triton.py runs the kernels in it on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

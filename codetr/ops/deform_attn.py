@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention (Deformable-DETR): pure PyTorch, and a fused CPU kernel.
+"""Multi-scale deformable attention (Deformable-DETR): pure PyTorch, a fused CPU kernel and a Triton kernel.
 
 Interchangeable implementations with the same semantics (bilinear, ``align_corners=False``,
 zero outside the map), selected by name (the ``sampler`` argument, or :func:`use_sampler` for a
@@ -9,13 +9,18 @@ block of code):
   GridSample (``codetr export --no-grid-sample``);
 - ``fused``: the C++ CPU kernel of :mod:`codetr.ops.deform_attn_cpu` (compiled on first use),
   several times faster forward and backward, without the large sampled intermediate;
+- ``triton``: the Triton kernel of :mod:`codetr.ops.deform_attn_triton` for CUDA tensors
+  (float32, bfloat16, float16), forward and backward without the sampled intermediate; CPU
+  tensors run it in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported;
 - ``auto`` (the default): ``fused`` for float32 / float64 CPU tensors when the kernel can be
-  built (and not while tracing for ONNX), else ``grid_sample``.
+  built, ``triton`` for CUDA tensors (Volta or later) when Triton is installed (neither while
+  tracing for ONNX), else ``grid_sample``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -24,8 +29,10 @@ from torch import Tensor
 
 from codetr.ops import deform_attn_cpu
 
-SAMPLERS = ("auto", "fused", "grid_sample", "gather")
+SAMPLERS = ("auto", "fused", "triton", "grid_sample", "gather")
 _sampler = "auto"
+# found, not imported: importing triton takes a second, and fixes whether it interprets (TRITON_INTERPRET)
+TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
 @contextlib.contextmanager
@@ -47,6 +54,22 @@ def _fused_applies(tensors: tuple[Tensor, ...]) -> bool:
         return False
     dtype = tensors[0].dtype
     return dtype in deform_attn_cpu.DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+
+
+def _triton_applies(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether the Triton kernel takes these tensors: CUDA tensors (CPU tensors when it runs in the
+    interpreter) of float32 / bfloat16 / float16, and no ONNX / TorchScript trace running."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or not TRITON_FOUND:
+        return False
+    from codetr.ops import deform_attn_triton
+    device = "cpu" if deform_attn_triton.INTERPRETED else "cuda"
+    return all(t.device.type == device and t.dtype in deform_attn_triton.DTYPES for t in tensors)
+
+
+@torch.compiler.assume_constant_result  # a constant to torch.compile, not a graph break
+def _triton_compiles_for(device: torch.device) -> bool:
+    """Whether Triton compiles for this CUDA device: Volta (compute capability 7.0) or later."""
+    return torch.cuda.get_device_capability(device)[0] >= 7
 
 
 def grid_sample_bilinear(value: Tensor, locations: Tensor) -> Tensor:
@@ -99,7 +122,21 @@ def multi_scale_deformable_attn(
         raise ValueError(f"unknown bilinear sampler {sampler!r}; choose from {SAMPLERS}")
     tensors = (value, sampling_locations, attention_weights)
     if sampler == "auto":
-        sampler = "fused" if _fused_applies(tensors) and deform_attn_cpu.kernel_available() else "grid_sample"
+        if _fused_applies(tensors) and deform_attn_cpu.kernel_available():
+            sampler = "fused"
+        elif value.device.type == "cuda" and _triton_applies(tensors) and _triton_compiles_for(value.device):
+            sampler = "triton"
+        else:
+            sampler = "grid_sample"
+    if sampler == "triton":
+        if not TRITON_FOUND:
+            raise RuntimeError("the triton sampler needs the triton package (it comes with torch's CUDA wheels)")
+        if not _triton_applies(tensors):
+            raise ValueError("the Triton deformable-attention kernel takes float32, bfloat16 or float16 CUDA tensors "
+                             "(CPU tensors only under TRITON_INTERPRET=1, set before triton is "
+                             f"imported), got {[(t.device.type, t.dtype) for t in tensors]}")
+        from codetr.ops import deform_attn_triton
+        return deform_attn_triton.triton_deformable_attn(value, spatial_shapes, sampling_locations, attention_weights)
     if sampler == "fused":
         if not _fused_applies(tensors):
             raise ValueError("the fused deformable-attention kernel takes float32 or float64 CPU tensors of one dtype, "
