@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from codetr.ops.deform_attn_op import backward_fake, register_autograd
+
 SOURCE = Path(__file__).parent / "csrc" / "ms_deform_attn.cpp"
 EXTENSION_NAME = "codetr_ms_deform_attn"
 DTYPES = (torch.float32, torch.float64)
@@ -44,8 +46,8 @@ def _build() -> None:
     load(EXTENSION_NAME, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
          extra_ldflags=["-fopenmp"], is_python_module=False)
     torch.library.register_fake("codetr::ms_deform_attn")(_forward_fake)
-    torch.library.register_fake("codetr::ms_deform_attn_backward")(_backward_fake)
-    torch.library.register_autograd("codetr::ms_deform_attn", _backward, setup_context=_setup_context)
+    torch.library.register_fake("codetr::ms_deform_attn_backward")(backward_fake)
+    register_autograd("codetr::ms_deform_attn", torch.ops.codetr.ms_deform_attn_backward)
 
 
 def kernel_available() -> bool:
@@ -79,19 +81,3 @@ def _forward_fake(value: Tensor, shapes: list[int], locations: Tensor, weights: 
     return value.new_empty(locations.shape[0], locations.shape[1], value.shape[2], value.shape[3])
 
 
-def _backward_fake(grad: Tensor, value: Tensor, shapes: list[int], locations: Tensor,
-                   weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(value), torch.empty_like(locations), torch.empty_like(weights)
-
-
-def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-    value, shapes, locations, weights = inputs
-    ctx.save_for_backward(value, locations, weights)
-    ctx.shapes = shapes
-
-
-def _backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
-    value, locations, weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = torch.ops.codetr.ms_deform_attn_backward(
-        grad, value, ctx.shapes, locations, weights)
-    return grad_value, None, grad_locations, grad_weights

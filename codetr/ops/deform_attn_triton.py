@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from codetr.ops.deform_attn_op import backward_fake, register_autograd
+
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BLOCK_Q = 64
 
@@ -252,26 +254,8 @@ def ms_deform_attn_triton_backward(grad_output: Tensor, value: Tensor, spatial_s
     return grad_value.to(value.dtype), grad_locations.to(locations.dtype), grad_weights.to(weights.dtype)
 
 
-@ms_deform_attn_triton_backward.register_fake
-def _backward_fake(grad_output: Tensor, value: Tensor, spatial_shapes: list[int], locations: Tensor,
-                   weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return torch.empty_like(value), torch.empty_like(locations), torch.empty_like(weights)
-
-
-def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
-    value, spatial_shapes, locations, weights = inputs
-    ctx.save_for_backward(value, locations, weights)
-    ctx.spatial_shapes = spatial_shapes
-
-
-def _backward(ctx, grad: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
-    value, locations, weights = ctx.saved_tensors
-    grad_value, grad_locations, grad_weights = ms_deform_attn_triton_backward(
-        grad, value, ctx.spatial_shapes, locations, weights)
-    return grad_value, None, grad_locations, grad_weights
-
-
-ms_deform_attn_triton.register_autograd(_backward, setup_context=_setup_context)
+ms_deform_attn_triton_backward.register_fake(backward_fake)
+register_autograd(ms_deform_attn_triton, ms_deform_attn_triton_backward)
 
 
 def triton_deformable_attn(value: Tensor, spatial_shapes: list[tuple[int, int]], locations: Tensor,
