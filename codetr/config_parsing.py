@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -53,6 +54,18 @@ LIMITS: dict[str, float] = {
 
 # Fields that must be strictly positive.
 POSITIVE = ("train.lr", "train.ema_momentum", "train.warmup_ratio")
+
+# Thresholds, probabilities and rates: in [0, 1].
+UNIT_INTERVAL = ("data.tta.iou", "data.tta.min_score", "model.loss.focal_alpha", "model.dino.soft_nms_iou",
+                 "model.transformer.dropout", "model.backbone.drop_path_rate", "train.ema_momentum",
+                 "train.warmup_ratio")
+
+
+def check_unit_interval(value: float, name: str) -> float:
+    """``value`` when it is a number in [0, 1]; a UserError naming ``name`` (the option or key) otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"{name}: {value!r} is out of range (must be a number in [0, 1])")
+    return float(value)
 
 
 class ConfigError(UserError):
@@ -127,13 +140,14 @@ def _checked(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if isinstance(value, str):
             try:  # YAML reads 1e-4 (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isnan(number):
+            return float(number)
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -192,6 +206,14 @@ def validate_config(cfg: Config) -> Config:
         value = getattr(getattr(values, section), name)
         if not value > 0:
             raise ConfigError(f"config key {key}: {value!r} is out of range (must be > 0)")
+    for key in UNIT_INTERVAL:
+        node = values
+        for part in key.split("."):
+            node = getattr(node, part)
+        try:
+            check_unit_interval(node, f"config key {key}")
+        except UserError as err:
+            raise ConfigError(str(err)) from None
     return cfg
 
 

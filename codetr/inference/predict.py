@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from codetr.config_parsing import check_unit_interval
 from codetr.data.image import read_image
 from codetr.errors import UserError
 from codetr.files import check_writable_folder
@@ -58,8 +59,9 @@ def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | P
     ``bbox`` (xywh in pixels of the original image) and ``score``, for scores >= ``score_thr``.
     Never writes over an input image (:func:`check_prediction_outputs`). An image that cannot be
     read is reported on stderr and skipped; when any was, a UserError at the end counts them (the
-    predictions of the others are written).
+    predictions of the others are written). ``score_thr`` outside [0, 1] is a UserError.
     """
+    score_thr = check_unit_interval(score_thr, "--score-thr")
     check_prediction_outputs(images, out_dir)
     out_dir = Path(out_dir)
     class_names, category_ids = detector.labels()
