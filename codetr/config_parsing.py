@@ -80,7 +80,12 @@ def yaml_problem(err: yaml.YAMLError) -> str:
     return str(err).splitlines()[0]
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The keys of the YAML file ``path`` merged over those of its ``base:`` chain (``seen``: the
+    files that named it, a ConfigError when the chain comes back to one of them)."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"{path}: the base: chain refers back to a file already in it ({chain})")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -92,7 +97,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if base is None:
         return raw
     base_path = path.parent / base
-    merged = _read_yaml(base_path if base_path.is_file() else resolve_config_path(base))
+    merged = _read_yaml(base_path if base_path.is_file() else resolve_config_path(base), (*seen, path.resolve()))
     _deep_update(merged, raw)
     return merged
 

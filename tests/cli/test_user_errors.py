@@ -170,6 +170,21 @@ def test_a_config_file_with_a_yaml_error_is_named(tmp_path: Path, capsys: pytest
     assert_short(err, f"{path}: not valid YAML (expected ',' or '}}', but got '<stream end>' at line 3, column 1)")
 
 
+def test_a_config_whose_base_refers_back_to_itself_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text("base: loop.yaml\ntrain: {epochs: 2}\n")
+    code, err = run(capsys, "train", str(path), "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_short(err, f"{path}: the base: chain refers back to a file already in it ({path} -> {path})", lines=2)
+    other = tmp_path / "other.yaml"
+    other.write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: other.yaml\n")
+    code, err = run(capsys, "train", str(other), "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_short(err, f"({other} -> {tmp_path / 'loop2.yaml'} -> {other})", lines=2)
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------------------ weights of other models
 
 
