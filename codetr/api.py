@@ -86,11 +86,11 @@ class Detector:
     """
 
     def __init__(self, config: str | Path | None, weights: str | Path | None = None, device: str = "auto", *,
-                 providers: list[Any] | None = None) -> None:
-        """``weights`` may also be an ONNX file (``.onnx``) written by :meth:`export`, run with
-        onnxruntime (:meth:`from_onnx`): ``config`` is then None (the file holds its config) and
-        ``providers`` onnxruntime's (default: those of ``device``)."""
-        if weights is not None and Path(weights).suffix == ".onnx":
+                 providers: list[Any] | None = None, onnx: bool | None = None) -> None:
+        """``weights`` may also be an ONNX file written by :meth:`export` (``onnx``: True, or None and
+        a ``.onnx`` file name), run with onnxruntime (:meth:`from_onnx`): ``config`` is then None (the
+        file holds its config) and ``providers`` onnxruntime's (default: those of ``device``)."""
+        if weights is not None and (onnx if onnx is not None else Path(weights).suffix == ".onnx"):
             from codetr.export import OnnxDetector
 
             if config is not None:
@@ -131,9 +131,7 @@ class Detector:
         """Run an ONNX file written by :meth:`export` / ``codetr export`` with onnxruntime, with
         ``providers`` or those of ``device`` ("auto": CUDA when PyTorch and onnxruntime have it,
         else the CPU; :func:`codetr.export.runtime.onnx_providers`). Only ``predict`` is available on it."""
-        if Path(path).suffix != ".onnx":
-            raise ValueError(f"{path}: an ONNX model file ends in .onnx")
-        return cls(None, path, device, providers=providers)
+        return cls(None, path, device, providers=providers, onnx=True)
 
     # ---- inference -------------------------------------------------------------------------
 

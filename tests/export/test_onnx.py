@@ -5,6 +5,7 @@ and a batch other than the export's; the CLI and the Python API on the exported 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,8 @@ def test_cli_export_then_predict_onnx_and_python_api(tmp_path: Path) -> None:
         torch.testing.assert_close(ours.scores, theirs.scores, atol=TOLERANCE, rtol=0)
     with pytest.raises(RuntimeError, match="only predicts"):
         from_onnx.train(out=tmp_path / "x")
+    renamed = shutil.copy(onnx_path, tmp_path / "model.bin")  # from_onnx does not go by the file name
+    assert Detector.from_onnx(renamed).cfg == from_onnx.cfg
 
 
 def test_from_onnx_errors(tmp_path: Path) -> None:
