@@ -26,7 +26,7 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
 from codetr.config import Config
-from codetr.config_parsing import config_from_dict, config_to_dict, load_config, save_config
+from codetr.config_parsing import check_unit_interval, config_from_dict, config_to_dict, load_config, save_config
 from codetr.data.image import read_image, to_rgb
 from codetr.devices import resolve_device
 from codetr.files import CONFIG_NAME, WEIGHTS_NAME
@@ -159,7 +159,9 @@ class Detector:
         list of those. Each image runs alone through the evaluation pre-processing (as
         ``codetr predict`` and ``codetr eval``). ``tta``: test-time augmentation as configured
         in ``cfg.data.tta`` (:mod:`codetr.inference.tta`; ``codetr predict --tta``).
+        ``score_thr`` outside [0, 1] is a UserError.
         """
+        score_thr = check_unit_interval(score_thr, "score_thr")
         names = self.class_names
         runner = TTADetector(self._runner) if tta else self._runner
         results = []

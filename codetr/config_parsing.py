@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -54,6 +55,18 @@ LIMITS: dict[str, float] = {
 # Fields that must be strictly positive.
 POSITIVE = ("train.lr", "train.ema_momentum", "train.warmup_ratio")
 
+# Thresholds, probabilities and rates: in [0, 1].
+UNIT_INTERVAL = ("data.tta.iou", "data.tta.min_score", "model.loss.focal_alpha", "model.dino.soft_nms_iou",
+                 "model.transformer.dropout", "model.backbone.drop_path_rate", "train.ema_momentum",
+                 "train.warmup_ratio")
+
+
+def check_unit_interval(value: float, name: str) -> float:
+    """``value`` when it is a number in [0, 1]; a UserError naming ``name`` (the option or key) otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise UserError(f"{name}: {value!r} is out of range (must be a number in [0, 1])")
+    return float(value)
+
 
 class ConfigError(UserError):
     """A config file or override that cannot be read: unknown key, wrong type, value out of range."""
@@ -67,7 +80,12 @@ def yaml_problem(err: yaml.YAMLError) -> str:
     return str(err).splitlines()[0]
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The keys of the YAML file ``path`` merged over those of its ``base:`` chain (``seen``: the
+    files that named it, a ConfigError when the chain comes back to one of them)."""
+    if path.resolve() in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path.resolve()))
+        raise ConfigError(f"{path}: the base: chain refers back to a file already in it ({chain})")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -79,7 +97,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if base is None:
         return raw
     base_path = path.parent / base
-    merged = _read_yaml(base_path if base_path.is_file() else resolve_config_path(base))
+    merged = _read_yaml(base_path if base_path.is_file() else resolve_config_path(base), (*seen, path.resolve()))
     _deep_update(merged, raw)
     return merged
 
@@ -127,13 +145,14 @@ def _checked(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
         if isinstance(value, str):
             try:  # YAML reads 1e-4 (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and not math.isnan(number):
+            return float(number)
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -192,6 +211,14 @@ def validate_config(cfg: Config) -> Config:
         value = getattr(getattr(values, section), name)
         if not value > 0:
             raise ConfigError(f"config key {key}: {value!r} is out of range (must be > 0)")
+    for key in UNIT_INTERVAL:
+        node = values
+        for part in key.split("."):
+            node = getattr(node, part)
+        try:
+            check_unit_interval(node, f"config key {key}")
+        except UserError as err:
+            raise ConfigError(str(err)) from None
     return cfg
 
 

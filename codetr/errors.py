@@ -24,3 +24,7 @@ class ImageFileError(UserError, OSError):
 
 class FileMissingError(UserError, FileNotFoundError):
     """A file the user named (annotations, images, weights, config) does not exist."""
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """The loss, its gradients or the model's outputs stopped being finite during training."""

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from codetr.inference.predict import check_prediction_outputs, list_images, predict_images
 
     images = list_images(args.source)
-    check_prediction_outputs(images, args.out)  # before loading the model
+    check_prediction_outputs(images, args.out, args.score_thr)  # before loading the model
     if args.onnx:
         from codetr.export import OnnxDetector
 

@@ -16,17 +16,24 @@ Layout written by :func:`generate_synthetic_coco`::
     out_dir/val/000001.png ...
     out_dir/annotations/instances_train.json
     out_dir/annotations/instances_val.json
+    out_dir/.codetr-synthetic     the stamp: codetr generated this folder and may write it again
+
+The generator writes only into a folder that is new, empty or stamped (:func:`check_generated`):
+a folder holding anything else is the user's, and is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from codetr.errors import UserError
 
 # (name, RGB colour, texture); the index + 1 is the COCO category id.
 CATEGORIES: list[tuple[str, tuple[int, int, int], str]] = [
@@ -41,6 +48,7 @@ SPLITS = ("train", "val")
 EMPTY_EVERY = 12  # image indices i with i % EMPTY_EVERY == EMPTY_EVERY - 1 have no objects
 MAX_HIDDEN = 0.7  # objects with a larger hidden fraction stay in the picture but are not annotated
 MIN_VISIBLE_SIDE = 4  # px; objects whose visible box is narrower are not annotated either
+STAMP = ".codetr-synthetic"  # the file that marks a folder as written by the generator
 
 
 @dataclass
@@ -219,6 +227,13 @@ def synthetic_is_current(ann_file: str | Path, split: str, num: int, size: int, 
     return isinstance(info, dict) and info.get("codetr_synthetic") == _parameters(split, num, size, seed)
 
 
+def check_generated(out_dir: Path) -> None:
+    """Refuse (UserError) a folder that holds files but no stamp: they are someone's data, not codetr's."""
+    if out_dir.exists() and not (out_dir / STAMP).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} holds files codetr did not generate (no {STAMP} stamp): codetr writes "
+                        "synthetic data only into a new, empty or codetr-generated folder")
+
+
 def _write_split(out_dir: Path, split: str, num: int, size: int, seed: int) -> Path:
     """Write the images of one split and its annotation file; returns the annotation path."""
     image_dir = out_dir / split
@@ -269,6 +284,12 @@ def generate_synthetic_coco(
     if size < 32:
         raise ValueError(f"synthetic image size must be >= 32 px, got {size}")
     out = Path(out_dir)
+    check_generated(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STAMP).write_text("written by codetr's synthetic data generator; codetr may replace this folder\n")
+    for old in (out / "train", out / "val", out / "annotations"):  # no files of an earlier generation stay
+        if old.is_dir():
+            shutil.rmtree(old)
     paths: dict[str, Path] = {}
     for split, num in (("train", num_train), ("val", num_val)):
         paths[f"{split}_annotations"] = _write_split(out, split, num, size, seed)

@@ -11,6 +11,7 @@ from typing import Any
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from codetr.config_parsing import check_unit_interval
 from codetr.data.image import read_image
 from codetr.errors import UserError
 from codetr.files import check_writable_folder
@@ -36,9 +37,11 @@ def list_images(source: str | Path) -> list[Path]:
     raise FileNotFoundError(f"image or folder {source} not found")
 
 
-def check_prediction_outputs(images: list[Path], out_dir: str | Path) -> None:
-    """A UserError when writing the drawings or ``predictions.json`` into ``out_dir`` would write
+def check_prediction_outputs(images: list[Path], out_dir: str | Path, score_thr: float) -> None:
+    """The checks of :func:`predict_images`, before a model loads: a UserError when ``score_thr`` is
+    not in [0, 1], when writing the drawings or ``predictions.json`` into ``out_dir`` would write
     over one of ``images`` (e.g. ``--out`` is the input folder), or ``out_dir`` is not writable."""
+    check_unit_interval(score_thr, "--score-thr")
     out_dir = Path(out_dir)
     outputs = {out_dir / path.name: path for path in images}
     outputs.update({out_dir / PREDICTIONS_NAME: path for path in images if path.name == PREDICTIONS_NAME})
@@ -58,9 +61,9 @@ def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | P
     ``bbox`` (xywh in pixels of the original image) and ``score``, for scores >= ``score_thr``.
     Never writes over an input image (:func:`check_prediction_outputs`). An image that cannot be
     read is reported on stderr and skipped; when any was, a UserError at the end counts them (the
-    predictions of the others are written).
+    predictions of the others are written). ``score_thr`` outside [0, 1] is a UserError.
     """
-    check_prediction_outputs(images, out_dir)
+    check_prediction_outputs(images, out_dir, score_thr)
     out_dir = Path(out_dir)
     class_names, category_ids = detector.labels()
     label_of = {cat_id: label for label, cat_id in enumerate(category_ids)}

@@ -49,6 +49,9 @@ class HungarianMatcher:
                 matches.append((empty, empty))
                 continue
             cost = self.cost(logits[b], boxes[b], labels, tboxes).cpu()
+            if not torch.isfinite(cost).all():
+                raise FloatingPointError("the matching costs are not finite: the predicted logits or boxes are NaN "
+                                         "or infinite")
             rows, cols = linear_sum_assignment(cost.numpy())
             matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return matches

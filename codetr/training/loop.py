@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from codetr import distributed as dist
 from codetr.data.samplers import TrainBatchSampler
-from codetr.errors import UserError
+from codetr.errors import TrainingDiverged, UserError
 from codetr.structures import Batch
 from codetr.training.optim import LrSchedule
 from codetr.training.rng import capture_rng_state, restore_rng_state
@@ -193,11 +193,14 @@ class Trainer:
                 sync = self.loss_module.no_sync()  # gradients are averaged across processes after the last one only
             with sync:
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    losses = self.loss_module(batch)
+                    try:
+                        losses = self.loss_module(batch)
+                    except FloatingPointError as err:
+                        raise self._diverged(str(err)) from None
                 total = sum(losses.values())
                 if not torch.isfinite(total):
-                    terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                    raise FloatingPointError(f"loss is not finite at iteration {self.iteration + 1}: {terms}")
+                    bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not torch.isfinite(v))
+                    raise self._diverged(f"non-finite loss terms {bad}")
                 self.scaler.scale(total * share).backward()
             for key, value in losses.items():
                 self.losses[key] = self.losses.get(key, 0.0) + value.item() * share
@@ -206,10 +209,14 @@ class Trainer:
             averaged = dist.mean_over_processes({**self.losses, "": self.loss}, self.device)
             self.loss = averaged.pop("")
             self.losses = averaged
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
+            raise self._diverged(f"non-finite gradients (norm {norm.item():.4g}) of finite loss terms")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.iteration += 1
@@ -217,6 +224,11 @@ class Trainer:
         self.step_images = num_images * dist.world_size()  # each process takes as many images
         now = time.perf_counter()
         self.step_time, self._tick = now - self._tick, now
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        """The error that stops a diverged run before its weights change: the last checkpoint stays good."""
+        clip = f"train.grad_clip (now {self.grad_clip:g})" if self.grad_clip else "enable train.grad_clip"
+        return TrainingDiverged(f"training diverged at iteration {self.iteration + 1}: {what}; lower train.lr or {clip}")
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, position, RNG, hook states.

@@ -138,6 +138,10 @@ def test_a_corrupt_metrics_line_names_the_file_and_line(tmp_path: Path) -> None:
     ("train.ema=maybe", "config key train.ema: 'maybe' is not true or false"),
     ("train.epoch=3", "unknown config key(s) ['epoch'] in train."),
     ("train.lr=[", "override 'train.lr=[': the value is not valid YAML"),
+    ("model.loss.cls_weight=nan", "config key model.loss.cls_weight: 'nan' is not a number"),
+    ("data.tta.iou=1.5", "config key data.tta.iou: 1.5 is out of range (must be a number in [0, 1])"),
+    ("model.dino.soft_nms_iou=-1", "config key model.dino.soft_nms_iou: -1.0 is out of range (must be a number in [0, 1])"),
+    ("model.loss.focal_alpha=.nan", "config key model.loss.focal_alpha: nan is not a number"),
 ])
 def test_bad_config_values_are_refused_when_read(override: str, message: str, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -164,6 +168,21 @@ def test_a_config_file_with_a_yaml_error_is_named(tmp_path: Path, capsys: pytest
     code, err = run(capsys, "train", str(path), "--out", str(tmp_path / "run"))
     assert code == 2
     assert_short(err, f"{path}: not valid YAML (expected ',' or '}}', but got '<stream end>' at line 3, column 1)")
+
+
+def test_a_config_whose_base_refers_back_to_itself_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text("base: loop.yaml\ntrain: {epochs: 2}\n")
+    code, err = run(capsys, "train", str(path), "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_short(err, f"{path}: the base: chain refers back to a file already in it ({path} -> {path})", lines=2)
+    other = tmp_path / "other.yaml"
+    other.write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: other.yaml\n")
+    code, err = run(capsys, "train", str(other), "--out", str(tmp_path / "run"))
+    assert code == 2
+    assert_short(err, f"({other} -> {tmp_path / 'loop2.yaml'} -> {other})", lines=2)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------ weights of other models
@@ -210,6 +229,17 @@ def test_predict_refuses_to_write_over_its_inputs(weights: Path, tmp_path: Path,
     assert code == 2 and "would overwrite 2 input image(s)" in err
     assert {p: p.read_bytes() for p in images} == before
     assert sorted(p.name for p in folder.iterdir()) == ["img0.png", "img1.png"]  # no predictions.json either
+
+
+@pytest.mark.parametrize("value", ["2", "-1", "nan"])
+def test_predict_refuses_a_score_threshold_outside_0_1(value: str, weights: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    image = write_images(tmp_path / "images", 1)[0]
+    out = tmp_path / "out"
+    code, err = run(capsys, "predict", str(image), "--weights", str(weights), "--out", str(out), "--score-thr", value)
+    assert code == 2
+    assert_short(err, f"--score-thr: {float(value)!r} is out of range (must be a number in [0, 1])", lines=2)
+    assert not out.exists()
 
 
 def test_predict_goes_on_past_an_unreadable_image_and_counts_it(weights: Path, tmp_path: Path,

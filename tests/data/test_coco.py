@@ -226,8 +226,39 @@ def test_build_dataset_regenerates_synthetic_data_when_its_settings_change(tmp_p
 def test_build_dataset_rejects_synthetic_paths_off_layout(tmp_path):
     cfg = _synthetic_cfg(tmp_path)
     cfg.val_images = str(tmp_path / "elsewhere")
-    with pytest.raises(ValueError, match="data.val_images"):
+    with pytest.raises(UserError, match="data.val_images.*data.synthetic=false"):
         build_dataset(cfg, "train")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_synthetic_paths_mixing_relative_and_absolute_get_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _synthetic_cfg(Path("data/synth"))
+    cfg.val_images, cfg.val_annotations = str(tmp_path / "mine/val"), str(tmp_path / "mine/val.json")
+    with pytest.raises(UserError, match="^data.synthetic=true .*data.val_images=.*set data.synthetic=false to use your own dataset$"):
+        build_dataset(cfg, "val")
+    cfg.val_images, cfg.val_annotations = str(tmp_path / "data/synth/val"), str(tmp_path / "data/synth/annotations/instances_val.json")
+    assert len(build_dataset(cfg, "val")) == 2  # the same folder, named once relative and once absolute
+
+
+def test_build_dataset_never_writes_over_a_users_dataset(tmp_path):
+    """The user's own data in the generator's layout, with data.synthetic=true left on: refused, untouched."""
+    root = tmp_path / "mine"
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        Image.new("RGB", (32, 24), (9, 9, 9)).save(root / split / "a.png")
+        (root / "annotations").mkdir(exist_ok=True)
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({
+            "images": [_img(1, 32, 24) | {"file_name": "a.png"}], "annotations": [_ann(1, 1, 1, [1, 1, 9, 9], area=81.0)],
+            "categories": [{"id": 1, "name": "mine"}]}))
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    cfg = _synthetic_cfg(root)
+    for split in ("train", "val"):
+        with pytest.raises(UserError, match=f"{root} holds files codetr did not generate.*set data.synthetic=false"):
+            build_dataset(cfg, split)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    cfg.synthetic = False
+    assert build_dataset(cfg, "val").class_names == ["mine"]
 
 
 def test_dataloader_batches_and_seeded_shuffle(tmp_path):

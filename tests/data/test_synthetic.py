@@ -10,6 +10,7 @@ from PIL import Image
 from codetr.cli.data import main_synth
 from codetr.data import CocoDetection, generate_synthetic_coco
 from codetr.data.synthetic import CATEGORIES, EMPTY_EVERY, render_sample
+from codetr.errors import UserError
 
 SIZE = 256
 
@@ -111,3 +112,17 @@ def test_command_line_entry(tmp_path, capsys):
     assert (tmp_path / "annotations" / "instances_val.json").is_file()
     assert "train_annotations" in capsys.readouterr().out
     assert Image.open(tmp_path / "train" / "000002.png").size == (64, 64)
+
+
+def test_synth_refuses_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "photo.jpg").write_bytes(b"mine")
+    with pytest.raises(UserError, match=f"{tmp_path} holds files codetr did not generate"):
+        main_synth(["--out", str(tmp_path), "--train", "1", "--val", "0", "--size", "32"])
+    assert [p.name for p in tmp_path.rglob("*")] == ["train", "photo.jpg"]
+
+
+def test_synth_again_replaces_its_own_files(tmp_path):
+    generate_synthetic_coco(tmp_path, num_train=3, num_val=2, size=32, seed=0)
+    generate_synthetic_coco(tmp_path, num_train=1, num_val=0, size=32, seed=0)  # no old image stays beside the new
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png")) == ["train/000001.png"]

@@ -21,13 +21,14 @@ from codetr.config import Config, DataConfig, ModelConfig, TrainConfig
 from codetr.config_parsing import load_config
 from codetr.data import build_dataloader
 from codetr.data.samplers import TrainBatchSampler, train_loader
-from codetr.errors import UserError
+from codetr.errors import TrainingDiverged, UserError
 from codetr.files import atomic_save
 from codetr.inference.evaluate import coco_results, evaluate
 from codetr.inference.loading import LoadedModel, load_model
 from codetr.inference.predict import predict_images
 from codetr.inference.visualize import PALETTE
 from codetr.inference.weights import read_checkpoint
+from codetr.models.assigners import HungarianMatcher
 from codetr.structures import Batch, Detections, Target
 from codetr.training import hooks as hooks_module
 from codetr.training.loop import Trainer
@@ -255,6 +256,46 @@ def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path,
     # resuming a finished run trains and evaluates nothing more and returns the recorded metrics
     assert train(tiny_config(tiny_data), out, resume=True, build_model=FakeDetector) == final
     assert read_jsonl(out / "metrics.jsonl") == records
+
+
+class DivergingDetector(FakeDetector):
+    """FakeDetector whose third loss call diverges: ``mode`` "loss" gives a NaN term, "grad" a finite
+    loss with NaN gradients, "matcher" the error of a matcher given NaN predictions."""
+
+    mode = "loss"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.calls = 0
+
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        losses = super().loss(batch)
+        self.calls += 1
+        if self.calls == 3 and self.mode == "loss":
+            losses["loss_cls"] = losses["loss_cls"] * float("nan")
+        if self.calls == 3 and self.mode == "grad":
+            losses["aux.loss"] = losses["aux.loss"] + (0 * self.head.weight.sum()).sqrt()  # 0, gradient NaN
+        if self.calls == 3 and self.mode == "matcher":
+            matcher = HungarianMatcher(2.0, 5.0, 2.0)
+            matcher(torch.full((1, 3, 3), float("nan")), torch.rand(1, 3, 4), [torch.tensor([0])], [torch.rand(1, 4)])
+        return losses
+
+
+@pytest.mark.parametrize("mode, what", [
+    ("loss", "non-finite loss terms loss_cls=nan"),
+    ("grad", "non-finite gradients (norm nan) of finite loss terms"),
+    ("matcher", "the matching costs are not finite: the predicted logits or boxes are NaN or infinite"),
+])
+def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(
+        mode: str, what: str, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(DivergingDetector, "mode", mode)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as caught:
+        train(tiny_config(tiny_data, checkpoint_every=1, eval_every=0), out, build_model=DivergingDetector)
+    assert str(caught.value) == (f"training diverged at iteration 3: {what}; lower train.lr or train.grad_clip (now 1)")
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert last["iteration"] == 2  # the epoch-end checkpoint before the bad step, with its finite weights
+    assert all(torch.isfinite(v).all() for v in last["model"].values())
 
 
 def test_no_backbone_warning_for_a_group_norm_backbone(tiny_data: Path, tmp_path: Path,
