@@ -4,11 +4,11 @@ kernel against the pure ``grid_sample`` path, with the released activation check
 encoder (4 layers) and without it.
 
 Each (sampler, checkpointing) runs in its own subprocess so its peak is its own: random weights,
-one 1024 x 1024 image with three boxes, one warm-up step, then one timed forward + backward +
-AdamW step. The memory of the built model before the first step is reported too,
-so the step's own share is the difference.
+one 1024 x 1024 image with three boxes, one forward + backward + AdamW step (the first: its time
+includes one-time costs; the memory is what a training step needs, optimizer state included). The
+memory of the built model before the step is reported too, so the step's own share is the difference.
 
-    python bench/cpu_memory.py --threads 2
+    python bench/cpu_memory.py --threads 2 --checkpointing off released
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def rss_mb() -> float:
 
 
 def measure(sampler: str, overrides: list[str], threads: int) -> dict:
-    """One warm-up and one timed training step; runs in a child process."""
+    """One training step; runs in a child process."""
     from codetr.config_parsing import load_config
     from codetr.data.batch import collate
     from codetr.models.build import build_model
@@ -55,22 +55,28 @@ def measure(sampler: str, overrides: list[str], threads: int) -> dict:
     boxes = torch.tensor([[40.0, 60.0, 400.0, 500.0], [500.0, 300.0, 900.0, 1000.0], [100.0, 700.0, 300.0, 980.0]])
     batch = collate([(image, Target(boxes, torch.tensor([0, 5, 17])))])
     before = rss_mb()
-    times = []
+    start = time.perf_counter()
     with use_sampler(sampler):
-        for _ in range(2):
-            start = time.perf_counter()
-            loss = sum(model.loss(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
+        loss = sum(model.loss(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     return {"before_first_step_mb": before, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "step_s": times[-1], "loss": float(loss)}
+            "step_s": time.perf_counter() - start, "loss": float(loss)}
+
+
+def describe(sampler: str, result: dict) -> str:
+    if "exit_code" in result:
+        return f"{sampler} did not finish (exit code {result['exit_code']}: out of memory)"
+    return (f"{sampler} peak RSS {result['peak_rss_mb']:.0f} MB ({result['before_first_step_mb']:.0f} before the step), "
+            f"step {result['step_s']:.0f} s, loss {result['loss']:.4f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpointing", nargs="+", default=list(CHECKPOINTING), choices=list(CHECKPOINTING),
+                        help="encoder activation checkpointing: as released (4 layers) and / or off")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cpu_memory.json"))
     parser.add_argument("--child", nargs=2, metavar=("SAMPLER", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -79,23 +85,19 @@ def main() -> None:
         print(json.dumps(measure(sampler, CHECKPOINTING[cp], args.threads)))
         return
     results: dict[str, dict] = {}
-    for cp in CHECKPOINTING:
+    for cp in args.checkpointing:
         for sampler in SAMPLERS:
             out = subprocess.run([sys.executable, __file__, "--child", sampler, cp, "--threads", str(args.threads)],
-                                 check=True, capture_output=True, text=True)
-            results.setdefault(cp, {})[sampler] = json.loads(out.stdout.strip().splitlines()[-1])
+                                 capture_output=True, text=True)
+            # a child killed for memory (by the kernel or a watchdog) is a result too: it did not fit
+            results.setdefault(cp, {})[sampler] = (json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0
+                                                   else {"exit_code": out.returncode, "stderr": out.stderr[-500:]})
             print(cp, sampler, results[cp][sampler], flush=True)
     write_json(args.out, {"config": CONFIG, "results": results})
-    summary = "; ".join(
-        f"encoder checkpointing {cp}: peak RSS fused {r['fused']['peak_rss_mb']:.0f} MB / grid_sample "
-        f"{r['grid_sample']['peak_rss_mb']:.0f} MB (before the first step {r['fused']['before_first_step_mb']:.0f} MB; "
-        f"the step's own {r['fused']['peak_rss_mb'] - r['fused']['before_first_step_mb']:.0f} / "
-        f"{r['grid_sample']['peak_rss_mb'] - r['grid_sample']['before_first_step_mb']:.0f} MB), step "
-        f"{r['fused']['step_s']:.1f} / {r['grid_sample']['step_s']:.1f} s, losses {r['fused']['loss']:.4f} / "
-        f"{r['grid_sample']['loss']:.4f}"
-        for cp, r in results.items())
-    protocol = (f"{CONFIG}, random weights, batch 1 at the 1024 x 1024 canvas, float32, {args.threads} threads, one warm-up "
-                f"step then one forward+backward+AdamW step, one subprocess per (checkpointing, sampler); {machine()}")
+    summary = "; ".join(f"encoder checkpointing {cp}: " + ", ".join(describe(sampler, r[sampler]) for sampler in SAMPLERS)
+                        for cp, r in results.items())
+    protocol = (f"{CONFIG}, random weights, batch 1 at the 1024 x 1024 canvas, float32, {args.threads} threads, one "
+                f"forward+backward+AdamW step, one subprocess per (checkpointing, sampler); {machine()}")
     append_result("cpu_memory", protocol, summary)
     print(summary)
 

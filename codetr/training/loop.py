@@ -192,15 +192,20 @@ class Trainer:
             if index < len(batches) - 1 and isinstance(self.loss_module, DistributedDataParallel):
                 sync = self.loss_module.no_sync()  # gradients are averaged across processes after the last one only
             with sync:
+                problem = None
                 with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
                     try:
                         losses = self.loss_module(batch)
                     except FloatingPointError as err:
-                        raise self._diverged(str(err)) from None
-                total = sum(losses.values())
-                if not torch.isfinite(total):
-                    bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not torch.isfinite(v))
-                    raise self._diverged(f"non-finite loss terms {bad}")
+                        problem = str(err)
+                if problem is None:
+                    total = sum(losses.values())
+                    if not torch.isfinite(total):
+                        bad = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items() if not torch.isfinite(v))
+                        problem = f"non-finite loss terms {bad}"
+                # every process stops together: one going on alone would wait in the backward's all-reduce
+                if dist.any_process(problem is not None, self.device):
+                    raise self._diverged(problem or "non-finite losses in another process")
                 self.scaler.scale(total * share).backward()
             for key, value in losses.items():
                 self.losses[key] = self.losses.get(key, 0.0) + value.item() * share
