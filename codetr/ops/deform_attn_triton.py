@@ -49,6 +49,17 @@ def _corners(x_norm, y_norm, width, height):
 
 
 @triton.jit
+def _sample_point(loc_ptr, weight_ptr, sample, valid, width, height):
+    """Of each query's sampling point ``sample`` (BLOCK_Q,): its attention weight, the top-left
+    neighbour (x0, y0) and the fractions (fx, fy), in float32."""
+    lx = tl.load(loc_ptr + 2 * sample, mask=valid, other=0.0).to(tl.float32)
+    ly = tl.load(loc_ptr + 2 * sample + 1, mask=valid, other=0.0).to(tl.float32)
+    attn = tl.load(weight_ptr + sample, mask=valid, other=0.0).to(tl.float32)
+    x0, y0, fx, fy = _corners(lx, ly, width, height)
+    return attn, x0, y0, fx, fy
+
+
+@triton.jit
 def _neighbour(value_base, start, x, y, width, height, row_stride, channels, valid, channel_mask):
     """The value rows (BLOCK_Q, BLOCK_D) at pixel (x, y) of a level in float32 (zero outside the
     map), their int64 offsets from ``value_base`` and the mask of rows inside."""
@@ -90,10 +101,7 @@ def _forward_kernel(value_ptr, levels_ptr, loc_ptr, weight_ptr, out_ptr,
         start = tl.load(levels_ptr + 3 * level + 2)
         for point in range(points):
             sample = (row * levels + level) * points + point
-            lx = tl.load(loc_ptr + 2 * sample, mask=valid, other=0.0).to(tl.float32)
-            ly = tl.load(loc_ptr + 2 * sample + 1, mask=valid, other=0.0).to(tl.float32)
-            attn = tl.load(weight_ptr + sample, mask=valid, other=0.0).to(tl.float32)
-            x0, y0, fx, fy = _corners(lx, ly, width, height)
+            attn, x0, y0, fx, fy = _sample_point(loc_ptr, weight_ptr, sample, valid, width, height)
             v00, _, _ = _neighbour(value_base, start, x0, y0, width, height, row_stride, channels, valid, channel_mask)
             v01, _, _ = _neighbour(value_base, start, x0 + 1, y0, width, height, row_stride, channels, valid, channel_mask)
             v10, _, _ = _neighbour(value_base, start, x0, y0 + 1, width, height, row_stride, channels, valid, channel_mask)
@@ -134,10 +142,7 @@ def _backward_kernel(grad_out_ptr, value_ptr, levels_ptr, loc_ptr, weight_ptr,
         start = tl.load(levels_ptr + 3 * level + 2)
         for point in range(points):
             sample = (row * levels + level) * points + point
-            lx = tl.load(loc_ptr + 2 * sample, mask=valid, other=0.0).to(tl.float32)
-            ly = tl.load(loc_ptr + 2 * sample + 1, mask=valid, other=0.0).to(tl.float32)
-            attn = tl.load(weight_ptr + sample, mask=valid, other=0.0).to(tl.float32)
-            x0, y0, fx, fy = _corners(lx, ly, width, height)
+            attn, x0, y0, fx, fy = _sample_point(loc_ptr, weight_ptr, sample, valid, width, height)
             v00, o00, m00 = _neighbour(value_base, start, x0, y0, width, height, row_stride, channels, valid,
                                        channel_mask)
             v01, o01, m01 = _neighbour(value_base, start, x0 + 1, y0, width, height, row_stride, channels, valid,
