@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from codetr.config import DataConfig
 from codetr.data.batch import collate
 from codetr.data.coco import CocoDetection, transformed_sample
-from codetr.data.synthetic import check_generated, generate_synthetic_coco, synthetic_is_current
+from codetr.data.synthetic import generate_synthetic_coco, synthetic_is_current
 from codetr.data.transforms import build_transforms
 from codetr.errors import DatasetError, UserError
 
@@ -56,11 +56,10 @@ def _ensure_synthetic(cfg: DataConfig) -> None:
     if wrong:
         raise UserError("data.synthetic=true generates data under one folder in its own layout, but "
                         + "; ".join(wrong) + ": set data.synthetic=false to use your own dataset")
-    try:
-        check_generated(root)
+    try:  # the generator refuses a folder it did not write, before writing anything
+        generate_synthetic_coco(root, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, cfg.synthetic_seed)
     except UserError as err:
         raise UserError(f"data.synthetic=true: {err}; set data.synthetic=false to use them as your dataset") from None
-    generate_synthetic_coco(root, cfg.synthetic_train, cfg.synthetic_val, cfg.synthetic_size, cfg.synthetic_seed)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
