@@ -25,6 +25,8 @@ class Target:
     content_size: (height, width) of the resized image inside the input when the input is a canvas
              padded around it (LSJ test transform), which maps boxes back to ``orig_size``;
              None: the input is the resized image itself (``Batch.image_sizes``).
+    masks:   (N, h, w) bool instance masks aligned with ``boxes``, in the same pixel frame (h, w: the
+             transformed, unpadded input image), or None for box-only data.
     """
 
     boxes: Tensor
@@ -32,9 +34,12 @@ class Target:
     image_id: int = -1
     orig_size: tuple[int, int] = (0, 0)
     content_size: tuple[int, int] | None = None
+    masks: Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Target":
-        return Target(self.boxes.to(device), self.labels.to(device), self.image_id, self.orig_size, self.content_size)
+        masks = None if self.masks is None else self.masks.to(device)
+        return Target(self.boxes.to(device), self.labels.to(device), self.image_id, self.orig_size,
+                      self.content_size, masks)
 
 
 @dataclass
@@ -69,11 +74,13 @@ class Detections:
             (the caller rescales to the original image with ``orig_size``).
     scores: (K,) float in [0, 1].
     labels: (K,) int64, contiguous labels 0..num_classes-1.
+    masks:  (K, h, w) bool instance masks in the same frame as ``boxes``, or None (box-only model).
     """
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
+    masks: Tensor | None = None
 
 
 @dataclass
