@@ -19,6 +19,7 @@ import yaml
 
 from codetr.config import Config
 from codetr.errors import UserError
+from codetr.files import atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -265,7 +266,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_from_text(text: str, overrides: list[str] | None = None, source: str = "config") -> Config:

@@ -26,7 +26,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from codetr.devices import resolve_device
-    from codetr.files import check_writable_folder
+    from codetr.files import atomic_write_text, check_writable_folder
     from codetr.inference.evaluate import evaluate_on_val
     from codetr.inference.loading import load_model
 
@@ -39,6 +39,6 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise UserError(str(err)) from err
     path = out / ("metrics_tta.json" if args.tta else "metrics.json")
-    path.write_text(json.dumps(metrics, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(metrics, indent=1) + "\n")
     print(f"wrote {path}")
     return 0

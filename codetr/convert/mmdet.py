@@ -26,6 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -254,6 +255,45 @@ def coco_classes() -> tuple[list[str], list[int]]:
     return [name for _, name in kept], [i for i, _ in kept]
 
 
+def checkpoint_classes(meta: dict[str, Any]) -> list[str] | None:
+    """The class names an mmdet checkpoint's metadata holds (mmdet 2.x ``meta['CLASSES']``, 3.x
+    ``meta['dataset_meta']['classes']``), or None."""
+    dataset_meta = meta.get("dataset_meta")
+    names = dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None
+    names = names if names is not None else meta.get("CLASSES")
+    if isinstance(names, str):
+        names = [names]  # mmdet 2.x single-class runs store the bare name
+    if not isinstance(names, (list, tuple)) or not names:
+        return None
+    return [str(name) for name in names]
+
+
+def choose_classes(checkpoint: Path, meta: dict[str, Any], num_classes: int,
+                   classes: Path | None) -> tuple[list[str], list[int], str]:
+    """Class names, category ids and where they come from, for a checkpoint of ``num_classes``: the
+    ``--classes`` file, else the names in the checkpoint's metadata (category ids COCO's when they
+    are COCO's names, else 1..C), else COCO's for 80 classes; a CheckpointError otherwise."""
+    stored = checkpoint_classes(meta)
+    if classes is not None:
+        names, ids = read_classes(classes)
+        source = str(classes)
+    elif stored is not None and len(stored) == num_classes:
+        coco_names, coco_ids = coco_classes()
+        names, ids = stored, coco_ids if stored == coco_names else list(range(1, num_classes + 1))
+        source = "the checkpoint's metadata" + (" (COCO's names and ids)" if stored == coco_names else "")
+    elif num_classes == 80:
+        names, ids = coco_classes()
+        why = (f"its metadata names {len(stored)} classes" if stored is not None
+               else "the checkpoint's metadata holds none")
+        source = f"COCO's ({why}; pass --classes FILE for others)"
+    else:
+        hint = f" (its metadata names {len(stored)}: {stored[:5]}...)" if stored else ""
+        raise CheckpointError(f"{checkpoint} has {num_classes} classes{hint}: pass --classes FILE with their names")
+    if len(names) != num_classes:
+        raise CheckpointError(f"{classes} names {len(names)} classes but the checkpoint has {num_classes}")
+    return names, ids, source
+
+
 def read_classes(path: str | Path) -> tuple[list[str], list[int]]:
     """Class names and category ids from a COCO-format JSON (its ``categories``, sorted by id, as
     codetr's dataset orders labels) or a text file with one name per line (ids 1..C)."""
@@ -279,7 +319,8 @@ def convert_mmdet_file(checkpoint: Path, config: str | Path, out: Path, keep_aux
     """Convert the official ``checkpoint`` for the codetr ``config`` (+ dotted ``overrides``) into the
     safetensors file ``out`` (``codetr convert mmdet``); ``keep_aux`` keeps the auxiliary heads and
     positive-query layers; ``classes``: a COCO-format JSON or a text file of class names (default
-    COCO's for an 80-class checkpoint). Prints the report; a CheckpointError when it does not fit."""
+    those in the checkpoint's metadata, else COCO's for an 80-class checkpoint: :func:`choose_classes`).
+    Prints the report; a CheckpointError when it does not fit."""
     from codetr.config_parsing import config_to_dict, load_config
     from codetr.inference.weights import load_state, save_inference_weights
     from codetr.models.build import build_model
@@ -292,15 +333,7 @@ def convert_mmdet_file(checkpoint: Path, config: str | Path, out: Path, keep_aux
               "plain numbers")
     cfg.model = model_config_for(cfg.model, state)
     num_classes = cfg.model.num_classes
-    if classes is not None:
-        names, ids = read_classes(classes)
-    elif num_classes == 80:
-        names, ids = coco_classes()
-    else:
-        hint = f" (its metadata names {list(meta['CLASSES'])[:5]}...)" if meta.get("CLASSES") else ""
-        raise CheckpointError(f"{checkpoint} has {num_classes} classes{hint}: pass --classes FILE with their names")
-    if len(names) != num_classes:
-        raise CheckpointError(f"{classes or 'COCO'} names {len(names)} classes but the checkpoint has {num_classes}")
+    names, ids, source = choose_classes(checkpoint, meta, num_classes, classes)
 
     model = build_model(cfg.model)
     tensors = model.state_dict() if keep_aux else model.inference_state_dict()
@@ -310,5 +343,6 @@ def convert_mmdet_file(checkpoint: Path, config: str | Path, out: Path, keep_aux
     load_state(model, conversion.state_dict, str(checkpoint))
     save_inference_weights(out, conversion.state_dict, names, ids, config_to_dict(cfg))
     print(conversion.report())
-    print(f"wrote {out}: {num_classes} classes, config {config}")
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    print(f"wrote {out}: {num_classes} classes, config {config}; class names from {source}: {shown}")
     return conversion

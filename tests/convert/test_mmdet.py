@@ -31,7 +31,7 @@ from synthetic_config import synthetic_data
 
 from codetr.cli import main
 from codetr.config_parsing import load_config
-from codetr.convert.mmdet import coco_classes, convert_checkpoint, model_config_for, read_classes
+from codetr.convert.mmdet import choose_classes, coco_classes, convert_checkpoint, model_config_for, read_classes
 from codetr.convert.mmdet_checkpoint import CheckpointError, load_mmdet_checkpoint
 from codetr.convert.mmdet_rules import detect_detector
 from codetr.data import collate
@@ -411,6 +411,38 @@ def test_class_names(tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFi
     ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "ckpt.pth")
     base = ["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(tmp_path / "o.safetensors")]
     assert main(base) == 2
-    assert "has 6 classes (its metadata names ['a', 'b']...): pass --classes FILE" in capsys.readouterr().err
+    assert "has 6 classes (its metadata names 2: ['a', 'b']...): pass --classes FILE" in capsys.readouterr().err
     assert main([*base, "--classes", str(tmp_path / "c.txt")]) == 2
     assert "names 2 classes but the checkpoint has 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("meta", [{"CLASSES": ("circle", "square", "triangle", "star", "ring", "cross")},
+                                  {"dataset_meta": {"classes": ["circle", "square", "triangle", "star", "ring", "cross"]}}],
+                         ids=["mmdet2", "mmdet3"])
+def test_class_names_stored_in_the_checkpoint_are_written(meta: dict, tmp_path: Path, tiny_config: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --classes, the names in the checkpoint's metadata (mmdet 2.x CLASSES, 3.x dataset_meta)
+    go into the converted file, and the command says where the names came from."""
+    ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "ckpt.pth", meta)
+    out = tmp_path / "o.safetensors"
+    assert main(["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(out)]) == 0
+    assert ("class names from the checkpoint's metadata: circle, square, triangle, star, ring, ..."
+            in capsys.readouterr().out)
+    loaded = load_model(out)
+    assert loaded.class_names == list(meta.get("CLASSES") or meta["dataset_meta"]["classes"])
+    assert loaded.category_ids == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_80_class_checkpoint_keeps_its_own_names(tmp_path: Path) -> None:
+    """80 classes: the stored names win over COCO's (COCO's names keep COCO's ids); without stored
+    names, COCO's are used and the source says so."""
+    coco_names, coco_ids = coco_classes()
+    custom = [f"part{i}" for i in range(80)]
+    ckpt = tmp_path / "c.pth"
+    assert choose_classes(ckpt, {"CLASSES": custom}, 80, None)[:2] == (custom, list(range(1, 81)))
+    assert choose_classes(ckpt, {"CLASSES": coco_names}, 80, None)[:2] == (coco_names, coco_ids)
+    names, ids, source = choose_classes(ckpt, {}, 80, None)
+    assert (names, ids) == (coco_names, coco_ids) and source.startswith("COCO's (the checkpoint's metadata holds none")
+    names, _, source = choose_classes(ckpt, {"CLASSES": ("a", "b")}, 80, None)
+    assert names == coco_names and "its metadata names 2 classes" in source
+    assert choose_classes(ckpt, {"CLASSES": "bird"}, 1, None)[:2] == (["bird"], [1])
