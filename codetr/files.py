@@ -238,7 +238,7 @@ def run_lock(folder: str | Path, what: str = "--out") -> Iterator[None]:
     if fcntl is None:  # pragma: no cover - Windows
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(folder, what)
     path = folder / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, _file_mode())
     try:

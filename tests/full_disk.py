@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-TMPFS_BYTES = 4 * 2**20
+TMPFS_BYTES = 64 * 2**20  # room for a tiny model; memory is used only by what is written
 
 
 NO_TMPFS_ENV = "CODETR_TEST_NO_TMPFS"  # =1: use the patched writers even where a tmpfs could be mounted

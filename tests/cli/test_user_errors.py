@@ -22,6 +22,7 @@ from codetr.inference.weights import save_inference_weights
 from codetr.models.build import build_model
 from codetr.training.plots import read_metrics
 from codetr.training.run import train
+from full_disk import FullDisk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -274,3 +275,81 @@ def test_unwritable_output_folders_are_named_before_work_starts(weights: Path, t
     code, err = run(capsys, "train", TINY, "--out", str(out))
     assert code == 2
     assert_short(err, f"--out {out}: cannot write there")
+
+
+# ------------------------------------------------------------------ issue 35: one line, nothing half-written
+
+
+def test_onnx_files_given_where_they_do_not_belong_get_one_line(weights: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    image = write_images(tmp_path / "images", 1)[0]
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_bytes(b"not an ONNX model")
+    code, err = run(capsys, "predict", str(image), "--onnx", str(not_onnx), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_short(err, f"{not_onnx} is not a readable ONNX model", lines=2)
+    code, err = run(capsys, "predict", str(image), "--weights", str(not_onnx), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_short(err, f"{not_onnx} is an ONNX model: run it with --onnx", lines=2)
+    assert "pickl" not in err.lower() and "torch.load" not in err
+
+
+def test_unreadable_checkpoints_are_named_with_the_whole_reason(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's messages run over many lines of advice; the line saying what failed is kept whole."""
+    random_bytes = tmp_path / "random.pt"
+    random_bytes.write_bytes(os.urandom(3000))
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"model": torch.ones(100)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    for path, reason in ((random_bytes, "(Unsupported operand "),
+                         (truncated, "(PytorchStreamReader failed reading zip archive: failed finding central directory)")):
+        code, err = run(capsys, "eval", TINY, "--weights", str(path))
+        assert code == 2
+        assert_short(err, f"{path} is not a codetr training checkpoint: torch.load cannot read it", reason, lines=2)
+        assert err.splitlines()[0].endswith(")") and "weights_only" not in err
+
+
+def test_data_warnings_are_one_line_without_python_source(weights: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    images = write_images(tmp_path / "val", 2)
+    annotations = tmp_path / "val.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": i + 1, "file_name": p.name, "width": 40, "height": 32} for i, p in enumerate(images)],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20], "iscrowd": 0}],  # no area
+        "categories": [{"id": i, "name": f"c{i - 1}"} for i in range(1, 7)]}))
+    code, err = run(capsys, "eval", TINY, "--weights", str(weights), "--out", str(tmp_path / "o"), *SMALL,
+                    "data.synthetic=false", f"data.val_images={tmp_path / 'val'}", f"data.val_annotations={annotations}")
+    assert code == 0, err
+    warned = [line for line in err.splitlines() if "without 'area'" in line]
+    assert warned == [f"codetr: warning: {annotations}: annotation without 'area' (evaluation uses the box area w*h): "
+                      "1, e.g. annotation id 1 (image id 1)"], err
+    assert "warnings.warn" not in err and "UserWarning" not in err
+
+
+def test_predict_says_it_leaves_sub_folders_out(weights: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "images"
+    write_images(folder, 1)
+    write_images(folder / "more", 1)
+    code, err = run(capsys, "predict", str(folder), "--weights", str(weights), "--out", str(tmp_path / "o"))
+    assert code == 0
+    assert f"note: {folder} holds 1 sub-folder(s) (more); only the images directly in it are read" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["img0.png", "predictions.json"]
+
+
+def test_predict_on_a_full_disk_keeps_the_previous_outputs(weights: Path, tmp_path: Path, full_disk: FullDisk,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "images"
+    write_images(folder, 2)
+    out = full_disk.folder / "predictions"
+    argv = ["predict", str(folder), "--weights", str(weights), "--out", str(out), "--score-thr", "0"]
+    assert run(capsys, *argv)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(json.loads(before["predictions.json"])) > 0
+    full_disk.fill(leave=len(before["img1.png"]) + len(before["predictions.json"]) // 2)
+    code, err = run(capsys, *argv)
+    assert code == 2
+    assert_short(err, f"cannot write {out / 'predictions.json'}: no space left on device (the previous "
+                      "predictions.json is unchanged)", lines=2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary, nothing half-written
