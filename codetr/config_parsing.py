@@ -42,7 +42,7 @@ LIMITS: dict[str, float] = {
     "train.epochs": 1, "train.max_iters": 1, "train.eval_every": 0, "train.log_every": 1, "train.warmup_iters": 0,
     "train.accumulate": 1, "train.ema_total_iter": 1, "train.ema_interval": 1, "train.tensorboard_images": 0,
     "train.checkpoint_every": 0, "train.weight_decay": 0, "train.grad_clip": 0, "train.lr_steps": 0,
-    "train.lr_mult": 0,
+    "train.lr_mult": 0, "train.skip_nonfinite": 0,
     "data.batch_size": 1, "data.eval_batch_size": 1, "data.num_workers": 0, "data.pad_size_divisor": 1,
     "data.train_scales": 1, "data.max_size": 1, "data.crop_resize_scales": 1, "data.crop_max_size": 1,
     "data.crop_size": 1, "data.test_scale": 1, "data.lsj_size": 1, "data.synthetic_train": 1,

@@ -141,6 +141,10 @@ def train(
     if dist.init_distributed(device) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     main = dist.is_main_process()
+    if dist.is_distributed() and cfg.train.skip_nonfinite:
+        # a process skipping the backward of its forward would leave DistributedDataParallel waiting
+        raise UserError(f"train.skip_nonfinite={cfg.train.skip_nonfinite}: skipping bad steps works in single-process "
+                        "training only; under torchrun set train.skip_nonfinite=0 (a bad step stops the run)")
     with run_lock(out) if main else contextlib.nullcontext():
         return _train_in_folder(cfg, out, device, main, resume, build_model, overwrite, extra_hooks)
 
@@ -182,7 +186,7 @@ def _train_in_folder(cfg: Config, out: Path, device: torch.device, main: bool, r
     hooks = _hooks(cfg, out, detector, eval_hook, metrics, CheckpointHook(ckpt_path, extra, cfg.train.checkpoint_every),
                    main) + list(extra_hooks)
     trainer = Trainer(detector, loss_module, optimizer, schedule, loader, sampler, device,
-                      cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks, amp)
+                      cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks, amp, cfg.train.skip_nonfinite)
     if state is not None:
         trainer.load_state_dict(state, str(ckpt_path))
         del state

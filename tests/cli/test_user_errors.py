@@ -143,6 +143,7 @@ def test_a_corrupt_metrics_line_names_the_file_and_line(tmp_path: Path) -> None:
     ("data.tta.iou=1.5", "config key data.tta.iou: 1.5 is out of range (must be a number in [0, 1])"),
     ("model.dino.soft_nms_iou=-1", "config key model.dino.soft_nms_iou: -1.0 is out of range (must be a number in [0, 1])"),
     ("model.loss.focal_alpha=.nan", "config key model.loss.focal_alpha: nan is not a number"),
+    ("train.skip_nonfinite=-1", "config key train.skip_nonfinite: -1 is out of range (must be >= 0)"),
 ])
 def test_bad_config_values_are_refused_when_read(override: str, message: str, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
