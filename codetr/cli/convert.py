@@ -42,7 +42,9 @@ def add_parser(commands: Any) -> None:
 
 def run_hf(args: argparse.Namespace) -> int:
     from codetr.convert.hf_deformable_detr import convert_hf_folder
+    from codetr.files import CONFIG_NAME, remove_interrupted_writes
 
+    remove_interrupted_writes(args.dst.parent, [args.dst.name, CONFIG_NAME])
     convert_hf_folder(args.src, args.dst)
     return 0
 
@@ -50,7 +52,9 @@ def run_hf(args: argparse.Namespace) -> int:
 def run_mmdet(args: argparse.Namespace) -> int:
     from codetr.convert.mmdet import convert_mmdet_file
     from codetr.convert.mmdet_checkpoint import CheckpointError
+    from codetr.files import remove_interrupted_writes
 
+    remove_interrupted_writes(args.out.parent, [args.out.name])
     try:
         convert_mmdet_file(args.checkpoint, args.config, args.out, args.keep_aux, args.classes, args.overrides)
     except (CheckpointError, KeyError, TypeError, ValueError, yaml.YAMLError) as err:

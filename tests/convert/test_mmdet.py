@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,7 @@ from codetr.inference.loading import load_model
 from codetr.structures import Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
 
 ZOO = {  # packaged config -> official key/shape list
     "co_deformable_detr_r50_1x_coco": "co_deformable_detr_r50",
@@ -446,3 +452,50 @@ def test_an_80_class_checkpoint_keeps_its_own_names(tmp_path: Path) -> None:
     names, _, source = choose_classes(ckpt, {"CLASSES": ("a", "b")}, 80, None)
     assert names == coco_names and "its metadata names 2 classes" in source
     assert choose_classes(ckpt, {"CLASSES": "bird"}, 1, None)[:2] == (["bird"], [1])
+
+
+@pytest.mark.slow
+def test_sigterm_or_a_kill_during_convert_leaves_no_temporary_behind(tiny_config: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM while `codetr convert` writes its output: exit 143 with one line, the previous output
+    intact and no temporary file; the temporary of a process killed outright (SIGKILL) is removed by the
+    next convert into that folder."""
+    ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "official.pth")
+    out = tmp_path / "out" / "converted.safetensors"
+    argv = ["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(out),
+            "--classes", str(tiny_config.parent / "classes.txt")]
+    assert main(argv) == 0
+    previous = out.read_bytes()
+    ready = tmp_path / "ready"
+    # the child stops for good in the fsync of the output's temporary file, once it is written
+    script = ("import os, pathlib, sys, time; ready = pathlib.Path(sys.argv.pop(1)); "
+              "os.fsync = lambda fd: (ready.touch(), time.sleep(120)); "
+              "from codetr.cli import main; sys.exit(main())")
+
+    def stopped_child(sig: signal.Signals) -> subprocess.CompletedProcess:
+        ready.unlink(missing_ok=True)
+        child = subprocess.Popen([sys.executable, "-c", script, str(ready), *argv], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            deadline = time.monotonic() + 240
+            while not ready.exists():
+                assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+                time.sleep(0.05)
+            assert [p.name for p in out.parent.glob(".converted.safetensors.*.tmp")]  # being written
+            child.send_signal(sig)
+            stdout, stderr = child.communicate(timeout=60)
+        finally:
+            child.kill()
+        return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+    done = stopped_child(signal.SIGTERM)
+    assert done.returncode == 143 and done.stderr.strip().splitlines() == [
+        "codetr: stopped by SIGTERM (no file was left half-written)"], done.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["converted.safetensors"] and out.read_bytes() == previous
+
+    assert stopped_child(signal.SIGKILL).returncode == -signal.SIGKILL
+    [orphan] = out.parent.glob(".converted.safetensors.*.tmp")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"removed 1 temporary file(s) of interrupted saves in {out.parent}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["converted.safetensors"]
