@@ -149,7 +149,9 @@ class Trainer:
                 steps = min(len(self.sampler) - self.iter_in_epoch, self.total_iters - self.iteration)
                 self._tick = time.perf_counter()
                 for batch in islice(self.loader, steps):
-                    if self.step(batch):
+                    skipped = self.skipped
+                    self.step(batch)
+                    if self.skipped == skipped:  # the hooks do not see a skipped step
                         for hook in self.hooks:
                             hook.after_step(self)
                     if self.stop_requested():
@@ -175,10 +177,10 @@ class Trainer:
             self._stopping = dist.any_process(self._signals.received is not None, self.device)
         return self._stopping
 
-    def step(self, batches: list[Batch]) -> bool:
-        """One optimizer step over the micro-batches of an iteration (``train.accumulate`` of them);
-        False when the step was skipped (a non-finite loss or gradient, within ``skip_nonfinite``:
-        the weights stay, the iteration counts, the hooks do not see it).
+    def step(self, batches: list[Batch]) -> None:
+        """One optimizer step over the micro-batches of an iteration (``train.accumulate`` of them),
+        or a skipped one (a non-finite loss or gradient, within ``skip_nonfinite``: the weights stay,
+        the iteration counts, ``skipped`` counts it and the hooks do not see it).
 
         Each micro-batch's losses are weighted by its share of the iteration's images before its
         backward pass, so the accumulated gradient is that of one batch of all the images for losses
@@ -211,7 +213,8 @@ class Trainer:
                         problem = f"non-finite loss terms {bad}"
                 # every process stops together: one going on alone would wait in the backward's all-reduce
                 if dist.any_process(problem is not None, self.device):
-                    return self._skip_or_stop(problem or "non-finite losses in another process")
+                    self._skip_or_stop(problem or "non-finite losses in another process")
+                    return
                 self.scaler.scale(total * share).backward()
             for key, value in losses.items():
                 self.losses[key] = self.losses.get(key, 0.0) + value.item() * share
@@ -227,12 +230,12 @@ class Trainer:
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
-            return self._skip_or_stop(f"non-finite gradients (norm {norm.item():.4g}) of finite loss terms")
+            self._skip_or_stop(f"non-finite gradients (norm {norm.item():.4g}) of finite loss terms")
+            return
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self._count_step()
         self.step_images = num_images * dist.world_size()  # each process takes as many images
-        return True
 
     def _count_step(self) -> None:
         self.iteration += 1
@@ -240,8 +243,8 @@ class Trainer:
         now = time.perf_counter()
         self.step_time, self._tick = now - self._tick, now
 
-    def _skip_or_stop(self, what: str) -> bool:
-        """A bad step (``what`` went wrong), before the weights change: skipped (returns False) while
+    def _skip_or_stop(self, what: str) -> None:
+        """A bad step (``what`` went wrong), before the weights change: skipped while
         fewer than ``skip_nonfinite`` were, else the run stops with :class:`TrainingDiverged` (the last
         checkpoint stays good)."""
         if self.skipped >= self.skip_nonfinite:
@@ -254,7 +257,6 @@ class Trainer:
         log(f"skipped iteration {self.iteration + 1}: {what} ({self.skipped} of train.skip_nonfinite="
             f"{self.skip_nonfinite} skipped)")
         self._count_step()
-        return False
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, position, RNG, hook states.

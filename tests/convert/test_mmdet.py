@@ -42,6 +42,7 @@ from codetr.convert.mmdet_rules import detect_detector
 from codetr.data import collate
 from codetr.inference.loading import load_model
 from codetr.structures import Target
+from full_disk import FullDisk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -499,3 +500,20 @@ def test_sigterm_or_a_kill_during_convert_leaves_no_temporary_behind(tiny_config
     assert main(argv) == 0
     assert f"removed 1 temporary file(s) of interrupted saves in {out.parent}" in capsys.readouterr().out
     assert sorted(p.name for p in out.parent.iterdir()) == ["converted.safetensors"]
+
+
+def test_convert_on_a_full_disk_keeps_the_previous_output(tiny_config: Path, tmp_path: Path, full_disk: FullDisk,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "official.pth")
+    out = full_disk.folder / "converted.safetensors"
+    argv = ["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(out),
+            "--classes", str(tiny_config.parent / "classes.txt")]
+    assert main(argv) == 0
+    previous = out.read_bytes()
+    full_disk.fill(leave=len(previous) // 2)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"codetr: error: cannot write {out}: no space left on device (the previous converted.safetensors is unchanged)")
+    assert out.read_bytes() == previous
+    assert [p.name for p in full_disk.folder.iterdir() if p.name.endswith(".tmp")] == []
