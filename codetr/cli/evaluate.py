@@ -26,7 +26,7 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from codetr.devices import resolve_device
-    from codetr.files import atomic_write_text, check_writable_folder, run_lock
+    from codetr.files import atomic_write_text, check_writable_folder, remove_interrupted_writes, run_lock
     from codetr.inference.evaluate import evaluate_on_val
     from codetr.inference.loading import load_model
 
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     what = "--out" if args.out else "the folder of --weights"
     out = check_writable_folder(args.out or Path(args.weights).parent, what)
     with run_lock(out, what):  # not into the folder of a run training there
+        remove_interrupted_writes(out, ["metrics.json", "metrics_tta.json"])
         try:
             detect = with_tta(loaded).detect if args.tta else None
             metrics = evaluate_on_val(loaded.model, cfg.data, loaded.category_ids, str(args.weights), detect)
