@@ -65,7 +65,7 @@ class CocoDetection(Dataset):
         self.with_masks = with_masks
         self.mix = mix
         dataset = load_annotations(self.annotations_file)
-        self.report = DatasetReport(self.annotations_file, self.images_dir, masks=with_masks)
+        self.report = DatasetReport(self.annotations_file, self.images_dir, masks=with_masks, segmentations=with_masks)
         inspect_dataset(dataset, self.report, decode=False, max_pixels=max_image_pixels)
         self.report.raise_errors()
         self.report.warn()

@@ -373,8 +373,8 @@ def test_masks_needed_but_missing_or_unreadable_are_errors_naming_the_annotation
     image_dir, ann_file = _write(tmp_path, [_img(1)], anns, [{"id": 1, "name": "a"}])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        CocoDetection(image_dir, ann_file)  # box-only: warned, not refused
-    assert any("RLE segmentation whose size" in str(w.message) for w in caught)
+        CocoDetection(image_dir, ann_file)  # box-only: segmentations not even read
+    assert not any("segmentation" in str(w.message) for w in caught)
     with pytest.raises(UserError, match=r"(?s)annotation id 1 \(image id 1\).*annotation id 2 \(image id 1\): RLE size"):
         CocoDetection(image_dir, ann_file, with_masks=True)
 
