@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
 from codetr.config import DataConfig
+from codetr.config_parsing import ConfigError
 from codetr.data.batch import collate
 from codetr.data.coco import CocoDetection, transformed_sample
 from codetr.data.copy_paste import CopyPaste
@@ -83,7 +84,7 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
         _ensure_synthetic(cfg)
     paste = split == "train" and cfg.copy_paste
     if paste and (cfg.augment != "lsj" or not cfg.with_masks):
-        raise ValueError(f"data.copy_paste needs data.augment: lsj and data.with_masks: true (got augment "
+        raise ConfigError(f"data.copy_paste needs data.augment: lsj and data.with_masks: true (got augment "
                          f"{cfg.augment!r}, with_masks {cfg.with_masks})")
     transforms = build_transforms(cfg, train=split == "train", normalize=not paste)
     mix = CopyPaste(v2.Compose(normalize_transforms(cfg))) if paste else None

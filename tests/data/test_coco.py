@@ -394,5 +394,5 @@ def test_copy_paste_samples_keep_boxes_on_their_masks(tmp_path):
         torch.testing.assert_close(mask_boxes(target.masks), target.boxes)  # all recomputed from the masks
         counts.append(len(target.boxes))
     assert max(counts) > 0
-    with pytest.raises(ValueError, match="data.copy_paste needs data.augment: lsj and data.with_masks"):
+    with pytest.raises(UserError, match="data.copy_paste needs data.augment: lsj and data.with_masks"):
         build_dataset(_synthetic_cfg(tmp_path, with_masks=True, copy_paste=True), "train")
