@@ -58,7 +58,7 @@ def coco_results(
     for det, (h, w), target in zip(detections, batch.image_sizes.tolist(), batch.targets):
         boxes = rescale_boxes(det.boxes.detach().float().cpu(), (h, w), target.orig_size, target.content_size)
         masks = (None if det.masks is None else
-                 rescale_masks(det.masks.detach()[:, :h, :w].cpu(), target.orig_size, target.content_size))
+                 rescale_masks(det.masks.detach()[:, :h, :w], target.orig_size, target.content_size).cpu())
         records += detection_records(Detections(boxes, det.scores, det.labels, masks), target.image_id, category_ids)
     return records
 

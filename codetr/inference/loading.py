@@ -50,8 +50,8 @@ class LoadedModel:
         det = self.model.predict(batch)[0]
         (h, w) = pixels.shape[-2:]
         boxes = rescale_boxes(det.boxes.float().cpu(), (h, w), target.orig_size, target.content_size)
-        masks = None if det.masks is None else rescale_masks(det.masks[:, :h, :w].cpu(), target.orig_size,
-                                                             target.content_size)
+        masks = None if det.masks is None else rescale_masks(det.masks[:, :h, :w], target.orig_size,
+                                                             target.content_size).cpu()
         return Detections(boxes, det.scores.float().cpu(), det.labels.cpu(), masks)
 
 
