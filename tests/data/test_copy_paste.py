@@ -18,7 +18,7 @@ def _target(rects: list[tuple[int, int, int, int]], labels: list[int], size: int
 
 
 def test_selection_draws_zero_to_min_n_and_max_minus_one_distinct_objects():
-    target = _target([(i, i, i + 5, i + 5) for i in range(6)], list(range(6)))
+    target = _target([(i, i, i + 5, i + 5) for i in range(6)], list(range(6)), size=16)
     torch.manual_seed(0)
     counts = Counter()
     for _ in range(400):
