@@ -12,8 +12,10 @@ checkpoint is deleted once converted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import sys
 from pathlib import Path
 
 from safetensors import safe_open
@@ -102,7 +104,8 @@ def _convert(checkpoint: Path, release: Release, folder: Path) -> None:
     weights = folder / WEIGHTS_NAME
     (folder / CONFIG_NAME).unlink(missing_ok=True)  # the folder counts as cached only once both files are new
     try:
-        convert_mmdet_file(checkpoint, release.config, weights)
+        with contextlib.redirect_stdout(sys.stderr):  # the converter's report; stdout: `codetr weights get`'s folder
+            convert_mmdet_file(checkpoint, release.config, weights)
         with safe_open(str(weights), framework="pt") as f:
             atomic_write_text(folder / CONFIG_NAME, f.metadata()["config"])
     except CheckpointError as err:
