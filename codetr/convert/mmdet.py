@@ -287,7 +287,8 @@ def convert_mmdet_file(checkpoint: Path, config: str | Path, out: Path, keep_aux
     """Convert the official ``checkpoint`` for the codetr ``config`` (+ dotted ``overrides``) into the
     safetensors file ``out`` (``codetr convert mmdet``); ``keep_aux`` keeps the auxiliary heads and
     positive-query layers; ``classes``: a COCO-format JSON or a text file of class names (default
-    COCO's for an 80-class checkpoint). Prints the report; a CheckpointError when it does not fit."""
+    COCO's for an 80-class checkpoint, else the names in its metadata with ids 1..C). Prints the report;
+    a CheckpointError when it does not fit."""
     from codetr.config_parsing import config_to_dict, load_config
     from codetr.inference.weights import load_state, save_inference_weights
     from codetr.models.build import build_model

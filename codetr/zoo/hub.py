@@ -63,7 +63,7 @@ def model_card(repo_id: str, config: dict[str, Any], class_names: list[str], met
     lines = ["---", "library_name: codetr", "pipeline_tag: object-detection", "tags: [object-detection, co-detr, codetr]",
              "---", "", f"# {repo_id.split('/')[-1]}", "",
              f"A {model.get('arch', '?')} detector ({model.get('backbone', {}).get('name', '?')} backbone, "
-             f"{len(class_names)} classes) in [codetr](https://github.com/)'s format.", "",
+             f"{len(class_names)} classes) in the format of codetr (a pure-PyTorch Co-DETR; `pip install codetr`).", "",
              "```python", "from codetr import Detector", f'det = Detector.from_pretrained("{repo_id}")',
              'det.predict("image.jpg")[0]', "```", ""]
     if metrics:
