@@ -108,10 +108,11 @@ def _convert(checkpoint: Path, release: Release, folder: Path) -> None:
             convert_mmdet_file(checkpoint, release.config, weights)
         with safe_open(str(weights), framework="pt") as f:
             atomic_write_text(folder / CONFIG_NAME, f.metadata()["config"])
-    except CheckpointError as err:
-        raise UserError(f"{release.name}: the checkpoint does not convert for config {release.config}: {err}") from err
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
+    except BaseException as err:
+        weights.unlink(missing_ok=True)  # no half-made model left in the cache
+        if isinstance(err, CheckpointError):
+            raise UserError(f"{release.name}: the checkpoint does not convert for config {release.config}: {err}") from err
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise UserError(f"no space left on the device of {folder} while writing the converted {release.name}; "
                             f"free some space (or set {CACHE_ENV} to another disk) and run again") from err
         raise

@@ -173,6 +173,15 @@ def test_full_disk_is_one_line_and_leaves_no_part(server: LoopbackServer, monkey
     assert cache_files(cache) == [] and not part.is_symlink()
 
 
+def test_a_checkpoint_that_does_not_convert_leaves_nothing(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch,
+                                                           tiny: tuple[Path, bytes], cache: Path) -> None:
+    release = serve(server, monkeypatch, tiny)
+    monkeypatch.setitem(registry.BY_NAME, NAME, Release(**{**vars(release), "config": "co_deformable_detr_tiny"}))
+    with pytest.raises(UserError, match=f"{NAME}: the checkpoint does not convert for config co_deformable_detr_tiny"):
+        Detector.from_pretrained(NAME, device="cpu")
+    assert cache_files(cache) == []  # neither the download nor a model
+
+
 def test_weights_get_converts_a_file_downloaded_by_hand(tiny: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch,
                                                         tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config, data = tiny
