@@ -121,7 +121,7 @@ class Detector:
         """Load a published or saved detector, ``name_or_path`` being:
 
         - a folder holding ``model.safetensors`` and ``config.yaml`` (what ``codetr train`` and
-          :meth:`save_pretrained` write);
+          :meth:`save_pretrained` write), or a weights file (its config beside it or stored in it);
         - a model-zoo name (``codetr weights list``, e.g. ``"co_dino_5scale_lsj_r50_1x_coco"``): the
           released checkpoint is downloaded, checked, converted and cached on first use, then loaded
           from the cache without network (:mod:`codetr.zoo`);
@@ -131,6 +131,8 @@ class Detector:
         from codetr.zoo import pretrained_folder
 
         folder = pretrained_folder(name_or_path)
+        if folder.is_file():
+            return cls(None, folder, device)
         missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder} is not a pretrained detector folder: no {' and no '.join(missing)}")

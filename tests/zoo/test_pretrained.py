@@ -100,6 +100,7 @@ def test_from_pretrained_downloads_checks_converts_caches_and_then_needs_no_serv
 
     again = Detector.from_pretrained(NAME, device="cpu")
     assert len(server.served.requests) == 1  # from the cache
+    assert Detector.from_pretrained(cache / "models" / NAME / "model.safetensors", "cpu").class_names == CLASSES
     server.httpd.shutdown()  # offline
     offline = Detector.from_pretrained(NAME, device="cpu").predict(image(), score_thr=0.0)[0]
     torch.testing.assert_close(offline.scores, again.predict(image(), score_thr=0.0)[0].scores)
@@ -212,3 +213,16 @@ def test_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatch, t
 def test_unknown_name_suggests_the_closest() -> None:
     with pytest.raises(UserError, match="did you mean co_dino_5scale_lsj_r50_1x_coco"):
         Detector.from_pretrained("co_dino_5scale_lsj_r50_1x_cocoo")
+
+
+def test_weights_list_marks_what_is_cached(cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = cache / "models" / "co_dino_5scale_lsj_r50_1x_coco"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "config.yaml").write_text("")
+    assert main(["weights", "list"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["co_dino_5scale_lsj_r50_1x_coco"][-2:] == ["download", "yes"]
+    assert rows["co_dino_5scale_lsj_r50_1x_coco"][1:4] == ["R50", "COCO", "52.0"]
+    assert rows["co_dino_5scale_vit_large_coco"][-2:] == ["hub", "no"]
+    assert rows["co_deformable_detr_r50_1x_coco"][-3:] == ["by", "hand", "no"]
