@@ -28,6 +28,7 @@ def is_repo_id(text: str) -> bool:
 def _hub() -> Any:
     try:
         import huggingface_hub
+        import huggingface_hub.utils  # the error classes, there since 0.20
     except ImportError:
         raise UserError("the Hugging Face Hub needs the optional package huggingface_hub: "
                         "pip install 'codetr[hub]'") from None
@@ -42,13 +43,13 @@ def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
     for filename in (CONFIG_NAME, WEIGHTS_NAME):
         try:
             paths.append(Path(hub.hf_hub_download(repo_id, filename, revision=revision, library_name="codetr")))
-        except hub.errors.LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the cache
+        except hub.utils.LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not in the cache
             raise UserError(f"{filename} of {repo_id} is not in the Hugging Face cache and the Hub cannot be reached "
                             "(no network, or HF_HUB_OFFLINE=1)") from None
-        except hub.errors.EntryNotFoundError:
+        except hub.utils.EntryNotFoundError:
             raise UserError(f"Hugging Face repository {repo_id} has no {filename}: not a codetr model "
                             "(Detector.push_to_hub writes one)") from None
-        except hub.errors.RepositoryNotFoundError:
+        except hub.utils.RepositoryNotFoundError:
             raise UserError(f"{repo_id}: no such Hugging Face repository (or it is private: log in with "
                             "`hf auth login`), and no such local folder") from None
         except OSError as err:  # HfHubHTTPError is one
