@@ -122,10 +122,22 @@ class Detector:
     # ---- other constructors ----------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> Detector:
-        """Load a folder holding ``model.safetensors`` and ``config.yaml`` (what ``codetr train``
-        and :meth:`save_pretrained` write)."""
-        folder = Path(folder)
+    def from_pretrained(cls, name_or_path: str | Path, device: str = "auto") -> Detector:
+        """Load a published or saved detector, ``name_or_path`` being:
+
+        - a folder holding ``model.safetensors`` and ``config.yaml`` (what ``codetr train`` and
+          :meth:`save_pretrained` write), or a weights file (its config beside it or stored in it);
+        - a model-zoo name (``codetr weights list``, e.g. ``"co_dino_5scale_lsj_r50_1x_coco"``): the
+          released checkpoint is downloaded, checked, converted and cached on first use, then loaded
+          from the cache without network (:mod:`codetr.zoo`);
+        - a Hugging Face Hub repository ``"user/name"`` written by :meth:`push_to_hub` (needs
+          ``pip install 'codetr[hub]'``).
+        """
+        from codetr.zoo import pretrained_folder
+
+        folder = pretrained_folder(name_or_path)
+        if folder.is_file():
+            return cls(None, folder, device)
         missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder} is not a pretrained detector folder: no {' and no '.join(missing)}")
@@ -235,6 +247,20 @@ class Detector:
         save_inference_weights(folder / WEIGHTS_NAME, loaded.model.inference_state_dict(), names, ids,
                                config_to_dict(self.cfg))
         return folder
+
+    def push_to_hub(self, repo_id: str, metrics: dict[str, float] | None = None, private: bool | None = None,
+                    token: str | None = None) -> str:
+        """Upload :meth:`save_pretrained`'s files and a model card (config, class names, ``metrics``) to
+        the Hugging Face Hub repository ``repo_id`` (created if needed; ``pip install 'codetr[hub]'``,
+        logged in with ``hf auth login`` or ``token``); returns its URL. :meth:`from_pretrained` loads it."""
+        import tempfile
+
+        from codetr.zoo import model_card, push_folder
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            card = model_card(repo_id, config_to_dict(self.cfg), self.class_names, metrics)
+            return push_folder(Path(folder), repo_id, card, private, token)
 
     def export(self, path: str | Path, opset: int | None = None, grid_sample: bool = True) -> Path:
         """Write the inference graph as ONNX (``codetr export``); see :mod:`codetr.export.onnx`."""
