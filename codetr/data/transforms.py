@@ -2,10 +2,10 @@
 
 Transforms are called as ``t(image, {"boxes": BoundingBoxes (N, 4) xyxy, "labels": (N,) int64})``
 and return the same structure, boxes following every geometric change of the image. Instance
-masks, ``"masks": tv_tensors.Mask (N, H, W) bool`` when present, follow the image too (resized by
-nearest neighbour, as mmdet's ``BitmapMasks``; padded with False) and are dropped with their boxes. The LSJ
-test transform adds ``"content_size"`` to the dict: the (height, width) of the resized image
-inside the padded canvas.
+masks, ``"masks": tv_tensors.Mask (N, H, W) bool`` when present, follow the image too (resized
+by nearest neighbour, as mmdet's ``BitmapMasks``; padded with False) and are dropped with their
+boxes. The LSJ test transform adds ``"content_size"`` to the dict: the (height, width) of the
+resized image inside the padded canvas.
 
 ``DataConfig.resize`` picks the resize arithmetic: torchvision's, or the released pipeline's
 ("mmcv": mmcv 1.x ``Resize(keep_ratio=True)`` sizes, cv2 ``INTER_LINEAR`` pixels computed here
