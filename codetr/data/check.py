@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from faster_coco_eval import COCO
-from faster_coco_eval.core import mask as coco_mask
 
 from codetr.data.image import DEFAULT_MAX_IMAGE_PIXELS, ORIENTATIONS, SWAPS_AXES, ImageHeader, open_image, read_header
-from codetr.data.masks import MIN_POLYGON_NUMBERS, polygon_parts
+from codetr.data.masks import MIN_POLYGON_NUMBERS, polygon_parts, rle_runs
 from codetr.errors import DatasetError, FileMissingError, ImageFileError
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
@@ -435,19 +434,17 @@ def _check_rle(rle: dict[str, Any], width: int, height: int, where: str, report:
         report.add("segmentation_rle_size", f"{where}: RLE size {size} but the image is [{height}, {width}] "
                                             f"(height, width)")
         return
-    if isinstance(counts, list):
-        if sum(counts) != height * width:
-            report.add("segmentation_rle_size", f"{where}: RLE counts cover {sum(counts)} pixels, the {height}x{width} "
-                                                f"image {height * width}")
-            return
-        area = sum(counts[1::2])
-    else:
+    if isinstance(counts, str):
         try:
-            area = int(coco_mask.area(rle))
-        except RuntimeError as err:
+            counts = rle_runs(counts)
+        except ValueError as err:
             report.add("segmentation_field", f"{where}: RLE counts unreadable ({err})")
             return
-    if area == 0:
+    if sum(counts) != height * width:
+        report.add("segmentation_rle_size", f"{where}: RLE counts cover {sum(counts)} pixels, the {height}x{width} "
+                                            f"image {height * width}")
+        return
+    if sum(counts[1::2]) == 0:
         report.add("segmentation_empty", f"{where}: RLE without a pixel")
 
 

@@ -29,6 +29,37 @@ def polygon_parts(segmentation: list[Any]) -> list[list[float]]:
     return [part for part in segmentation if len(part) >= MIN_POLYGON_NUMBERS]
 
 
+def rle_runs(counts: str) -> list[int]:
+    """The run lengths of a compressed RLE ``counts`` string (pycocotools' format: each number in
+    5-bit groups, characters from 48 on, a continuation bit 0x20 and a sign bit 0x10 in the last
+    group; from the fourth run on, the difference to the run two before). A ValueError for a
+    string that is not one (a character out of range, a number cut off, a negative run): the
+    C decoders do not check, and write past the mask on such input."""
+    runs: list[int] = []
+    position = 0
+    while position < len(counts):
+        value = shift = 0
+        more = True
+        while more:
+            if position == len(counts):
+                raise ValueError("the string ends inside a number")
+            code = ord(counts[position]) - 48
+            if not 0 <= code < 64:
+                raise ValueError(f"character {counts[position]!r} at {position} is not part of the encoding")
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError(f"run {len(runs)} is negative ({value})")
+        runs.append(value)
+    return runs
+
+
 def segmentation_to_rle(segmentation: list[Any] | dict[str, Any], height: int, width: int) -> dict[str, Any]:
     """One compressed RLE (``counts`` bytes) of a COCO segmentation in an image of ``height`` x
     ``width``: polygon parts merged (parts of fewer than three points left out), uncompressed RLE

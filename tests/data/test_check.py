@@ -240,7 +240,8 @@ SEGMENTATION_CASES = [  # (segmentation, kind, words of its message); the image 
     ([SQUARE[0], [1, 1]], "segmentation_points", "has 1 point(s)"),
     ({"size": [64, 48], "counts": [64 * 48]}, "segmentation_rle_size", "RLE size [64, 48] but the image is [48, 64]"),
     ({"size": [48, 64], "counts": [100, 20]}, "segmentation_rle_size", "RLE counts cover 120 pixels"),
-    ({"size": [48, 64], "counts": "garbage!"}, "segmentation_field", "RLE counts unreadable"),
+    ({"size": [48, 64], "counts": "garbage!"}, "segmentation_field", "RLE counts unreadable (character 'r' at 2 is not part"),
+    ({"size": [48, 64], "counts": "P13700000`1"}, "segmentation_rle_size", "RLE counts cover 120 pixels"),  # a 10x12 mask
     ({"size": [48], "counts": [3]}, "segmentation_field", "'size' [height, width]"),
     ([[10, 10, 30, 10, 30]], "segmentation_field", "an even count"),
     ("polygon", "segmentation_field", "must be polygons"),

@@ -6,7 +6,7 @@ import pycocotools.mask as reference
 import pytest
 import torch
 
-from codetr.data.masks import decode_segmentation, encode_masks, mask_boxes, rescale_masks
+from codetr.data.masks import decode_segmentation, encode_masks, mask_boxes, rescale_masks, rle_runs
 
 
 def _rng_masks(count: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -19,6 +19,17 @@ def _rng_masks(count: int, height: int, width: int, seed: int = 0) -> torch.Tens
             y1, y2 = sorted(torch.randint(0, height + 1, (2,), generator=gen).tolist())
             masks[i, y1:y2, x1:x2] = True
     return masks
+
+
+def _runs(mask: np.ndarray) -> list[int]:
+    """Run lengths of a mask, column by column, starting with background, counted by hand."""
+    runs, value, count = [], False, 0
+    for pixel in mask.flatten(order="F"):
+        if pixel != value:
+            runs.append(count)
+            value, count = pixel, 0
+        count += 1
+    return runs + [count]
 
 
 def _pycocotools_polygons(polygons: list[list[float]], height: int, width: int) -> np.ndarray:
@@ -47,14 +58,18 @@ def test_uncompressed_and_compressed_rle_decode_as_pycocotools_does():
         rle = reference.encode(np.asfortranarray(mask.astype(np.uint8)))
         compressed = {"size": rle["size"], "counts": rle["counts"].decode()}
         np.testing.assert_array_equal(decode_segmentation(compressed, 23, 17), mask)
-        runs, flat, value, count = [], mask.flatten(order="F"), False, 0  # uncompressed counts, by hand
-        for pixel in flat:
-            if pixel != value:
-                runs.append(count)
-                value, count = pixel, 0
-            count += 1
-        runs.append(count)
-        np.testing.assert_array_equal(decode_segmentation({"size": [23, 17], "counts": runs}, 23, 17), mask)
+        np.testing.assert_array_equal(decode_segmentation({"size": [23, 17], "counts": _runs(mask)}, 23, 17), mask)
+
+
+def test_compressed_counts_read_back_as_the_runs_counted_by_hand():
+    masks = _rng_masks(8, 40, 70, seed=5)
+    masks[0] = True  # one run of 2800 (several 5-bit groups), and runs that shrink (negative differences)
+    for mask in masks.numpy():
+        rle = reference.encode(np.asfortranarray(mask.astype(np.uint8)))
+        assert rle_runs(rle["counts"].decode()) == _runs(mask)
+    for broken, words in (("P1370000!", "character '!' at 8"), ("P13700000`", "ends inside a number"), ("011M", "run 3 is negative")):
+        with pytest.raises(ValueError, match=words):
+            rle_runs(broken)
 
 
 def test_encoded_masks_are_coco_results_rle_that_pycocotools_decodes():
