@@ -33,8 +33,8 @@ def rle_runs(counts: str) -> list[int]:
     """The run lengths of a compressed RLE ``counts`` string (pycocotools' format: each number in
     5-bit groups, characters from 48 on, a continuation bit 0x20 and a sign bit 0x10 in the last
     group; from the fourth run on, the difference to the run two before). A ValueError for a
-    string that is not one (a character out of range, a number cut off, a negative run): the
-    C decoders do not check, and write past the mask on such input."""
+    string that is not one (a character out of range, a number cut off, a negative run):
+    pycocotools' C decoder does not check, and writes past the mask on such input."""
     runs: list[int] = []
     position = 0
     while position < len(counts):
