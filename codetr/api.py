@@ -4,6 +4,7 @@
     det = Detector("co_deformable_detr_tiny", weights="runs/demo/model.safetensors")
     result = det.predict("image.jpg")[0]
     result.boxes, result.scores, result.labels, result.names   # xyxy pixels of the image
+    result.masks                                               # (K, H, W) bool, or None (box-only model)
 
 ``predict`` runs :meth:`codetr.inference.loading.LoadedModel.detect` (what ``codetr predict``
 runs), ``evaluate`` :func:`codetr.inference.evaluate.evaluate_on_val` (``codetr eval``),
@@ -31,7 +32,7 @@ from codetr.data.image import read_image, to_rgb
 from codetr.devices import resolve_device
 from codetr.files import CONFIG_NAME, WEIGHTS_NAME
 from codetr.inference.loading import ImageDetector, LoadedModel, build_detector, build_loaded, load_model
-from codetr.inference.predict import list_images
+from codetr.inference.predict import list_images, select_detections
 from codetr.inference.tta import TTADetector
 from codetr.inference.weights import save_inference_weights
 from codetr.structures import Detections
@@ -51,6 +52,8 @@ class Prediction:
     labels: (K,) int64 contiguous labels 0..C-1 (``category_ids[label]`` is the dataset id).
     names:  the class name of each detection.
     path:   the image file, when the input was one.
+    masks:  (K, H, W) bool instance masks in pixels of the input image, or None (a box-only model,
+            or test-time augmentation, which merges boxes only).
     """
 
     boxes: Tensor
@@ -58,13 +61,14 @@ class Prediction:
     labels: Tensor
     names: list[str]
     path: Path | None = None
+    masks: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def to_supervision(self) -> "supervision.Detections":
         """These detections as ``supervision.Detections`` (needs ``pip install supervision``),
-        class names in ``data["class_name"]``."""
+        class names in ``data["class_name"]``, masks (if any) in ``mask`` ((K, H, W) bool)."""
         try:
             import supervision
         except ImportError:
@@ -73,6 +77,7 @@ class Prediction:
         return supervision.Detections(xyxy=self.boxes.numpy().astype(np.float32),
                                       confidence=self.scores.numpy().astype(np.float32),
                                       class_id=self.labels.numpy().astype(int),
+                                      mask=None if self.masks is None else self.masks.numpy().astype(bool),
                                       data={"class_name": np.array(self.names, dtype=str)})
 
 
@@ -179,10 +184,9 @@ class Detector:
         results = []
         for image, path in _images(source, self.cfg.data.max_image_pixels):
             det: Detections = runner.detect(image)
-            keep = det.scores >= score_thr
-            labels = det.labels[keep]
-            results.append(Prediction(det.boxes[keep], det.scores[keep], labels, [names[i] for i in labels.tolist()],
-                                      path))
+            det = select_detections(det, det.scores >= score_thr)
+            results.append(Prediction(det.boxes, det.scores, det.labels, [names[i] for i in det.labels.tolist()],
+                                      path, det.masks))
         return results
 
     # ---- training, evaluation, saving, export ----------------------------------------------------
