@@ -255,36 +255,38 @@ def coco_classes() -> tuple[list[str], list[int]]:
     return [name for _, name in kept], [i for i, _ in kept]
 
 
-def checkpoint_classes(meta: dict[str, Any]) -> list[str] | None:
-    """The class names an mmdet checkpoint's metadata holds (mmdet 2.x ``meta['CLASSES']``, 3.x
-    ``meta['dataset_meta']['classes']``), or None."""
+def metadata_classes(meta: dict[str, Any]) -> list[str]:
+    """The class names an mmdet checkpoint's metadata stores (mmdet 2.x ``meta['CLASSES']``, 3.x
+    ``meta['dataset_meta']['classes']``), [] when none."""
     dataset_meta = meta.get("dataset_meta")
-    names = dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None
-    names = names if names is not None else meta.get("CLASSES")
+    names = meta.get("CLASSES") or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None)
     if isinstance(names, str):
         names = [names]  # mmdet 2.x single-class runs store the bare name
-    if not isinstance(names, (list, tuple)) or not names:
-        return None
-    return [str(name) for name in names]
+    return [str(name) for name in names] if isinstance(names, (list, tuple)) else []
+
+
+def _spelling(name: str) -> str:
+    return name.lower().replace("_", " ").strip()
 
 
 def choose_classes(checkpoint: Path, meta: dict[str, Any], num_classes: int,
                    classes: Path | None) -> tuple[list[str], list[int], str]:
     """Class names, category ids and where they come from, for a checkpoint of ``num_classes``: the
     ``--classes`` file, else the names in the checkpoint's metadata (category ids COCO's when they
-    are COCO's names, else 1..C), else COCO's for 80 classes; a CheckpointError otherwise."""
-    stored = checkpoint_classes(meta)
+    are COCO's names, else 1..C, as LVIS v1's), else COCO's for 80 classes; a CheckpointError otherwise."""
+    stored = metadata_classes(meta)
+    coco_names, coco_ids = coco_classes()
     if classes is not None:
         names, ids = read_classes(classes)
         source = str(classes)
-    elif stored is not None and len(stored) == num_classes:
-        coco_names, coco_ids = coco_classes()
-        names, ids = stored, coco_ids if stored == coco_names else list(range(1, num_classes + 1))
-        source = "the checkpoint's metadata" + (" (COCO's names and ids)" if stored == coco_names else "")
-    elif num_classes == 80:
-        names, ids = coco_classes()
-        why = (f"its metadata names {len(stored)} classes" if stored is not None
-               else "the checkpoint's metadata holds none")
+    elif stored and len(stored) == num_classes:
+        is_coco = [_spelling(n) for n in stored] == [_spelling(n) for n in coco_names]
+        names, ids = stored, coco_ids if is_coco else list(range(1, num_classes + 1))
+        source = "the checkpoint's metadata" + (" (COCO's names and category ids)" if is_coco else
+                                                f" (category ids 1..{num_classes})")
+    elif num_classes == len(coco_names):
+        names, ids = coco_names, coco_ids
+        why = f"its metadata names {len(stored)} classes" if stored else "the checkpoint's metadata holds none"
         source = f"COCO's ({why}; pass --classes FILE for others)"
     else:
         hint = f" (its metadata names {len(stored)}: {stored[:5]}...)" if stored else ""

@@ -517,3 +517,13 @@ def test_convert_on_a_full_disk_keeps_the_previous_output(tiny_config: Path, tmp
         f"codetr: error: cannot write {out}: no space left on device (the previous converted.safetensors is unchanged)")
     assert out.read_bytes() == previous
     assert [p.name for p in full_disk.folder.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_class_names_from_the_checkpoint_metadata() -> None:
+    """mmdet 2.x stores ``meta["CLASSES"]``, mmdet 3.x ``meta["dataset_meta"]["classes"]``; used for a
+    checkpoint when they name every class (for 80 classes too, before COCO's names)."""
+    from codetr.convert.mmdet import metadata_classes
+
+    assert metadata_classes({"CLASSES": ("a", "b")}) == ["a", "b"]
+    assert metadata_classes({"dataset_meta": {"classes": ("c",), "palette": [(0, 0, 0)]}}) == ["c"]
+    assert metadata_classes({"epoch": 12}) == [] and metadata_classes({"dataset_meta": "x"}) == []
