@@ -433,7 +433,7 @@ def test_class_names_stored_in_the_checkpoint_are_written(meta: dict, tmp_path: 
     ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "ckpt.pth", meta)
     out = tmp_path / "o.safetensors"
     assert main(["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(out)]) == 0
-    assert ("class names from the checkpoint's metadata: circle, square, triangle, star, ring, ..."
+    assert ("class names from the checkpoint's metadata (category ids 1..6): circle, square, triangle, star, ring, ..."
             in capsys.readouterr().out)
     loaded = load_model(out)
     assert loaded.class_names == list(meta.get("CLASSES") or meta["dataset_meta"]["classes"])
