@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw
 
 from codetr.data.masks import encode_masks
 from codetr.errors import UserError
-from codetr.files import atomic_write, atomic_write_text
+from codetr.files import atomic_write, atomic_write_text, remove_orphan_temporaries
 
 # (name, RGB colour, texture); the index + 1 is the COCO category id.
 CATEGORIES: list[tuple[str, tuple[int, int, int], str]] = [
@@ -305,6 +305,7 @@ def generate_synthetic_coco(
     out = Path(out_dir)
     check_generated(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temporaries(out, [STAMP])  # those in the folders below go with them
     atomic_write_text(out / STAMP, "written by codetr's synthetic data generator; codetr may replace this folder\n")
     for old in (out / "train", out / "val", out / "annotations"):  # no files of an earlier generation stay
         if old.is_dir():
