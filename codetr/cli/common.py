@@ -62,21 +62,20 @@ PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 def short_warnings() -> Iterator[None]:
     """Within the block, codetr's own warnings (data checks, fallbacks) print as one line
     ``codetr: warning: MESSAGE``, without Python's file, line number and source line; other
-    libraries' warnings keep their usual form."""
-    shown = warnings.showwarning
+    libraries' warnings keep their usual form (only the formatting changes: recorded warnings stay)."""
+    formatted = warnings.formatwarning
 
-    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
-             line: str | None = None) -> None:
+    def short(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+              line: str | None = None) -> str:
         if not str(Path(filename).resolve()).startswith(PACKAGE_DIR):
-            shown(message, category, filename, lineno, file, line)
-            return
-        print(f"codetr: warning: {str(message).removeprefix('codetr: ')}", file=file or sys.stderr)
+            return formatted(message, category, filename, lineno, line)
+        return f"codetr: warning: {str(message).removeprefix('codetr: ')}\n"
 
-    warnings.showwarning = show
+    warnings.formatwarning = short
     try:
         yield
     finally:
-        warnings.showwarning = shown
+        warnings.formatwarning = formatted
 
 
 def report_interruption(stop: Any, resume_command: str) -> int:

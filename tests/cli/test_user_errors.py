@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file as safetensors_tensors
 from safetensors.torch import save_file
 
 from codetr.cli import main
+from codetr.cli.common import short_warnings
 from codetr.config import Config, DataConfig, TrainConfig
 from codetr.config_parsing import ConfigError, config_to_dict, load_config
 from codetr.errors import UserError
@@ -312,20 +314,25 @@ def test_unreadable_checkpoints_are_named_with_the_whole_reason(tmp_path: Path,
 
 
 def test_data_warnings_are_one_line_without_python_source(weights: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+                                                          recwarn: pytest.WarningsRecorder) -> None:
+    """A data warning during `codetr eval` is shown by the command as one line: no file, line number
+    or Python source (pytest records the warning; the command's formatting is applied to it)."""
     images = write_images(tmp_path / "val", 2)
     annotations = tmp_path / "val.json"
     annotations.write_text(json.dumps({
         "images": [{"id": i + 1, "file_name": p.name, "width": 40, "height": 32} for i, p in enumerate(images)],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20], "iscrowd": 0}],  # no area
         "categories": [{"id": i, "name": f"c{i - 1}"} for i in range(1, 7)]}))
-    code, err = run(capsys, "eval", TINY, "--weights", str(weights), "--out", str(tmp_path / "o"), *SMALL,
-                    "data.synthetic=false", f"data.val_images={tmp_path / 'val'}", f"data.val_annotations={annotations}")
-    assert code == 0, err
-    warned = [line for line in err.splitlines() if "without 'area'" in line]
-    assert warned == [f"codetr: warning: {annotations}: annotation without 'area' (evaluation uses the box area w*h): "
-                      "1, e.g. annotation id 1 (image id 1)"], err
-    assert "warnings.warn" not in err and "UserWarning" not in err
+    assert main(["eval", TINY, "--weights", str(weights), "--out", str(tmp_path / "o"), *SMALL, "data.synthetic=false",
+                 f"data.val_images={tmp_path / 'val'}", f"data.val_annotations={annotations}"]) == 0
+    [warned] = [w for w in recwarn if "without 'area'" in str(w.message)]
+    with short_warnings():
+        shown = warnings.formatwarning(warned.message, warned.category, warned.filename, warned.lineno, warned.line)
+    assert shown == (f"codetr: warning: {annotations}: annotation without 'area' (evaluation uses the box area w*h): "
+                     "1, e.g. annotation id 1 (image id 1)\n")
+    with short_warnings():  # other libraries' warnings keep Python's form
+        other = warnings.formatwarning(UserWarning("theirs"), UserWarning, torch.__file__, 1, None)
+    assert other == warnings.formatwarning(UserWarning("theirs"), UserWarning, torch.__file__, 1, None)
 
 
 def test_predict_says_it_leaves_sub_folders_out(weights: Path, tmp_path: Path,
