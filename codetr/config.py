@@ -293,6 +293,10 @@ class TrainConfig:
     # Also write last.pt every checkpoint_every iterations (besides every epoch end); 0: epoch ends only.
     # A resume from such a mid-epoch checkpoint continues exactly as the uninterrupted run.
     checkpoint_every: int = 0
+    # A step whose loss or gradient is not finite stops the run (the last checkpoint stays good);
+    # N > 0 skips up to N such steps (each logged, the weights unchanged) before stopping.
+    # Single-process training only (under torchrun a bad step stops the run).
+    skip_nonfinite: int = 0
 
 
 @dataclass

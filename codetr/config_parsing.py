@@ -19,6 +19,7 @@ import yaml
 
 from codetr.config import Config
 from codetr.errors import UserError
+from codetr.files import atomic_write_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -41,7 +42,7 @@ LIMITS: dict[str, float] = {
     "train.epochs": 1, "train.max_iters": 1, "train.eval_every": 0, "train.log_every": 1, "train.warmup_iters": 0,
     "train.accumulate": 1, "train.ema_total_iter": 1, "train.ema_interval": 1, "train.tensorboard_images": 0,
     "train.checkpoint_every": 0, "train.weight_decay": 0, "train.grad_clip": 0, "train.lr_steps": 0,
-    "train.lr_mult": 0,
+    "train.lr_mult": 0, "train.skip_nonfinite": 0,
     "data.batch_size": 1, "data.eval_batch_size": 1, "data.num_workers": 0, "data.pad_size_divisor": 1,
     "data.train_scales": 1, "data.max_size": 1, "data.crop_resize_scales": 1, "data.crop_max_size": 1,
     "data.crop_size": 1, "data.test_scale": 1, "data.lsj_size": 1, "data.synthetic_train": 1,
@@ -265,7 +266,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def config_from_text(text: str, overrides: list[str] | None = None, source: str = "config") -> Config:

@@ -28,3 +28,8 @@ class FileMissingError(UserError, FileNotFoundError):
 
 class TrainingDiverged(UserError, FloatingPointError):
     """The loss, its gradients or the model's outputs stopped being finite during training."""
+
+
+class FileWriteError(UserError, OSError):
+    """A file codetr writes could not be written (a full disk, no permission); the message names it and
+    says that its previous content is unchanged."""

@@ -2,9 +2,12 @@
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+
+from full_disk import FullDisk, full_disk_folder
 
 # Without CUDA, Triton kernels run only in Triton's interpreter, which must be chosen before triton
 # is first imported (torch._dynamo imports it): so here, before any test module.
@@ -20,3 +23,10 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FullDisk]:
+    """A folder ``full_disk.folder`` whose disk ``full_disk.fill(leave=bytes)`` fills up: a small tmpfs
+    where the machine allows mounting one, else patched writers (tests/full_disk.py)."""
+    yield from full_disk_folder(tmp_path, monkeypatch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import traceback
 from typing import Any
@@ -17,7 +18,7 @@ from PIL import Image
 
 from codetr import __version__
 from codetr.cli import bench, convert, data, demo, evaluate, export, predict, train, weights
-from codetr.cli.common import INTERRUPTED_EXIT
+from codetr.cli.common import INTERRUPTED_EXIT, Terminated, short_warnings, sigterm_as_exception
 from codetr.errors import UserError
 
 DEBUG_ENV = "CODETR_DEBUG"
@@ -62,7 +63,8 @@ def report_error(err: BaseException, debug: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code: 0, 2 for an
-    error the user can fix (a short message naming the culprit), 130 when interrupted."""
+    error the user can fix (a short message naming the culprit), 130 when interrupted (Ctrl-C), 143
+    when stopped by SIGTERM (after removing the temporary file of a write in progress)."""
     parser = build_parser()
     _add_debug_flag(parser, False)
     args, extra = parser.parse_known_args(argv)
@@ -73,10 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return args.func(args)
+        with sigterm_as_exception(), short_warnings():
+            return args.func(args)
     except USER_ERRORS as err:
         report_error(err, debug)
         return USER_ERROR_EXIT
+    except Terminated:
+        if debug:
+            traceback.print_exc()
+        print("codetr: stopped by SIGTERM (no file was left half-written)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         if debug:
             traceback.print_exc()

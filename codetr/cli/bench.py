@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from codetr.cli.common import CONFIG_HELP, OVERRIDE_HELP
@@ -35,6 +34,7 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from codetr.benchmark import format_summary, parse_size, run_benchmark
     from codetr.devices import resolve_device
+    from codetr.files import atomic_write_text
 
     record = run_benchmark(args.config, args.overrides, args.weights, parse_size(args.size) if args.size else None,
                            args.batch, args.threads, str(resolve_device(args.device)), args.compile, args.onnx,
@@ -44,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(format_summary(record))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0

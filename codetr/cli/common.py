@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from codetr.errors import UserError
@@ -25,6 +30,52 @@ def with_tta(detector: Any) -> Any:
         return TTADetector(detector)
     except ValueError as err:
         raise UserError(str(err)) from err
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received by the ``codetr`` command: raised where the program is, as Ctrl-C's
+    KeyboardInterrupt is, so that cleanup runs (temporary files removed, locks released)."""
+
+
+@contextlib.contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` instead of ending the process at once
+    (training replaces this with its own stop-after-the-step handler while it runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
+
+@contextlib.contextmanager
+def short_warnings() -> Iterator[None]:
+    """Within the block, codetr's own warnings (data checks, fallbacks) print as one line
+    ``codetr: warning: MESSAGE``, without Python's file, line number and source line; other
+    libraries' warnings keep their usual form (only the formatting changes: recorded warnings stay)."""
+    formatted = warnings.formatwarning
+
+    def short(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+              line: str | None = None) -> str:
+        if not str(Path(filename).resolve()).startswith(PACKAGE_DIR):
+            return formatted(message, category, filename, lineno, line)
+        return f"codetr: warning: {str(message).removeprefix('codetr: ')}\n"
+
+    warnings.formatwarning = short
+    try:
+        yield
+    finally:
+        warnings.formatwarning = formatted
 
 
 def report_interruption(stop: Any, resume_command: str) -> int:

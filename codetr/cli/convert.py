@@ -34,15 +34,17 @@ def add_parser(commands: Any) -> None:
                        help="keep the auxiliary heads and positive-query layers (to fine-tune with Co- training)")
     mmdet.add_argument("--classes", type=Path,
                        help="class names: a COCO-format JSON (names and ids of its categories) or a text file with "
-                            "one name per line; default COCO's 80 classes for an 80-class checkpoint, else the names "
-                            "its metadata stores (ids 1..C)")
+                            "one name per line; default the names in the checkpoint's metadata, else COCO's 80 "
+                            "classes for an 80-class checkpoint")
     mmdet.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     mmdet.set_defaults(func=run_mmdet)
 
 
 def run_hf(args: argparse.Namespace) -> int:
     from codetr.convert.hf_deformable_detr import convert_hf_folder
+    from codetr.files import CONFIG_NAME, remove_interrupted_writes
 
+    remove_interrupted_writes(args.dst.parent, [args.dst.name, CONFIG_NAME])
     convert_hf_folder(args.src, args.dst)
     return 0
 
@@ -50,7 +52,9 @@ def run_hf(args: argparse.Namespace) -> int:
 def run_mmdet(args: argparse.Namespace) -> int:
     from codetr.convert.mmdet import convert_mmdet_file
     from codetr.convert.mmdet_checkpoint import CheckpointError
+    from codetr.files import remove_interrupted_writes
 
+    remove_interrupted_writes(args.out.parent, [args.out.name])
     try:
         convert_mmdet_file(args.checkpoint, args.config, args.out, args.keep_aux, args.classes, args.overrides)
     except (CheckpointError, KeyError, TypeError, ValueError, yaml.YAMLError) as err:

@@ -26,19 +26,22 @@ def add_parser(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from codetr.devices import resolve_device
-    from codetr.files import check_writable_folder
+    from codetr.files import atomic_write_text, check_writable_folder, remove_interrupted_writes, run_lock
     from codetr.inference.evaluate import evaluate_on_val
     from codetr.inference.loading import load_model
 
     cfg = load_config(args.config, args.overrides)
     loaded = load_model(args.weights, args.config, args.overrides, resolve_device(args.device))
-    out = check_writable_folder(args.out or Path(args.weights).parent, "--out" if args.out else "the folder of --weights")
-    try:
-        detect = with_tta(loaded).detect if args.tta else None
-        metrics = evaluate_on_val(loaded.model, cfg.data, loaded.category_ids, str(args.weights), detect)
-    except ValueError as err:
-        raise UserError(str(err)) from err
-    path = out / ("metrics_tta.json" if args.tta else "metrics.json")
-    path.write_text(json.dumps(metrics, indent=1) + "\n")
+    what = "--out" if args.out else "the folder of --weights"
+    out = check_writable_folder(args.out or Path(args.weights).parent, what)
+    with run_lock(out, what):  # not into the folder of a run training there
+        remove_interrupted_writes(out, ["metrics.json", "metrics_tta.json"])
+        try:
+            detect = with_tta(loaded).detect if args.tta else None
+            metrics = evaluate_on_val(loaded.model, cfg.data, loaded.category_ids, str(args.weights), detect)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+        path = out / ("metrics_tta.json" if args.tta else "metrics.json")
+        atomic_write_text(path, json.dumps(metrics, indent=1) + "\n")
     print(f"wrote {path}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from codetr.cli.common import CONFIG_HELP, DEVICE_HELP, OVERRIDE_HELP, WEIGHTS_HELP
@@ -32,9 +33,11 @@ def add_parser(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from codetr.devices import resolve_device
     from codetr.export import export_onnx
+    from codetr.files import remove_interrupted_writes
     from codetr.inference.loading import load_model
 
     loaded = load_model(args.weights, args.config, args.overrides, resolve_device(args.device))
+    remove_interrupted_writes(Path(args.out).parent, [Path(args.out).name])
     try:
         path = export_onnx(loaded, args.out, args.opset, grid_sample=not args.no_grid_sample)
     except ValueError as err:

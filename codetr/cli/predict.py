@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
         if args.config:
             raise UserError("--config applies to --weights; an ONNX model carries its own config")
-        detector = OnnxDetector(args.onnx, device=args.device)
+        try:
+            detector = OnnxDetector(args.onnx, device=args.device)
+        except ValueError as err:  # not an ONNX model, or not one of `codetr export`
+            raise UserError(str(err)) from err
     else:
         detector = load_model(args.weights, args.config, device=resolve_device(args.device))
     if args.tta:

@@ -26,6 +26,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -254,12 +255,45 @@ def coco_classes() -> tuple[list[str], list[int]]:
     return [name for _, name in kept], [i for i, _ in kept]
 
 
-def metadata_classes(meta: dict) -> list[str]:
-    """The class names an mmdet checkpoint's metadata stores (mmdet 2.x ``CLASSES``, mmdet 3.x
-    ``dataset_meta.classes``), [] when none."""
+def metadata_classes(meta: dict[str, Any]) -> list[str]:
+    """The class names an mmdet checkpoint's metadata stores (mmdet 2.x ``meta['CLASSES']``, 3.x
+    ``meta['dataset_meta']['classes']``), [] when none."""
     dataset_meta = meta.get("dataset_meta")
     names = meta.get("CLASSES") or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None)
+    if isinstance(names, str):
+        names = [names]  # mmdet 2.x single-class runs store the bare name
     return [str(name) for name in names] if isinstance(names, (list, tuple)) else []
+
+
+def _spelling(name: str) -> str:
+    return name.lower().replace("_", " ").strip()
+
+
+def choose_classes(checkpoint: Path, meta: dict[str, Any], num_classes: int,
+                   classes: Path | None) -> tuple[list[str], list[int], str]:
+    """Class names, category ids and where they come from, for a checkpoint of ``num_classes``: the
+    ``--classes`` file, else the names in the checkpoint's metadata (category ids COCO's when they
+    are COCO's names, else 1..C, as LVIS v1's), else COCO's for 80 classes; a CheckpointError otherwise."""
+    stored = metadata_classes(meta)
+    coco_names, coco_ids = coco_classes()
+    if classes is not None:
+        names, ids = read_classes(classes)
+        source = str(classes)
+    elif stored and len(stored) == num_classes:
+        is_coco = [_spelling(n) for n in stored] == [_spelling(n) for n in coco_names]
+        names, ids = stored, coco_ids if is_coco else list(range(1, num_classes + 1))
+        source = "the checkpoint's metadata" + (" (COCO's names and category ids)" if is_coco else
+                                                f" (category ids 1..{num_classes})")
+    elif num_classes == len(coco_names):
+        names, ids = coco_names, coco_ids
+        why = f"its metadata names {len(stored)} classes" if stored else "the checkpoint's metadata holds none"
+        source = f"COCO's ({why}; pass --classes FILE for others)"
+    else:
+        hint = f" (its metadata names {len(stored)}: {stored[:5]}...)" if stored else ""
+        raise CheckpointError(f"{checkpoint} has {num_classes} classes{hint}: pass --classes FILE with their names")
+    if len(names) != num_classes:
+        raise CheckpointError(f"{classes} names {len(names)} classes but the checkpoint has {num_classes}")
+    return names, ids, source
 
 
 def read_classes(path: str | Path) -> tuple[list[str], list[int]]:
@@ -287,8 +321,8 @@ def convert_mmdet_file(checkpoint: Path, config: str | Path, out: Path, keep_aux
     """Convert the official ``checkpoint`` for the codetr ``config`` (+ dotted ``overrides``) into the
     safetensors file ``out`` (``codetr convert mmdet``); ``keep_aux`` keeps the auxiliary heads and
     positive-query layers; ``classes``: a COCO-format JSON or a text file of class names (default
-    COCO's for an 80-class checkpoint, else the names in its metadata with ids 1..C). Prints the report;
-    a CheckpointError when it does not fit."""
+    those in the checkpoint's metadata, else COCO's for an 80-class checkpoint: :func:`choose_classes`).
+    Prints the report; a CheckpointError when it does not fit."""
     from codetr.config_parsing import config_to_dict, load_config
     from codetr.inference.weights import load_state, save_inference_weights
     from codetr.models.build import build_model
@@ -301,18 +335,7 @@ def convert_mmdet_file(checkpoint: Path, config: str | Path, out: Path, keep_aux
               "plain numbers")
     cfg.model = model_config_for(cfg.model, state)
     num_classes = cfg.model.num_classes
-    if classes is not None:
-        names, ids = read_classes(classes)
-    elif num_classes == 80:
-        names, ids = coco_classes()
-    elif len(stored := metadata_classes(meta)) == num_classes:  # e.g. LVIS v1, whose ids are 1..1203 in this order
-        names, ids = stored, list(range(1, num_classes + 1))
-        print(f"{checkpoint.name}: class names from its metadata, category ids 1..{num_classes}")
-    else:
-        hint = f" (its metadata names {list(meta['CLASSES'])[:5]}...)" if meta.get("CLASSES") else ""
-        raise CheckpointError(f"{checkpoint} has {num_classes} classes{hint}: pass --classes FILE with their names")
-    if len(names) != num_classes:
-        raise CheckpointError(f"{classes or 'COCO'} names {len(names)} classes but the checkpoint has {num_classes}")
+    names, ids, source = choose_classes(checkpoint, meta, num_classes, classes)
 
     model = build_model(cfg.model)
     tensors = model.state_dict() if keep_aux else model.inference_state_dict()
@@ -322,5 +345,6 @@ def convert_mmdet_file(checkpoint: Path, config: str | Path, out: Path, keep_aux
     load_state(model, conversion.state_dict, str(checkpoint))
     save_inference_weights(out, conversion.state_dict, names, ids, config_to_dict(cfg))
     print(conversion.report())
-    print(f"wrote {out}: {num_classes} classes, config {config}")
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    print(f"wrote {out}: {num_classes} classes, config {config}; class names from {source}: {shown}")
     return conversion

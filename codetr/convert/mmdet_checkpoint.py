@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from codetr.inference.weights import torch_load_failure
+
 
 def _numpy_globals() -> list[tuple[Any, str]]:
     """Plain numpy number and array types, under the module paths numpy 1.x and 2.x pickle them with.
@@ -69,7 +71,7 @@ def load_mmdet_checkpoint(path: str | Path) -> OfficialCheckpoint:
             unsafe = _unsafe_globals(path, err)
             if not unsafe:
                 raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch "
-                                      f"file ({_unpickler_error(err)})") from err
+                                      f"file ({torch_load_failure(err)})") from err
             refused = [name for name in unsafe if name not in {name for _, name in _numpy_globals()}]
             try:
                 if refused:
@@ -87,7 +89,7 @@ def load_mmdet_checkpoint(path: str | Path) -> OfficialCheckpoint:
         if isinstance(err, CheckpointError):
             raise
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated, corrupted or not a PyTorch file "
-                              f"({type(err).__name__}: {_unpickler_error(err)})") from err
+                              f"({type(err).__name__}: {torch_load_failure(err)})") from err
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a state_dict or an mmdet checkpoint")
     state, meta = (ckpt["state_dict"], ckpt.get("meta") or {}) if "state_dict" in ckpt else (ckpt, {})
@@ -107,12 +109,3 @@ def _unsafe_globals(path: Path, err: Exception) -> list[str]:
     except Exception:  # a legacy (non-zip) or unreadable file
         found = []
     return found or re.findall(r"Unsupported global: GLOBAL (\S+)", str(err))
-
-
-def _unpickler_error(err: Exception) -> str:
-    """The informative line of a torch.load error."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    detail = next((line for line in lines if "WeightsUnpickler error" in line or line.startswith("Unsupported")), None)
-    if detail and detail.endswith("error:"):
-        detail = lines[lines.index(detail) + 1] if lines.index(detail) + 1 < len(lines) else detail
-    return detail or (lines[0] if lines else type(err).__name__)

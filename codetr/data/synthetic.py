@@ -27,7 +27,6 @@ a folder holding anything else is the user's, and is refused.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from codetr.data.masks import encode_masks
 from codetr.errors import UserError
+from codetr.files import atomic_write, atomic_write_text, remove_orphan_temporaries
 
 # (name, RGB colour, texture); the index + 1 is the COCO category id.
 CATEGORIES: list[tuple[str, tuple[int, int, int], str]] = [
@@ -232,9 +232,23 @@ def synthetic_is_current(ann_file: str | Path, split: str, num: int, size: int, 
     return isinstance(info, dict) and info.get("codetr_synthetic") == _parameters(split, num, size, seed)
 
 
+def _earlier_generation(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds the annotation files of a generator from before the stamp."""
+    found = [path for split in SPLITS if (path := out_dir / "annotations" / f"instances_{split}.json").is_file()]
+    try:
+        infos = [json.loads(path.read_text()).get("info", {}) for path in found]
+        return bool(infos) and all(str(info.get("description", "")).startswith("codetr synthetic shapes")
+                                   for info in infos)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def check_generated(out_dir: Path) -> None:
     """Refuse (UserError) a folder that holds files but no stamp: they are someone's data, not codetr's."""
     if out_dir.exists() and not (out_dir / STAMP).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if _earlier_generation(out_dir):
+            raise UserError(f"{out_dir} holds synthetic data of an earlier codetr version (no {STAMP} stamp): delete "
+                            "that folder and codetr generates the data again")
         raise UserError(f"{out_dir} holds files codetr did not generate (no {STAMP} stamp): codetr writes "
                         "synthetic data only into a new, empty or codetr-generated folder")
 
@@ -247,7 +261,8 @@ def _write_split(out_dir: Path, split: str, num: int, size: int, seed: int) -> P
     for i in range(num):
         sample = render_sample(seed, split, i, size)
         file_name = f"{i + 1:06d}.png"
-        Image.fromarray(sample.image).save(image_dir / file_name, compress_level=1)
+        image = Image.fromarray(sample.image)
+        atomic_write(image_dir / file_name, lambda f: image.save(f, format="PNG", compress_level=1))
         images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
         for obj in sample.objects:
             x1, y1, x2, y2 = obj.box
@@ -271,9 +286,7 @@ def _write_split(out_dir: Path, split: str, num: int, size: int, seed: int) -> P
     }
     ann_file = out_dir / "annotations" / f"instances_{split}.json"
     ann_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ann_file.with_name(f"{ann_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(ann_file)  # atomic: an annotation file exists only once its images are written
+    atomic_write_text(ann_file, json.dumps(data))  # an annotation file exists only once its images are written
     return ann_file
 
 
@@ -292,7 +305,8 @@ def generate_synthetic_coco(
     out = Path(out_dir)
     check_generated(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / STAMP).write_text("written by codetr's synthetic data generator; codetr may replace this folder\n")
+    remove_orphan_temporaries(out, [STAMP])  # those in the folders below go with them
+    atomic_write_text(out / STAMP, "written by codetr's synthetic data generator; codetr may replace this folder\n")
     for old in (out / "train", out / "val", out / "annotations"):  # no files of an earlier generation stay
         if old.is_dir():
             shutil.rmtree(old)

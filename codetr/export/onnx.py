@@ -36,6 +36,7 @@ least (its conversion down to 16 fails on this graph) and takes minutes.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -45,6 +46,7 @@ import yaml
 from torch import Tensor, nn
 
 from codetr.config_parsing import config_to_dict
+from codetr.files import atomic_write
 from codetr.inference.loading import LoadedModel
 from codetr.ops.deform_attn import use_sampler
 
@@ -83,27 +85,27 @@ def export_onnx(loaded: LoadedModel, path: str | Path, opset: int = DEFAULT_OPSE
     if opset < lowest:
         raise ValueError(f"opset {opset} is too low: {'GridSample' if grid_sample else 'the gather sampler'} needs "
                          f"opset {lowest} or later" + (" (or pass --no-grid-sample)" if grid_sample else ""))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = loaded.model.eval()
     device = next(model.parameters()).device
     size = cfg.data.test_scale
     example = (torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device),
                torch.tensor([[size, size]], dtype=torch.int64, device=device))
     sampler = "grid_sample" if grid_sample else "gather"
+    graph = io.BytesIO()  # the file is written once, complete with its metadata (atomic_write)
     with use_sampler(sampler), warnings.catch_warnings(), torch.no_grad():
         # shape checks such as ``reference.shape[-1] == 4`` are constants of the graph, as they should be
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            ExportWrapper(model), example, str(path), input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            ExportWrapper(model), example, graph, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
             opset_version=opset, dynamo=False,
             dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "orig_sizes": {0: "batch"},
                           "boxes": {0: "batch"}, "scores": {0: "batch"}, "labels": {0: "batch"}})
     names, ids = loaded.labels()
-    proto = onnx.load(str(path))
+    proto = onnx.load_model_from_string(graph.getvalue())
     metadata = dict(zip(METADATA_KEYS, (yaml.safe_dump(config_to_dict(cfg), sort_keys=False), json.dumps(names), json.dumps(ids), sampler)))
     for key, value in metadata.items():
         proto.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(proto)
-    onnx.save(proto, str(path))
+    path = Path(path)
+    atomic_write(path, lambda f: f.write(proto.SerializeToString()))
     return path

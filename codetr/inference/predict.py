@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as F
 from codetr.config_parsing import check_unit_interval
 from codetr.data.image import read_image
 from codetr.errors import UserError
-from codetr.files import check_writable_folder
+from codetr.files import atomic_write, atomic_write_text, check_writable_folder, remove_interrupted_writes
 from codetr.inference.evaluate import detection_records
 from codetr.inference.loading import ImageDetector
 from codetr.inference.visualize import draw_detections
@@ -26,22 +26,35 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def list_images(source: str | Path) -> list[Path]:
-    """``source`` if it is an image file, else the image files directly inside the folder."""
+    """``source`` if it is an image file, else the image files directly inside the folder (not in its
+    sub-folders: a note on stderr says how many were left out)."""
     source = Path(source)
     if source.is_file():
         return [source]
     if source.is_dir():
-        images = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = sorted(source.iterdir())
+        images = [p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        folders = [p.name for p in entries if p.is_dir()]
+        if folders:
+            shown = ", ".join(folders[:3]) + (" ..." if len(folders) > 3 else "")
+            print(f"note: {source} holds {len(folders)} sub-folder(s) ({shown}); only the images directly in it are "
+                  "read (give a sub-folder as IMAGE_OR_DIR to run on its images)", file=sys.stderr)
         if images:
             return images
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {source}")
     raise FileNotFoundError(f"image or folder {source} not found")
 
 
+def _image_format(path: Path) -> str:
+    """Pillow's name of the format of an image file name (``.jpg``: JPEG)."""
+    return Image.registered_extensions()[path.suffix.lower()]
+
+
 def check_prediction_outputs(images: list[Path], out_dir: str | Path, score_thr: float) -> None:
     """The checks of :func:`predict_images`, before a model loads: a UserError when ``score_thr`` is
     not in [0, 1], when writing the drawings or ``predictions.json`` into ``out_dir`` would write
-    over one of ``images`` (e.g. ``--out`` is the input folder), or ``out_dir`` is not writable."""
+    over one of ``images`` (e.g. ``--out`` is the input folder), or ``out_dir`` is not writable. Removes
+    the temporary files an interrupted earlier run left there."""
     check_unit_interval(score_thr, "--score-thr")
     out_dir = Path(out_dir)
     outputs = {out_dir / path.name: path for path in images}
@@ -52,6 +65,7 @@ def check_prediction_outputs(images: list[Path], out_dir: str | Path, score_thr:
         raise UserError(f"--out {out_dir}: writing the drawings there would overwrite {len(clashes)} input image(s) "
                         f"({names}); choose another output folder")
     check_writable_folder(out_dir, "--out")
+    remove_interrupted_writes(out_dir, [PREDICTIONS_NAME, *(path.name for path in images)])
 
 
 def select_detections(det: Detections, keep: Tensor) -> Detections:
@@ -87,13 +101,14 @@ def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | P
             continue
         det = detector.detect(pixels)
         found = detection_records(select_detections(det, det.scores >= score_thr), 0, category_ids)
-        draw_detections(F.to_pil_image(pixels), found, class_names, category_ids).save(out_dir / path.name)
+        drawing = draw_detections(F.to_pil_image(pixels), found, class_names, category_ids)
+        atomic_write(out_dir / path.name, lambda f: drawing.save(f, format=_image_format(path)))
         for rec in found:
             records.append({"file_name": path.name, "category_id": rec["category_id"],
                             "category_name": class_names[label_of[rec["category_id"]]],
                             "bbox": rec["bbox"], "score": rec["score"],
                             **({"segmentation": rec["segmentation"]} if "segmentation" in rec else {})})
-    (out_dir / PREDICTIONS_NAME).write_text(json.dumps(records, indent=1))
+    atomic_write_text(out_dir / PREDICTIONS_NAME, json.dumps(records, indent=1))
     if failed:
         names = ", ".join(p.name for p in failed[:5]) + (" ..." if len(failed) > 5 else "")
         raise UserError(f"{len(failed)} of {len(images)} images could not be read ({names}; reasons above); the "

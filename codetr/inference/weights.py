@@ -48,6 +48,9 @@ def read_weights_file(path: str | Path) -> WeightsFile:
     """Read ``.safetensors`` inference weights or a ``.pt`` training checkpoint (UserError naming the
     file when it is neither)."""
     path = Path(path)
+    if path.suffix.lower() == ".onnx":
+        raise UserError(f"{path} is an ONNX model: run it with --onnx (codetr predict) or Detector.from_onnx; weights "
+                        "are a model.safetensors or a training checkpoint (last.pt)")
     if path.suffix == ".safetensors":
         state, metadata = read_safetensors(path)
         try:
@@ -163,6 +166,16 @@ def _existing_file(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{what} {path} not found")
 
 
+def torch_load_failure(err: Exception) -> str:
+    """The informative line of a ``torch.load`` error, whole (torch's messages run over many lines
+    of advice; the line that says what failed is kept)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = next((line for line in lines if "WeightsUnpickler error" in line or line.startswith("Unsupported")), None)
+    if detail and detail.endswith("error:"):
+        detail = lines[lines.index(detail) + 1] if lines.index(detail) + 1 < len(lines) else detail
+    return detail or (lines[0].split(". ")[0] if lines else type(err).__name__)
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a training checkpoint written by the trainer (``weights_only=True``); a UserError naming
     the file when it is not one (another pickle, a plain state dict, a truncated or corrupt file)."""
@@ -171,8 +184,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path} is not a codetr training checkpoint (torch.load failed: {reason})") from err
+        raise UserError(f"{path} is not a codetr training checkpoint: torch.load cannot read it, it is truncated, "
+                        f"corrupted or not a PyTorch file ({torch_load_failure(err)})") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         hint = (": it looks like an mmdet checkpoint; convert it with `codetr convert mmdet`"
                 if isinstance(ckpt, dict) and "state_dict" in ckpt else "")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from codetr import distributed as dist
 from codetr.config import Config
 from codetr.distributed import log
-from codetr.files import atomic_save, atomic_write_text
+from codetr.files import append_text, atomic_save, atomic_write_text
 from codetr.inference.evaluate import METRIC_NAMES, SEGM_PREFIX, detection_records, evaluate
 from codetr.inference.loading import LoadedModel
 from codetr.inference.predict import select_detections
@@ -38,9 +38,7 @@ class MetricsFile:
         self.path = path
 
     def append(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
 
     def records(self) -> list[dict[str, Any]]:
         return read_metrics(self.path)

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from codetr import distributed as dist
 from codetr.data.samplers import TrainBatchSampler
+from codetr.distributed import log
 from codetr.errors import TrainingDiverged, UserError
 from codetr.structures import Batch
 from codetr.training.optim import LrSchedule
@@ -95,6 +96,7 @@ class Trainer:
         grad_clip: float | None,
         hooks: list[Hook],
         amp: torch.dtype | None = None,
+        skip_nonfinite: int = 0,
     ) -> None:
         self.detector, self.loss_module = detector, loss_module
         self.optimizer, self.schedule = optimizer, schedule
@@ -102,6 +104,8 @@ class Trainer:
         self.epochs, self.max_iters, self.grad_clip = epochs, max_iters, grad_clip
         self.hooks = hooks
         self.amp = amp
+        self.skip_nonfinite = skip_nonfinite  # bad steps skipped before a divergence stops the run
+        self.skipped = 0  # bad steps skipped so far (checkpointed)
         # fp16 gradients underflow without loss scaling; a disabled scaler is a plain optimizer step
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         self.epoch = self.iter_in_epoch = self.iteration = 0
@@ -145,9 +149,11 @@ class Trainer:
                 steps = min(len(self.sampler) - self.iter_in_epoch, self.total_iters - self.iteration)
                 self._tick = time.perf_counter()
                 for batch in islice(self.loader, steps):
+                    skipped = self.skipped
                     self.step(batch)
-                    for hook in self.hooks:
-                        hook.after_step(self)
+                    if self.skipped == skipped:  # the hooks do not see a skipped step
+                        for hook in self.hooks:
+                            hook.after_step(self)
                     if self.stop_requested():
                         break
                 if self.iter_in_epoch == len(self.sampler):
@@ -172,7 +178,9 @@ class Trainer:
         return self._stopping
 
     def step(self, batches: list[Batch]) -> None:
-        """One optimizer step over the micro-batches of an iteration (``train.accumulate`` of them).
+        """One optimizer step over the micro-batches of an iteration (``train.accumulate`` of them),
+        or a skipped one (a non-finite loss or gradient, within ``skip_nonfinite``: the weights stay,
+        the iteration counts, ``skipped`` counts it and the hooks do not see it).
 
         Each micro-batch's losses are weighted by its share of the iteration's images before its
         backward pass, so the accumulated gradient is that of one batch of all the images for losses
@@ -205,7 +213,8 @@ class Trainer:
                         problem = f"non-finite loss terms {bad}"
                 # every process stops together: one going on alone would wait in the backward's all-reduce
                 if dist.any_process(problem is not None, self.device):
-                    raise self._diverged(problem or "non-finite losses in another process")
+                    self._skip_or_stop(problem or "non-finite losses in another process")
+                    return
                 self.scaler.scale(total * share).backward()
             for key, value in losses.items():
                 self.losses[key] = self.losses.get(key, 0.0) + value.item() * share
@@ -221,19 +230,33 @@ class Trainer:
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16's scaler skips such steps itself
-            raise self._diverged(f"non-finite gradients (norm {norm.item():.4g}) of finite loss terms")
+            self._skip_or_stop(f"non-finite gradients (norm {norm.item():.4g}) of finite loss terms")
+            return
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._count_step()
+        self.step_images = num_images * dist.world_size()  # each process takes as many images
+
+    def _count_step(self) -> None:
         self.iteration += 1
         self.iter_in_epoch += 1
-        self.step_images = num_images * dist.world_size()  # each process takes as many images
         now = time.perf_counter()
         self.step_time, self._tick = now - self._tick, now
 
-    def _diverged(self, what: str) -> TrainingDiverged:
-        """The error that stops a diverged run before its weights change: the last checkpoint stays good."""
-        clip = f"train.grad_clip (now {self.grad_clip:g})" if self.grad_clip else "enable train.grad_clip"
-        return TrainingDiverged(f"training diverged at iteration {self.iteration + 1}: {what}; lower train.lr or {clip}")
+    def _skip_or_stop(self, what: str) -> None:
+        """A bad step (``what`` went wrong), before the weights change: skipped while
+        fewer than ``skip_nonfinite`` were, else the run stops with :class:`TrainingDiverged` (the last
+        checkpoint stays good)."""
+        if self.skipped >= self.skip_nonfinite:
+            clip = f"train.grad_clip (now {self.grad_clip:g})" if self.grad_clip else "enable train.grad_clip"
+            skipped = f" (after skipping {self.skipped}, train.skip_nonfinite)" if self.skip_nonfinite else ""
+            raise TrainingDiverged(f"training diverged at iteration {self.iteration + 1}{skipped}: {what}; lower "
+                                   f"train.lr or {clip}")
+        self.skipped += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        log(f"skipped iteration {self.iteration + 1}: {what} ({self.skipped} of train.skip_nonfinite="
+            f"{self.skip_nonfinite} skipped)")
+        self._count_step()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: weights, optimizer, position, RNG, hook states.
@@ -252,6 +275,7 @@ class Trainer:
             "rng_per_rank": dist.gather_to_main([capture_rng_state()]),
             "hooks": {type(h).__name__: s for h in self.hooks if (s := h.state_dict()) is not None},
             "grad_scaler": self.scaler.state_dict(),  # empty unless fp16
+            "skipped": self.skipped,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "the checkpoint") -> None:
@@ -262,6 +286,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.iter_in_epoch = state["epoch"], state["iter_in_epoch"]
         self.iteration = state["iteration"]
+        self.skipped = state.get("skipped", 0)
         per_rank = state.get("rng_per_rank", [])
         # resumed by as many processes as saved it: each its own states; otherwise rank 0's for all
         restore_rng_state(per_rank[dist.rank()] if len(per_rank) == dist.world_size() else state["rng"])

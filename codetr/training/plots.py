@@ -9,6 +9,7 @@ from typing import Any
 import matplotlib
 
 from codetr.errors import UserError
+from codetr.files import atomic_write
 from codetr.inference.evaluate import SEGM_PREFIX
 
 matplotlib.use("Agg")
@@ -85,6 +86,7 @@ def plot_training(metrics_file: str | Path, out_png: str | Path) -> None:
     ax_ap.grid(alpha=0.3)
 
     fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png)
-    plt.close(fig)
+    try:
+        atomic_write(out_png, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

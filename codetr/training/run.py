@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,7 +31,8 @@ from codetr.files import (
     TENSORBOARD_DIR,
     WEIGHTS_NAME,
     check_writable_folder,
-    remove_orphan_temporaries,
+    remove_interrupted_writes,
+    run_lock,
 )
 from codetr.inference.loading import build_detector, without_backbone_weights
 from codetr.inference.weights import load_state, read_checkpoint, read_weights_file, save_inference_weights
@@ -73,24 +75,21 @@ def _category_changes(saved: list[int], current: list[int]) -> list[str]:
 def prepare_output_folder(out: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
     """Check the output folder before training, and tidy it on the ``main`` process.
 
-    Without ``resume``, a folder holding another run's outputs is an error unless ``overwrite``,
-    which deletes them (main process). The main process also removes the temporary files of
-    interrupted saves (a kill during a checkpoint write). Every process checks that a file can be
-    written there (so that all of them stop on an error).
+    Without ``resume``, a folder holding another run's results (a checkpoint, weights or metrics
+    records) is an error unless ``overwrite``, which deletes its outputs (main process); the files of a
+    run that ended before any result (it failed on its first batch) are replaced without it. The main
+    process also removes the temporary files of interrupted saves (a kill during a checkpoint write).
+    Every process checks that a file can be written there (so that all of them stop on an error).
     """
     if main:
-        removed = remove_orphan_temporaries(out, [CHECKPOINT_NAME, WEIGHTS_NAME, METRICS_NAME])
-        if removed:
-            megabytes = sum(size for _, size in removed) / 2**20
-            log(f"removed {len(removed)} temporary file(s) of interrupted saves in {out} ({megabytes:.1f} MB): "
-                f"{', '.join(path.name for path, _ in removed[:3])}{' ...' if len(removed) > 3 else ''}")
+        remove_interrupted_writes(out, [name for name in RUN_OUTPUTS if name != TENSORBOARD_DIR])
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     ckpt = out / CHECKPOINT_NAME
     if resume and not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint {ckpt}" + (" (it is a folder)" if ckpt.exists() else ""))
     previous = [name for name in RUN_OUTPUTS if (out / name).exists()]
-    if not resume and previous and not overwrite:
+    if not resume and previous and not overwrite and _holds_results(out):
         if ckpt.exists():
             raise UserError(f"{ckpt} exists: pass --resume to continue that run, --overwrite to start a new run "
                             "there (deleting its outputs), or choose another --out")
@@ -103,8 +102,16 @@ def prepare_output_folder(out: Path, resume: bool, overwrite: bool, main: bool =
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        log(f"--overwrite: deleted the previous run's {', '.join(previous)} in {out}")
+        log(f"--overwrite: deleted the previous run's {', '.join(previous)} in {out}" if overwrite else
+            f"replaced {', '.join(previous)} in {out}: their run ended before a checkpoint, weights or metrics")
     check_writable_folder(out, "--out")
+
+
+def _holds_results(out: Path) -> bool:
+    """Whether the run folder ``out`` holds something of value: a checkpoint, weights or metrics records."""
+    metrics = out / METRICS_NAME
+    return ((out / CHECKPOINT_NAME).exists() or (out / WEIGHTS_NAME).exists()
+            or (metrics.is_file() and metrics.stat().st_size > 0) or metrics.is_dir())
 
 
 def train(
@@ -125,15 +132,28 @@ def train(
     current step with a checkpoint and raises :class:`TrainingInterrupted`. ``build_model`` defaults to
     :func:`codetr.models.build.build_model`. ``extra_hooks`` run after the trainer's own, on every process.
     Launched by torchrun (WORLD_SIZE > 1), trains with DistributedDataParallel; only rank 0 writes.
+    The main process holds the folder's lock (:func:`codetr.files.run_lock`) for the whole run: a
+    second run there stops with a UserError naming this one.
     """
     validate_config(cfg)
     out = Path(out_dir)
-    ckpt_path = out / CHECKPOINT_NAME
-
     device = resolve_device(cfg.train.device, "train.device")
     if dist.init_distributed(device) and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank())
     main = dist.is_main_process()
+    if dist.is_distributed() and cfg.train.skip_nonfinite:
+        # a process skipping the backward of its forward would leave DistributedDataParallel waiting
+        raise UserError(f"train.skip_nonfinite={cfg.train.skip_nonfinite}: skipping bad steps works in single-process "
+                        "training only; under torchrun set train.skip_nonfinite=0 (a bad step stops the run)")
+    with run_lock(out) if main else contextlib.nullcontext():
+        return _train_in_folder(cfg, out, device, main, resume, build_model, overwrite, extra_hooks)
+
+
+def _train_in_folder(cfg: Config, out: Path, device: torch.device, main: bool, resume: bool,
+                     build_model: Callable[[ModelConfig], nn.Module] | None, overwrite: bool,
+                     extra_hooks: Sequence[Hook]) -> dict[str, float]:
+    """The body of :func:`train`, once the folder is locked."""
+    ckpt_path = out / CHECKPOINT_NAME
     prepare_output_folder(out, resume, overwrite, main)
     seed_everything(cfg.train.seed)
 
@@ -166,7 +186,7 @@ def train(
     hooks = _hooks(cfg, out, detector, eval_hook, metrics, CheckpointHook(ckpt_path, extra, cfg.train.checkpoint_every),
                    main) + list(extra_hooks)
     trainer = Trainer(detector, loss_module, optimizer, schedule, loader, sampler, device,
-                      cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks, amp)
+                      cfg.train.epochs, cfg.train.max_iters, cfg.train.grad_clip, hooks, amp, cfg.train.skip_nonfinite)
     if state is not None:
         trainer.load_state_dict(state, str(ckpt_path))
         del state

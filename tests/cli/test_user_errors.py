@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import load_file as safetensors_tensors
 from safetensors.torch import save_file
 
 from codetr.cli import main
+from codetr.cli.common import short_warnings
 from codetr.config import Config, DataConfig, TrainConfig
 from codetr.config_parsing import ConfigError, config_to_dict, load_config
 from codetr.errors import UserError
@@ -22,6 +24,7 @@ from codetr.inference.weights import save_inference_weights
 from codetr.models.build import build_model
 from codetr.training.plots import read_metrics
 from codetr.training.run import train
+from full_disk import FullDisk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,6 +145,7 @@ def test_a_corrupt_metrics_line_names_the_file_and_line(tmp_path: Path) -> None:
     ("data.tta.iou=1.5", "config key data.tta.iou: 1.5 is out of range (must be a number in [0, 1])"),
     ("model.dino.soft_nms_iou=-1", "config key model.dino.soft_nms_iou: -1.0 is out of range (must be a number in [0, 1])"),
     ("model.loss.focal_alpha=.nan", "config key model.loss.focal_alpha: nan is not a number"),
+    ("train.skip_nonfinite=-1", "config key train.skip_nonfinite: -1 is out of range (must be >= 0)"),
 ])
 def test_bad_config_values_are_refused_when_read(override: str, message: str, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -274,3 +278,86 @@ def test_unwritable_output_folders_are_named_before_work_starts(weights: Path, t
     code, err = run(capsys, "train", TINY, "--out", str(out))
     assert code == 2
     assert_short(err, f"--out {out}: cannot write there")
+
+
+# ------------------------------------------------------------------ issue 35: one line, nothing half-written
+
+
+def test_onnx_files_given_where_they_do_not_belong_get_one_line(weights: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    image = write_images(tmp_path / "images", 1)[0]
+    not_onnx = tmp_path / "model.onnx"
+    not_onnx.write_bytes(b"not an ONNX model")
+    code, err = run(capsys, "predict", str(image), "--onnx", str(not_onnx), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_short(err, f"{not_onnx} is not a readable ONNX model", lines=2)
+    code, err = run(capsys, "predict", str(image), "--weights", str(not_onnx), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_short(err, f"{not_onnx} is an ONNX model: run it with --onnx", lines=2)
+    assert "pickl" not in err.lower() and "torch.load" not in err
+
+
+def test_unreadable_checkpoints_are_named_with_the_whole_reason(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """torch's messages run over many lines of advice; the line saying what failed is kept whole."""
+    random_bytes = tmp_path / "random.pt"
+    random_bytes.write_bytes(os.urandom(3000))
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"model": torch.ones(100)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    for path, reason in ((random_bytes, "(Unsupported operand "),
+                         (truncated, "(PytorchStreamReader failed reading zip archive: failed finding central directory)")):
+        code, err = run(capsys, "eval", TINY, "--weights", str(path))
+        assert code == 2
+        assert_short(err, f"{path} is not a codetr training checkpoint: torch.load cannot read it", reason, lines=2)
+        assert err.splitlines()[0].endswith(")") and "weights_only" not in err
+
+
+def test_data_warnings_are_one_line_without_python_source(weights: Path, tmp_path: Path,
+                                                          recwarn: pytest.WarningsRecorder) -> None:
+    """A data warning during `codetr eval` is shown by the command as one line: no file, line number
+    or Python source (pytest records the warning; the command's formatting is applied to it)."""
+    images = write_images(tmp_path / "val", 2)
+    annotations = tmp_path / "val.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": i + 1, "file_name": p.name, "width": 40, "height": 32} for i, p in enumerate(images)],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20], "iscrowd": 0}],  # no area
+        "categories": [{"id": i, "name": f"c{i - 1}"} for i in range(1, 7)]}))
+    assert main(["eval", TINY, "--weights", str(weights), "--out", str(tmp_path / "o"), *SMALL, "data.synthetic=false",
+                 f"data.val_images={tmp_path / 'val'}", f"data.val_annotations={annotations}"]) == 0
+    [warned] = [w for w in recwarn if "without 'area'" in str(w.message)]
+    with short_warnings():
+        shown = warnings.formatwarning(warned.message, warned.category, warned.filename, warned.lineno, warned.line)
+    assert shown == (f"codetr: warning: {annotations}: annotation without 'area' (evaluation uses the box area w*h): "
+                     "1, e.g. annotation id 1 (image id 1)\n")
+    with short_warnings():  # other libraries' warnings keep Python's form
+        other = warnings.formatwarning(UserWarning("theirs"), UserWarning, torch.__file__, 1, None)
+    assert other == warnings.formatwarning(UserWarning("theirs"), UserWarning, torch.__file__, 1, None)
+
+
+def test_predict_says_it_leaves_sub_folders_out(weights: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "images"
+    write_images(folder, 1)
+    write_images(folder / "more", 1)
+    code, err = run(capsys, "predict", str(folder), "--weights", str(weights), "--out", str(tmp_path / "o"))
+    assert code == 0
+    assert f"note: {folder} holds 1 sub-folder(s) (more); only the images directly in it are read" in err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["img0.png", "predictions.json"]
+
+
+def test_predict_on_a_full_disk_keeps_the_previous_outputs(weights: Path, tmp_path: Path, full_disk: FullDisk,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "images"
+    write_images(folder, 2)
+    out = full_disk.folder / "predictions"
+    argv = ["predict", str(folder), "--weights", str(weights), "--out", str(out), "--score-thr", "0"]
+    assert run(capsys, *argv)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(json.loads(before["predictions.json"])) > 0
+    full_disk.fill(leave=len(before["img1.png"]) + len(before["predictions.json"]) // 2)
+    code, err = run(capsys, *argv)
+    assert code == 2
+    assert_short(err, f"cannot write {out / 'predictions.json'}: no space left on device (the previous "
+                      "predictions.json is unchanged)", lines=2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temporary, nothing half-written

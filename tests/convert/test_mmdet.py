@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +36,16 @@ from synthetic_config import synthetic_data
 
 from codetr.cli import main
 from codetr.config_parsing import load_config
-from codetr.convert.mmdet import coco_classes, convert_checkpoint, model_config_for, read_classes
+from codetr.convert.mmdet import choose_classes, coco_classes, convert_checkpoint, model_config_for, read_classes
 from codetr.convert.mmdet_checkpoint import CheckpointError, load_mmdet_checkpoint
 from codetr.convert.mmdet_rules import detect_detector
 from codetr.data import collate
 from codetr.inference.loading import load_model
 from codetr.structures import Target
+from full_disk import FullDisk
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[2]
 
 ZOO = {  # packaged config -> official key/shape list
     "co_deformable_detr_r50_1x_coco": "co_deformable_detr_r50",
@@ -411,14 +418,110 @@ def test_class_names(tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFi
     ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "ckpt.pth")
     base = ["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(tmp_path / "o.safetensors")]
     assert main(base) == 2
-    assert "has 6 classes (its metadata names ['a', 'b']...): pass --classes FILE" in capsys.readouterr().err
+    assert "has 6 classes (its metadata names 2: ['a', 'b']...): pass --classes FILE" in capsys.readouterr().err
     assert main([*base, "--classes", str(tmp_path / "c.txt")]) == 2
     assert "names 2 classes but the checkpoint has 6" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("meta", [{"CLASSES": ("circle", "square", "triangle", "star", "ring", "cross")},
+                                  {"dataset_meta": {"classes": ["circle", "square", "triangle", "star", "ring", "cross"]}}],
+                         ids=["mmdet2", "mmdet3"])
+def test_class_names_stored_in_the_checkpoint_are_written(meta: dict, tmp_path: Path, tiny_config: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --classes, the names in the checkpoint's metadata (mmdet 2.x CLASSES, 3.x dataset_meta)
+    go into the converted file, and the command says where the names came from."""
+    ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "ckpt.pth", meta)
+    out = tmp_path / "o.safetensors"
+    assert main(["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(out)]) == 0
+    assert ("class names from the checkpoint's metadata (category ids 1..6): circle, square, triangle, star, ring, ..."
+            in capsys.readouterr().out)
+    loaded = load_model(out)
+    assert loaded.class_names == list(meta.get("CLASSES") or meta["dataset_meta"]["classes"])
+    assert loaded.category_ids == [1, 2, 3, 4, 5, 6]
+
+
+def test_an_80_class_checkpoint_keeps_its_own_names(tmp_path: Path) -> None:
+    """80 classes: the stored names win over COCO's (COCO's names keep COCO's ids); without stored
+    names, COCO's are used and the source says so."""
+    coco_names, coco_ids = coco_classes()
+    custom = [f"part{i}" for i in range(80)]
+    ckpt = tmp_path / "c.pth"
+    assert choose_classes(ckpt, {"CLASSES": custom}, 80, None)[:2] == (custom, list(range(1, 81)))
+    assert choose_classes(ckpt, {"CLASSES": coco_names}, 80, None)[:2] == (coco_names, coco_ids)
+    names, ids, source = choose_classes(ckpt, {}, 80, None)
+    assert (names, ids) == (coco_names, coco_ids) and source.startswith("COCO's (the checkpoint's metadata holds none")
+    names, _, source = choose_classes(ckpt, {"CLASSES": ("a", "b")}, 80, None)
+    assert names == coco_names and "its metadata names 2 classes" in source
+    assert choose_classes(ckpt, {"CLASSES": "bird"}, 1, None)[:2] == (["bird"], [1])
+
+
+@pytest.mark.slow
+def test_sigterm_or_a_kill_during_convert_leaves_no_temporary_behind(tiny_config: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM while `codetr convert` writes its output: exit 143 with one line, the previous output
+    intact and no temporary file; the temporary of a process killed outright (SIGKILL) is removed by the
+    next convert into that folder."""
+    ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "official.pth")
+    out = tmp_path / "out" / "converted.safetensors"
+    argv = ["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(out),
+            "--classes", str(tiny_config.parent / "classes.txt")]
+    assert main(argv) == 0
+    previous = out.read_bytes()
+    ready = tmp_path / "ready"
+    # the child stops for good in the fsync of the output's temporary file, once it is written
+    script = ("import os, pathlib, sys, time; ready = pathlib.Path(sys.argv.pop(1)); "
+              "os.fsync = lambda fd: (ready.touch(), time.sleep(120)); "
+              "from codetr.cli import main; sys.exit(main())")
+
+    def stopped_child(sig: signal.Signals) -> subprocess.CompletedProcess:
+        ready.unlink(missing_ok=True)
+        child = subprocess.Popen([sys.executable, "-c", script, str(ready), *argv], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            deadline = time.monotonic() + 240
+            while not ready.exists():
+                assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+                time.sleep(0.05)
+            assert [p.name for p in out.parent.glob(".converted.safetensors.*.tmp")]  # being written
+            child.send_signal(sig)
+            stdout, stderr = child.communicate(timeout=60)
+        finally:
+            child.kill()
+        return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr)
+
+    done = stopped_child(signal.SIGTERM)
+    assert done.returncode == 143 and done.stderr.strip().splitlines() == [
+        "codetr: stopped by SIGTERM (no file was left half-written)"], done.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["converted.safetensors"] and out.read_bytes() == previous
+
+    assert stopped_child(signal.SIGKILL).returncode == -signal.SIGKILL
+    [orphan] = out.parent.glob(".converted.safetensors.*.tmp")
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert f"removed 1 temporary file(s) of interrupted saves in {out.parent}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.parent.iterdir()) == ["converted.safetensors"]
+
+
+def test_convert_on_a_full_disk_keeps_the_previous_output(tiny_config: Path, tmp_path: Path, full_disk: FullDisk,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = save_mmdet(random_state(tiny_official()), tmp_path / "official.pth")
+    out = full_disk.folder / "converted.safetensors"
+    argv = ["convert", "mmdet", str(ckpt), "--config", str(tiny_config), "--out", str(out),
+            "--classes", str(tiny_config.parent / "classes.txt")]
+    assert main(argv) == 0
+    previous = out.read_bytes()
+    full_disk.fill(leave=len(previous) // 2)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"codetr: error: cannot write {out}: no space left on device (the previous converted.safetensors is unchanged)")
+    assert out.read_bytes() == previous
+    assert [p.name for p in full_disk.folder.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_class_names_from_the_checkpoint_metadata() -> None:
     """mmdet 2.x stores ``meta["CLASSES"]``, mmdet 3.x ``meta["dataset_meta"]["classes"]``; used for a
-    checkpoint of another class count than COCO's when they name every class."""
+    checkpoint when they name every class (for 80 classes too, before COCO's names)."""
     from codetr.convert.mmdet import metadata_classes
 
     assert metadata_classes({"CLASSES": ("a", "b")}) == ["a", "b"]

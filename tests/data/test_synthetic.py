@@ -9,7 +9,7 @@ from PIL import Image
 
 from codetr.cli.data import main_synth
 from codetr.data import CocoDetection, generate_synthetic_coco
-from codetr.data.synthetic import CATEGORIES, EMPTY_EVERY, render_sample
+from codetr.data.synthetic import CATEGORIES, EMPTY_EVERY, STAMP, render_sample
 from codetr.errors import UserError
 
 SIZE = 256
@@ -126,6 +126,15 @@ def test_synth_again_replaces_its_own_files(tmp_path):
     generate_synthetic_coco(tmp_path, num_train=3, num_val=2, size=32, seed=0)
     generate_synthetic_coco(tmp_path, num_train=1, num_val=0, size=32, seed=0)  # no old image stays beside the new
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png")) == ["train/000001.png"]
+
+
+def test_synth_says_to_delete_data_of_an_earlier_generator(tmp_path):
+    """A folder written before the stamp existed (same layout, no stamp) is named as codetr's old data."""
+    generate_synthetic_coco(tmp_path, num_train=1, num_val=1, size=32, seed=0)
+    (tmp_path / STAMP).unlink()
+    with pytest.raises(UserError, match=f"{tmp_path} holds synthetic data of an earlier codetr version .*delete that "
+                                        "folder"):
+        generate_synthetic_coco(tmp_path, num_train=1, num_val=1, size=32, seed=0)
 
 
 def test_segmentations_are_the_exact_visible_pixels(synth):

@@ -16,9 +16,11 @@ import yaml
 from codetr import Detector
 from codetr.cli import main
 from codetr.config_parsing import load_config
+from codetr.errors import FileWriteError
 from codetr.inference.loading import LoadedModel
 from codetr.models.build import build_model
 from codetr.structures import Batch
+from full_disk import FullDisk
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -200,3 +202,35 @@ def test_lsj_model_on_onnx_gives_pytorch_detections_in_original_pixels(tmp_path:
         assert torch.equal(ours.labels, theirs.labels)
         # in original pixels: the boxes span the image, not 96 / 64 of it in its shorter direction
         assert theirs.boxes[:, 2].max() > 0.9 * w and theirs.boxes[:, 3].max() > 0.9 * h
+
+
+@pytest.mark.slow
+def test_export_writes_the_file_once_complete(tmp_path: Path, full_disk: FullDisk,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt before the file is complete (here in the model check, after the graph is traced)
+    leaves the previous file as it was, as does a full disk (one error naming the file); no
+    temporary file stays."""
+    from codetr.export import export_onnx
+
+    cfg = load_config(small_config("deformable_detr_tiny", tmp_path))
+    torch.manual_seed(0)
+    loaded = LoadedModel(build_model(cfg.model).eval(), cfg, None, None)
+    path = full_disk.folder / "model.onnx"
+    export_onnx(loaded, path)
+    good = path.read_bytes()
+    assert {p.key for p in onnx.load(str(path)).metadata_props} >= {"codetr_config", "codetr_class_names"}
+
+    def interrupted(model: object) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(onnx.checker, "check_model", interrupted)
+        export_onnx(loaded, path)
+    assert path.read_bytes() == good
+
+    full_disk.fill(leave=len(good) // 2)
+    with pytest.raises(FileWriteError, match=rf"^cannot write {path}: no space left on device \(the previous "
+                                             r"model.onnx is unchanged\)$"):
+        export_onnx(loaded, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in full_disk.folder.iterdir() if p.suffix == ".tmp"] == []

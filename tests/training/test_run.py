@@ -21,8 +21,9 @@ from codetr.config import Config, DataConfig, ModelConfig, TrainConfig
 from codetr.config_parsing import load_config
 from codetr.data import build_dataloader
 from codetr.data.samplers import TrainBatchSampler, train_loader
-from codetr.errors import TrainingDiverged, UserError
-from codetr.files import atomic_save
+from codetr.errors import FileWriteError, TrainingDiverged, UserError
+from codetr.cli import main
+from codetr.files import atomic_save, run_lock
 from codetr.inference.evaluate import coco_results, evaluate
 from codetr.inference.loading import LoadedModel, load_model
 from codetr.inference.predict import predict_images
@@ -34,6 +35,7 @@ from codetr.training import hooks as hooks_module
 from codetr.training.loop import Trainer
 from codetr.training.optim import param_groups
 from codetr.training.run import train
+from full_disk import FullDisk
 
 CATEGORY_IDS = [3, 17, 90]  # sparse dataset ids: labels 0, 1, 2
 NAMES = ["cat_a", "cat_b", "cat_c"]
@@ -179,22 +181,16 @@ def test_param_groups_use_first_matching_multiplier_and_skip_frozen() -> None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def test_failed_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "last.pt"
+def test_failed_checkpoint_write_keeps_previous(full_disk: FullDisk) -> None:
+    path = full_disk.folder / "last.pt"
     atomic_save({"iteration": 1, "w": torch.ones(3)}, path)
-    real_save = torch.save
-
-    def broken_save(obj: object, f: object) -> None:
-        real_save({"iteration": 2}, f)  # a partial write, then the disk fills up
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="No space"):
-        atomic_save({"iteration": 2, "w": torch.zeros(3)}, path)
-    monkeypatch.undo()
+    full_disk.fill(leave=1000)  # the disk fills up during the write
+    with pytest.raises(FileWriteError, match=f"^cannot write {path}: no space left on device \\(the previous "
+                                             "last.pt is unchanged\\)$"):
+        atomic_save({"iteration": 2, "w": torch.zeros(100_000)}, path)
     kept = torch.load(path, weights_only=True)
     assert kept["iteration"] == 1 and torch.equal(kept["w"], torch.ones(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+    assert [p.name for p in full_disk.folder.iterdir() if not p.name.startswith("filler")] == ["last.pt"]  # no temporary
 
 
 # ----------------------------------------------------------------------------- training
@@ -260,7 +256,8 @@ def test_train_outputs_metrics_plot_and_weights(tiny_data: Path, tmp_path: Path,
 
 class DivergingDetector(FakeDetector):
     """FakeDetector whose third loss call diverges: ``mode`` "loss" gives a NaN term, "grad" a finite
-    loss with NaN gradients, "matcher" the error of a matcher given NaN predictions."""
+    loss with NaN gradients, "matcher" the error of a matcher given NaN predictions; "loss from the
+    third call": a NaN term in every call from the third on."""
 
     mode = "loss"
 
@@ -271,7 +268,7 @@ class DivergingDetector(FakeDetector):
     def loss(self, batch: Batch) -> dict[str, Tensor]:
         losses = super().loss(batch)
         self.calls += 1
-        if self.calls == 3 and self.mode == "loss":
+        if (self.calls == 3 and self.mode == "loss") or (self.calls >= 3 and self.mode == "loss from the third call"):
             losses["loss_cls"] = losses["loss_cls"] * float("nan")
         if self.calls == 3 and self.mode == "grad":
             losses["aux.loss"] = losses["aux.loss"] + (0 * self.head.weight.sum()).sqrt()  # 0, gradient NaN
@@ -296,6 +293,35 @@ def test_divergence_stops_with_one_line_and_keeps_the_last_good_checkpoint(
     last = torch.load(out / "last.pt", weights_only=False)
     assert last["iteration"] == 2  # the epoch-end checkpoint before the bad step, with its finite weights
     assert all(torch.isfinite(v).all() for v in last["model"].values())
+
+
+def test_skip_nonfinite_skips_that_many_bad_steps_then_stops(tiny_data: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """train.skip_nonfinite=2 with a loss that is NaN from the third step on: steps 3 and 4 are skipped
+    (logged, the weights unchanged: epoch 2 ends with epoch 1's weights), step 5 stops the run."""
+    monkeypatch.setattr(DivergingDetector, "mode", "loss from the third call")
+    saved: dict[int, dict[str, Tensor]] = {}
+    real_save = hooks_module.CheckpointHook.save
+
+    def save(self: hooks_module.CheckpointHook, trainer: Trainer) -> None:
+        real_save(self, trainer)
+        saved[trainer.iteration] = {k: v.clone() for k, v in trainer.detector.state_dict().items()}
+
+    monkeypatch.setattr(hooks_module.CheckpointHook, "save", save)
+    with pytest.raises(TrainingDiverged) as caught:
+        train(tiny_config(tiny_data, eval_every=0, skip_nonfinite=2), tmp_path / "run", build_model=DivergingDetector)
+    assert str(caught.value) == ("training diverged at iteration 5 (after skipping 2, train.skip_nonfinite): non-finite "
+                                 "loss terms loss_cls=nan; lower train.lr or train.grad_clip (now 1)")
+    printed = capsys.readouterr().out
+    assert ("skipped iteration 3: non-finite loss terms loss_cls=nan (1 of train.skip_nonfinite=2 skipped)" in printed
+            and "skipped iteration 4: non-finite loss terms loss_cls=nan (2 of train.skip_nonfinite=2 skipped)" in printed)
+    assert sorted(saved) == [2, 4]
+    assert all(torch.equal(saved[2][k], saved[4][k]) for k in saved[2])  # the skipped steps changed nothing
+    last = read_checkpoint(tmp_path / "run" / "last.pt")
+    assert (last["iteration"], last["skipped"]) == (4, 2)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [r["iter"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
 
 
 def test_no_backbone_warning_for_a_group_norm_backbone(tiny_data: Path, tmp_path: Path,
@@ -656,3 +682,55 @@ def test_predict_from_weights_and_from_checkpoint(tiny_data: Path, tmp_path: Pat
         assert not np.array_equal(np.asarray(drawn), np.asarray(Image.open(images[0]).convert("RGB")))
     weights_records = json.loads((tmp_path / "model" / "predictions.json").read_text())
     assert weights_records == json.loads((tmp_path / "last" / "predictions.json").read_text())
+
+
+# ------------------------------------------------------------------------------ one run per folder
+
+
+def test_a_second_run_into_a_busy_folder_stops_naming_the_first(tiny_data: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a run holds the folder's lock (here this process, as a running ``codetr train`` does),
+    another train, resume or eval there stops with one line naming it, touching nothing (not the
+    temporary file the running run is writing)."""
+    out = tmp_path / "run"
+    train(tiny_config(tiny_data, epochs=1), out, build_model=FakeDetector)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (out / ".last.pt.abcd1234.tmp").write_bytes(b"being written")
+    busy = rf"--out {out} is in use by another codetr run \(pid {os.getpid()} on host "
+    with run_lock(out):
+        for resume in (True, False):
+            with pytest.raises(UserError, match=busy):
+                train(tiny_config(tiny_data, epochs=2), out, resume=resume, overwrite=not resume,
+                      build_model=FakeDetector)
+        monkeypatch.setattr("codetr.models.build.build_model", FakeDetector)
+        assert main(["eval", str(out / "config.yaml"), "--weights", str(out / "model.safetensors")]) == 2
+        assert f"the folder of --weights {out} is in use by another codetr run (pid {os.getpid()}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name in before} == before
+    assert (out / ".last.pt.abcd1234.tmp").exists()
+    train(tiny_config(tiny_data, epochs=2), out, resume=True, build_model=FakeDetector)  # the lock is free again
+    assert read_checkpoint(out / "last.pt")["epoch"] == 2
+
+
+def test_a_run_that_ended_before_any_result_does_not_need_overwrite(tiny_data: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that fails on its first batch leaves config.yaml and an empty metrics.jsonl: nothing to
+    resume or keep, so the next run there replaces them; a folder with metrics records stays protected."""
+    out = tmp_path / "run"
+
+    def failing(self: FakeDetector, batch: Batch) -> dict[str, Tensor]:
+        raise UserError("bad batch")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FakeDetector, "loss", failing)
+        with pytest.raises(UserError, match="bad batch"):
+            train(tiny_config(tiny_data, epochs=1), out, build_model=FakeDetector)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["config.yaml", "metrics.jsonl"]
+    capsys.readouterr()
+    train(tiny_config(tiny_data, epochs=1), out, build_model=FakeDetector)
+    assert f"replaced metrics.jsonl, config.yaml in {out}: their run ended before a checkpoint" in capsys.readouterr().out
+    (out / "last.pt").unlink()
+    (out / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="holds the outputs of another run"):  # its metrics records are kept
+        train(tiny_config(tiny_data, epochs=1), out, build_model=FakeDetector)

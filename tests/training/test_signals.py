@@ -9,6 +9,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,6 +129,24 @@ def test_a_stop_signal_during_an_evaluation_abandons_it_and_resume_evaluates_fir
     assert_same_run(out, straight)
 
 
+def start_codetr_train(config: Path, out: Path) -> subprocess.Popen:
+    """``codetr train CONFIG --out OUT`` with the tests' FakeDetector in another process, once it has
+    logged its first step."""
+    script = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv.pop(1)); "
+              "import codetr.models.build; from test_run import FakeDetector; "
+              "codetr.models.build.build_model = FakeDetector; from codetr.cli import main; sys.exit(main())")
+    process = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "tests" / "training"), "train", str(config), "--out", str(out)],
+                               cwd=ROOT, env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().endswith("\n"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(process.communicate())
+        time.sleep(0.02)
+    return process
+
+
 @pytest.mark.slow
 def test_sigint_during_codetr_train_says_how_to_resume(data: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,17 +157,8 @@ def test_sigint_during_codetr_train_says_how_to_resume(data: Path, tmp_path: Pat
     config = tmp_path / "run.yaml"
     save_config(tiny_config(data, epochs=10_000, eval_every=0), config)
     out = tmp_path / "run"
-    script = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, sys.argv.pop(1)); "
-              "import codetr.models.build; from test_run import FakeDetector; "
-              "codetr.models.build.build_model = FakeDetector; from codetr.cli import main; sys.exit(main())")
-    process = subprocess.Popen([sys.executable, "-c", script, str(ROOT / "tests" / "training"), "train", str(config), "--out", str(out)],
-                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = start_codetr_train(config, out)
     try:
-        deadline = time.monotonic() + 240
-        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().endswith("\n"):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.02)
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=240)
     finally:
@@ -282,3 +292,35 @@ def test_data_loader_workers_ignore_stop_signals(data: Path) -> None:
         finally:
             os._exit(code)  # never back into pytest
     assert os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) == 0
+
+
+# ------------------------------------------------------------------------------------ one run per folder
+
+
+@pytest.mark.slow
+def test_a_second_codetr_train_into_a_running_runs_folder_stops_naming_it(
+        data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """While `codetr train` runs in a folder, a second `codetr train --resume` (or `--overwrite`) there stops
+    with one line naming the running process and changes nothing; SIGTERM then ends the running one with
+    a checkpoint and no temporary file, and the kernel releases its lock: the resume goes on."""
+    config = tmp_path / "run.yaml"
+    save_config(tiny_config(data, epochs=10_000, eval_every=0), config)
+    out = tmp_path / "run"
+    monkeypatch.setattr("codetr.models.build.build_model", FakeDetector)
+    process = start_codetr_train(config, out)
+    try:
+        for flag in ("--resume", "--overwrite"):
+            assert main(["train", str(config), "--out", str(out), flag]) == 2
+            err = capsys.readouterr().err
+            assert (f"codetr: error: --out {out} is in use by another codetr run (pid {process.pid} on host "
+                    f"{socket.gethostname()}): wait for it to end, or choose another folder") in err
+        assert process.poll() is None  # the running run goes on
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    assert process.returncode == 143 and "training stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    stopped = read_checkpoint(out / "last.pt")["iteration"]
+    assert main(["train", str(config), "--out", str(out), "--resume", f"train.max_iters={stopped + 1}"]) == 0
+    assert read_checkpoint(out / "last.pt")["iteration"] == stopped + 1
