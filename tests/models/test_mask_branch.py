@@ -4,18 +4,14 @@ its composition with Co-DINO: box-only models unchanged, masks at inference, fre
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from released_mask import area_ratio, bar_loss, block_target, mask_iou_head, paste, refine_at_test, refine_mask_head
 
-from codetr.config_parsing import load_config
-from codetr.models.build import build_model
 from codetr.models.mask.boundary import boundary_aware_loss, mask_boundary, refine_stages
 from codetr.models.mask.mask_iou import MaskIoUHead, area_ratios, mask_iou_targets
 from codetr.models.mask.paste import crop_masks, paste_masks
 from codetr.models.mask.refine_head import RefineMaskHead
-from codetr.structures import Batch, Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

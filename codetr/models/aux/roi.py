@@ -22,6 +22,27 @@ def roi_levels(boxes: Tensor, finest_scale: float, num_levels: int) -> Tensor:
     return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
 
 
+def rois_of(boxes: list[Tensor]) -> Tensor:
+    """Boxes (N_i, 4) of each image -> (sum N_i, 5) RoI rows (image index, x1, y1, x2, y2)."""
+    index = [torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
+    return torch.cat([torch.cat(index), torch.cat(boxes)], 1)
+
+
+def multilevel_roi_align(feats: list[Tensor], strides: list[int], rois: Tensor, finest_scale: float,
+                         size: int) -> Tensor:
+    """mmdet's ``SingleRoIExtractor``: each RoI (R, 5) (image index, xyxy pixels) pooled from the map of
+    its level (:func:`roi_levels` over ``feats`` (B, C, H_l, W_l) of ``strides``) by aligned RoIAlign
+    with adaptive sampling -> (R, C, size, size)."""
+    levels = roi_levels(rois[:, 1:], finest_scale, len(strides))
+    out = rois.new_zeros((rois.shape[0], feats[0].shape[1], size, size))
+    for level, stride in enumerate(strides):
+        sel = torch.nonzero(levels == level).squeeze(1)
+        if sel.numel():
+            out[sel] = roi_align(feats[level], rois[sel], size, spatial_scale=1.0 / stride, sampling_ratio=0,
+                                 aligned=True)
+    return out
+
+
 # Weight of the RoI head's GIoU loss relative to its classification loss (both also times loss_scale).
 ROI_GIOU_WEIGHT = 10.0
 
@@ -77,17 +98,8 @@ class RoIHead(nn.Module):
 
     def roi_features(self, feats: list[Tensor], rois: list[Tensor]) -> Tensor:
         """(R, C, 7, 7) RoIAlign features of the boxes of every image (xyxy pixels), each from its level."""
-        boxes = torch.cat(rois)
-        image_index = torch.cat([torch.full((len(r),), i, dtype=boxes.dtype, device=boxes.device)
-                                 for i, r in enumerate(rois)])
-        levels = roi_levels(boxes, self.finest_scale, len(self.strides))
-        out = boxes.new_zeros((boxes.shape[0], feats[0].shape[1], self.roi_size, self.roi_size))
-        for level, stride in enumerate(self.strides):
-            sel = torch.nonzero(levels == level).squeeze(1)
-            if sel.numel():
-                out[sel] = roi_align(feats[level], torch.cat([image_index[sel, None], boxes[sel]], 1),
-                                     self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
-        return out
+        return multilevel_roi_align(feats[:len(self.strides)], self.strides, rois_of(rois), self.finest_scale,
+                                    self.roi_size)
 
     def forward(self, roi_feats: Tensor) -> tuple[Tensor, Tensor]:
         """(R, C, 7, 7) -> class logits (R, num_classes + 1), deltas (R, num_classes, 4) (class-agnostic:
