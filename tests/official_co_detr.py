@@ -245,15 +245,43 @@ def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], nu
     return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc)
 
 
+def mask_branch(num_classes: int, d: int = 256, instance_convs: int = 1, semantic_convs: int = 2, stages: int = 3,
+                iou_convs: int = 2, iou_fc: int = 1024, roi_size: int = 14) -> list[tuple[str, Shape]]:
+    """Co-DINO-Inst's ``mask_head`` (``SimpleRefineMaskHead``, LN2d ConvModules: conv without bias, then ``norm``;
+    stages of ``SimpleSFMStage`` with ``MultiBranchFusionAvg``, plain-conv ConvModules with bias; the last
+    stage's logits class-agnostic) and ``mask_iou_head`` (``MaskIoUHead``, LN2d convs, one FC), as the ViT-L
+    ``*_instance`` configs build them; the RoI extractors hold no weights."""
+    names: list[tuple[str, Shape]] = []
+    for branch, count in (("instance", instance_convs), ("semantic", semantic_convs)):
+        for i in range(count):
+            names += conv(f"mask_head.{branch}_convs.{i}.conv", d, d, 3, bias=False) + norm(f"mask_head.{branch}_convs.{i}.norm", d)
+    widths = [d // 2**i for i in range(stages + 1)]
+    for i in range(stages):
+        c, p = widths[i], f"mask_head.stages.{i}"
+        names += conv(f"{p}.semantic_transform_in", c, d, 1) + conv(f"{p}.fuse_conv.0", c, 2 * c + 1, 1)
+        for j in (1, 2, 3):
+            names += conv(f"{p}.fuse_conv.1.dilation_conv_{j}.conv", c, c, 3)
+        names += conv(f"{p}.fuse_conv.1.merge_conv.conv", c, c, 1) + conv(f"{p}.fuse_transform_out", c // 2 - 1, c, 1)
+    for i, c in enumerate(widths):
+        names += conv(f"mask_head.stage_instance_logits.{i}", 1 if i == stages else num_classes, c, 1)
+    for i in range(iou_convs):
+        names += conv(f"mask_iou_head.convs.{i}.conv", d, d + 1 if i == 0 else d, 3, bias=False)
+        names += norm(f"mask_iou_head.convs.{i}.norm", d)
+    names += linear("mask_iou_head.fcs.0", iou_fc, d * (roi_size // 2) ** 2) + linear("mask_iou_head.fc_mask_iou", num_classes, iou_fc)
+    return names
+
+
 def co_dino(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: int = 80, num_queries: int = 900,
             d: int = 256, ffn_dim: int = 2048, enc_layers: int = 6, dec_layers: int = 6, heads: int = 8,
             points: int = 4, levels: int = 5, atss_convs: int = 1, roi_fc: int = 1024,
-            mmdet3: bool = False, neck: list[tuple[str, Shape]] | None = None, **roi: int | bool) -> list[tuple[str, Shape]]:
+            mmdet3: bool = False, neck: list[tuple[str, Shape]] | None = None,
+            masks: list[tuple[str, Shape]] | None = None, **roi: int | bool) -> list[tuple[str, Shape]]:
     """``CoDETR`` as configured by ``co_dino_5scale_*``: CoDINOHead + CoDinoTransformer with the DINO
     decoder (``ref_point_head``, final ``norm``), learned ``query_embed``, positive-query layers
     without content features (``aux_pos_trans`` 2d -> d), the denoising ``label_embedding`` (in
     ``query_head.dn_generator`` in the mmdetection 3.x port), RPN + RoI head (``roi``: aux_heads' RoI
-    arguments) and ATSS. ``neck``: the neck's list (default: the ChannelMapper of ``neck_in``)."""
+    arguments) and ATSS. ``neck``: the neck's list (default: the ChannelMapper of ``neck_in``). ``masks``: the
+    mask branch's list (:func:`mask_branch`), registered after the query head and before the RPN head."""
     t = "query_head.transformer"
     encoder, decoder = transformer_layers(d, ffn_dim, enc_layers, dec_layers, heads, points, levels)
     neck = channel_mapper(neck_in, d, levels) if neck is None else neck
@@ -266,7 +294,7 @@ def co_dino(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: 
     names += branches(num_classes, d, dec_layers)
     names += conv("query_head.downsample.0", d, d, 3) + norm("query_head.downsample.1", d)
     names += [(f"query_head.{'dn_generator.' if mmdet3 else ''}label_embedding.weight", (num_classes, d))]
-    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc, **roi)
+    return names + (masks or []) + aux_heads(num_classes, d, levels, atss_convs, roi_fc, **roi)
 
 
 # The released Co-Deformable-DETR configs: (backbone names, neck input channels, queries).
@@ -295,6 +323,11 @@ def released_configs() -> dict[str, list[tuple[str, Shape]]]:
     lists["co_dino_5scale_vit_large_coco"] = co_dino(vit(24, 4), [], num_queries=1500, neck=sfp(), roi_convs=4, roi_fcs=1,
                                                      roi_agnostic=True)
     lists["co_dino_5scale_lsj_vit_large_lvis"] = co_dino(vit(16, 3, rope_glb_tokens=96 * 96), [], num_classes=1203, neck=sfp())
+    # Co-DINO-Inst ViT-L (the *_instance configs): the same with the mask branch
+    lists["co_dino_5scale_vit_large_coco_instance"] = co_dino(vit(24, 4), [], num_queries=1500, neck=sfp(), roi_convs=4,
+                                                              roi_fcs=1, roi_agnostic=True, masks=mask_branch(80))
+    lists["co_dino_5scale_lsj_vit_large_lvis_instance"] = co_dino(vit(16, 3, rope_glb_tokens=96 * 96), [], num_classes=1203,
+                                                                  neck=sfp(), masks=mask_branch(1203))
     return lists
 
 
