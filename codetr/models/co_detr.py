@@ -136,9 +136,19 @@ class CoDETR(nn.Module):
             losses.update({k: v * self.co.lambda1 for k, v in aux_losses.items()})
         return losses
 
-    def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The base detector's tensor-only inference (what the ONNX export runs)."""
-        return self.detector.predict_tensors(images, masks, image_sizes)
+    def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
+        """The base detector's tensor-only inference (what the ONNX export runs): boxes, scores, labels (see
+        ``BaseDetector.predict_tensors``); with the mask branch also the mask probabilities (B, K, S, S) of each
+        of those boxes in its box and their predicted IoU (B, K) (:meth:`MaskBranch.predict_tensors`)."""
+        if self.mask_branch is None:
+            return self.detector.predict_tensors(images, masks, image_sizes)
+        out, enc = self.detector(images, masks)
+        # the same top-k twice: boxes in the frame asked for, and in the input's for the RoIs
+        boxes, scores, labels = self.detector.postprocess(out.logits[-1], out.boxes[-1], image_sizes)
+        input_sizes = torch.stack([(~masks[:, :, 0]).sum(1), (~masks[:, 0, :]).sum(1)], 1)
+        rois = self.detector.postprocess(out.logits[-1], out.boxes[-1], input_sizes)[0]
+        probs, iou = self.mask_branch.predict_tensors(memory_to_maps(enc.memory, enc.spatial_shapes), rois, labels)
+        return boxes, scores, labels, probs, iou
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> list[Detections]:

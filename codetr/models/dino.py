@@ -169,6 +169,11 @@ def apply_soft_nms(det: Detections, cfg: ModelConfig) -> Detections:
     ``cfg.dino.soft_nms`` is off."""
     if not cfg.dino.soft_nms:
         return det
-    keep, scores = batched_soft_nms(det.boxes, det.scores, det.labels, cfg.dino.soft_nms_iou)
-    keep, scores = keep[: cfg.max_detections], scores[: cfg.max_detections]
+    keep, scores = soft_nms_keep(det, cfg)
     return Detections(det.boxes[keep], scores, det.labels[keep])
+
+
+def soft_nms_keep(det: Detections, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """:func:`apply_soft_nms`'s choice: the indices into ``det`` it keeps (K,) and their decayed scores (K,)."""
+    keep, scores = batched_soft_nms(det.boxes, det.scores, det.labels, cfg.dino.soft_nms_iou)
+    return keep[: cfg.max_detections], scores[: cfg.max_detections]

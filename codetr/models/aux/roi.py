@@ -34,6 +34,12 @@ def multilevel_roi_align(feats: list[Tensor], strides: list[int], rois: Tensor, 
     its level (:func:`roi_levels` over ``feats`` (B, C, H_l, W_l) of ``strides``) by aligned RoIAlign
     with adaptive sampling -> (R, C, size, size)."""
     levels = roi_levels(rois[:, 1:], finest_scale, len(strides))
+    if torch.onnx.is_in_onnx_export():  # a graph without data-dependent shapes: every level pooled, one kept
+        out = rois.new_zeros((rois.shape[0], feats[0].shape[1], size, size))
+        for level, stride in enumerate(strides):
+            pooled = roi_align(feats[level], rois, size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
+            out = torch.where((levels == level)[:, None, None, None], pooled, out)
+        return out
     out = rois.new_zeros((rois.shape[0], feats[0].shape[1], size, size))
     for level, stride in enumerate(strides):
         sel = torch.nonzero(levels == level).squeeze(1)

@@ -117,6 +117,22 @@ class MaskBranch(nn.Module):
                                   mask_scores if self.mask_iou_head is not None else None))
         return out
 
+    def predict_tensors(self, maps: list[Tensor], boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Tensor-only masks of a batch's detections (what the ONNX export runs): maps (B, C, H_l, W_l),
+        boxes (B, K, 4) xyxy pixels of the input, labels (B, K) -> the merged mask probabilities (B, K, S, S)
+        and the predicted IoU of each box's class (B, K) (ones without the mask IoU head)."""
+        batch, k = boxes.shape[:2]
+        index = torch.arange(batch, device=boxes.device, dtype=boxes.dtype).repeat_interleave(k)
+        rois = torch.cat([index[:, None], boxes.reshape(-1, 4)], 1)
+        flat = labels.reshape(-1)
+        stage_logits, feats = self(maps, rois, flat)
+        probs = refine_stages(stage_logits[1:])[:, 0].sigmoid()
+        if self.mask_iou_head is None:
+            iou = torch.ones_like(flat, dtype=probs.dtype)
+        else:
+            iou = self.mask_iou_head(feats, stage_logits[1][:, 0]).gather(1, flat[:, None])[:, 0]
+        return probs.reshape(batch, k, *probs.shape[-2:]), iou.reshape(batch, k)
+
     def mask_probs(self, maps: list[Tensor], boxes: Tensor, labels: Tensor) -> tuple[Tensor, Tensor | None]:
         """One image's maps (1, C, H_l, W_l), boxes (K, 4) xyxy pixels and labels (K,) -> the merged mask
         probabilities (K, S, S) of the last stage and the predicted IoU of each box's class (K,) or None."""
