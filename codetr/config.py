@@ -205,6 +205,9 @@ class CoConfig:
     # RoI level of a box: floor(log2(sqrt(area) / roi_finest_scale)) over the encoder levels;
     # official 112 with strides 8-64 (Co-Deformable-DETR), 56 with strides 4-64 (Co-DINO).
     roi_finest_scale: float = 112.0
+    # Mask R-CNN's FCN mask head inside the RoI head, trained on its positive samples (training only; the
+    # released co_deformable_detr_mask_r50_1x_coco). Needs instance masks in the data.
+    roi_mask: bool = False
 
 
 @dataclass

@@ -203,10 +203,11 @@ def branches(num_classes: int, d: int, dec_layers: int) -> list[tuple[str, Shape
 
 
 def aux_heads(num_classes: int, d: int, levels: int, atss_convs: int, roi_fc: int, roi_convs: int = 0, roi_fcs: int = 2,
-              roi_agnostic: bool = False) -> list[tuple[str, Shape]]:
+              roi_agnostic: bool = False, roi_mask: bool = False) -> list[tuple[str, Shape]]:
     """RPN (9 anchors), one ConvFCBBoxHead RoI head (default Shared2FCBBoxHead: 0 convs, 2 FCs, class-specific
-    deltas; fc_cls / fc_reg are registered first by BBoxHead), one ATSS head (a scale per level of the
-    auxiliary pyramid: the encoder levels + 1)."""
+    deltas; fc_cls / fc_reg are registered first by BBoxHead), with ``roi_mask`` followed by its FCNMaskHead
+    (4 ConvModules with bias, a 2x2 deconv ``upsample``, ``conv_logits``), one ATSS head (a scale per level of
+    the auxiliary pyramid: the encoder levels + 1)."""
     names = conv("rpn_head.rpn_conv", d, d, 3) + conv("rpn_head.rpn_cls", 9, d, 1) + conv("rpn_head.rpn_reg", 36, d, 1)
     r = "roi_head.0.bbox_head"
     names += linear(f"{r}.fc_cls", num_classes + 1, roi_fc) + linear(f"{r}.fc_reg", 4 * (1 if roi_agnostic else num_classes), roi_fc)
@@ -214,6 +215,11 @@ def aux_heads(num_classes: int, d: int, levels: int, atss_convs: int, roi_fc: in
         names += conv(f"{r}.shared_convs.{j}.conv", d, d, 3, bias=False) + norm(f"{r}.shared_convs.{j}.gn", d)
     for j in range(roi_fcs):
         names += linear(f"{r}.shared_fcs.{j}", roi_fc, d * 7 * 7 if j == 0 else roi_fc)
+    if roi_mask:
+        for j in range(4):
+            names += conv(f"roi_head.0.mask_head.convs.{j}.conv", d, d, 3)
+        names += [("roi_head.0.mask_head.upsample.weight", (d, d, 2, 2)), ("roi_head.0.mask_head.upsample.bias", (d,))]
+        names += conv("roi_head.0.mask_head.conv_logits", num_classes, d, 1)
     for tower in ("cls", "reg"):
         for j in range(atss_convs):
             names += conv(f"bbox_head.0.{tower}_convs.{j}.conv", d, d, 3, bias=False)
@@ -226,10 +232,10 @@ def aux_heads(num_classes: int, d: int, levels: int, atss_convs: int, roi_fc: in
 def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: int = 80,
                        num_queries: int = 300, d: int = 256, ffn_dim: int = 2048, enc_layers: int = 6,
                        dec_layers: int = 6, heads: int = 8, points: int = 4, levels: int = 4,
-                       atss_convs: int = 1, roi_fc: int = 1024) -> list[tuple[str, Shape]]:
+                       atss_convs: int = 1, roi_fc: int = 1024, roi_mask: bool = False) -> list[tuple[str, Shape]]:
     """``CoDETR`` as configured by ``co_deformable_detr_*_coco.py``: CoDeformDETRHead with two-stage,
     box refinement, mixed selection and 2 co-heads (positive-query layers with content features and
-    the (2, 1) ``head_pos_embed``), RPN + RoI head and ATSS."""
+    the (2, 1) ``head_pos_embed``), RPN + RoI head (``roi_mask``: with the mask config's FCN mask head) and ATSS."""
     t = "query_head.transformer"
     encoder, decoder = transformer_layers(d, ffn_dim, enc_layers, dec_layers, heads, points, levels)
     names = list(backbone) + channel_mapper(neck_in, d, levels) + [(f"{t}.level_embeds", (levels, d))] + encoder + decoder
@@ -242,7 +248,7 @@ def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], nu
     names += [entry for i in range(2) for entry in norm(f"{t}.pos_feats_norm.{i}", d)]
     names += conv("query_head.downsample.0", d, d, 3) + norm("query_head.downsample.1", d)
     names += branches(num_classes, d, dec_layers) + [("query_head.query_embedding.weight", (num_queries, d))]
-    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc)
+    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc, roi_mask=roi_mask)
 
 
 def mask_branch(num_classes: int, d: int = 256, instance_convs: int = 1, semantic_convs: int = 2, stages: int = 3,
@@ -309,7 +315,8 @@ SWIN_ARCH = {  # embed_dim, depths, heads, window of the released Swin configs
 def released_configs() -> dict[str, list[tuple[str, Shape]]]:
     """Official key/shape list of every released Co-Deformable-DETR architecture (1x and 3x share one)
     and of Co-DINO R50 and Swin-L (stages 0-3; DETR and LSJ, every schedule) (Sense-X names)."""
-    lists = {"co_deformable_detr_r50": co_deformable_detr(resnet(50), [512, 1024, 2048])}
+    lists = {"co_deformable_detr_r50": co_deformable_detr(resnet(50), [512, 1024, 2048]),
+             "co_deformable_detr_mask_r50": co_deformable_detr(resnet(50), [512, 1024, 2048], roi_mask=True)}
     for name, (dim, depths, heads, window) in SWIN_ARCH.items():
         backbone = swin_v1(dim, depths, heads, window, (1, 2, 3))
         lists[f"co_deformable_detr_{name}"] = co_deformable_detr(backbone, [dim * 2, dim * 4, dim * 8])

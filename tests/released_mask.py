@@ -167,3 +167,17 @@ def paste(masks: Tensor, boxes: Tensor, img_h: int, img_w: int) -> Tensor:
     gx = img_x[:, None, :].expand(n, img_y.size(1), img_x.size(1))
     gy = img_y[:, :, None].expand(n, img_y.size(1), img_x.size(1))
     return F.grid_sample(masks.float(), torch.stack([gx, gy], dim=3), align_corners=False)[:, 0]
+
+
+def fcn_mask_head(sd: Weights, x: Tensor, num_convs: int = 4) -> Tensor:
+    """``FCNMaskHead.forward``: ConvModules (conv with bias, ReLU), deconv ``upsample`` + ReLU, ``conv_logits``."""
+    for i in range(num_convs):
+        x = conv_module(x, sd, f"convs.{i}.", padding=1)
+    x = F.relu(F.conv_transpose2d(x, sd["upsample.weight"], sd["upsample.bias"], stride=2))
+    return conv(x, sd, "conv_logits.")
+
+
+def mask_cross_entropy(pred: Tensor, target: Tensor, label: Tensor) -> Tensor:
+    """mmdet's ``mask_cross_entropy`` (mean over the RoIs' pixels of their class's logits)."""
+    inds = torch.arange(0, pred.size()[0], dtype=torch.long)
+    return F.binary_cross_entropy_with_logits(pred[inds, label].squeeze(1), target, reduction="mean")[None]

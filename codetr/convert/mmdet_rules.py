@@ -266,6 +266,9 @@ AUX_HEADS_MMDET = [
     Rule(r"^bbox_head\.(?P<k>\d+)\.(?P<name>atss_cls|atss_reg|atss_centerness)\.(?P<p>weight|bias)$",
          _aux("atss", "{name}.{p}"), "aux"),
     Rule(r"^bbox_head\.(?P<k>\d+)\.scales\.(?P<idx>\d+)\.scale$", _aux("atss", "scales"), "aux", stack=True),
+    # the Co-Deformable-DETR mask config's FCN mask head in the RoI head (same names inside it)
+    Rule(r"^roi_head\.(?P<k>\d+)\.mask_head\.(?P<rest>(?:convs\.\d+\.conv|upsample|conv_logits)\.(?:weight|bias))$",
+         _aux("rcnn", "roi.mask_head.{rest}"), "aux"),
 ]
 
 

@@ -52,5 +52,6 @@ def build_aux_head(name: str, cfg: ModelConfig, strides: list[int], loss_scale: 
         return FasterRCNNAux(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, rpn_pre_nms=co.rpn_pre_nms,
                              rpn_proposals=co.rpn_proposals, roi_samples=co.roi_samples, roi_fc_dim=co.roi_fc_dim,
                              roi_finest_scale=co.roi_finest_scale, roi_convs=co.roi_convs, roi_fcs=co.roi_fcs,
-                             roi_class_agnostic=co.roi_class_agnostic, roi_target_stds=tuple(co.roi_target_stds))
+                             roi_class_agnostic=co.roi_class_agnostic, roi_target_stds=tuple(co.roi_target_stds),
+                             roi_mask=co.roi_mask)
     raise ValueError(f"unknown auxiliary head {name!r} in model.co.aux_heads; choose from {AUX_HEADS}")

@@ -1,7 +1,8 @@
-"""``codetr convert mmdet`` for the released Co-DINO-Inst checkpoints: the key lists of the released mask
-branch (tests/official_co_detr.py ``mask_branch``) convert strictly with nothing left over, a box-only
-checkpoint and an instance config (or the reverse) are refused, and a converted tiny instance model's mask
-head computes what the released head computes with the checkpoint's tensors."""
+"""``codetr convert mmdet`` for the released Co-DINO-Inst checkpoints (and the Co-Deformable-DETR mask
+config): the key lists of the released mask branch (tests/official_co_detr.py ``mask_branch``) convert
+strictly with nothing left over, a box-only checkpoint and an instance config (or the reverse) are refused,
+and a converted tiny instance model's mask head computes what the released head computes with the
+checkpoint's tensors."""
 
 from __future__ import annotations
 
@@ -90,3 +91,23 @@ def test_converted_tiny_instance_model_has_the_released_mask_head() -> None:
         reference = refine_mask_head(released, feats, semantic, rois, labels, 1, 2, [14, 28, 56, 112], [5, 5, 5, 1], 4)
     for a, b in zip(ours, reference):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep_aux", [False, True])
+def test_co_deformable_detr_mask_checkpoint_converts_without_leftovers(keep_aux: bool) -> None:
+    """co_deformable_detr_mask_r50_1x_coco: the FCN mask head of the Faster R-CNN head (roi_head.0.mask_head) is
+    an auxiliary part, kept with --keep-aux, dropped as training-only otherwise."""
+    state = random_state(read_list(DATA / "co_deformable_detr_mask_r50_mmdet2.txt"), meta=True)
+    cfg = model_config_for(load_config("co_deformable_detr_mask_r50_1x_coco").model, state)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    tensors = model.state_dict() if keep_aux else model.inference_state_dict()
+    conversion = convert_checkpoint(state, cfg, keep_aux, {k: tuple(v.shape) for k, v in tensors.items()})
+    assert conversion.ok, conversion.report()
+    masks = sorted(k for k in state if ".mask_head." in k)
+    assert len(masks) == 12
+    if keep_aux:
+        assert conversion.sources["aux_heads.0.roi.mask_head.upsample.weight"] == ["roi_head.0.mask_head.upsample.weight"]
+    else:
+        assert set(masks) <= set(conversion.dropped_aux)
