@@ -39,6 +39,7 @@ def test_fcn_mask_head_and_loss_match_the_released_ones() -> None:
     assert fcn_mask_loss(ours[:0], labels[:0], targets[:0]) == 0
 
 
+@pytest.mark.slow
 def test_rcnn_head_learns_masks_in_training_only() -> None:
     overrides = ["model.num_classes=3", "model.co.roi_mask=true", "model.co.rpn_proposals=100", "model.co.roi_samples=64"]
     torch.manual_seed(0)
