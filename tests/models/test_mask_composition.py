@@ -138,3 +138,14 @@ def test_mask_config_needs_the_co_wrapper() -> None:
 def test_bad_mask_config_is_one_clear_error(override: str, message: str) -> None:
     with pytest.raises(UserError, match=message):
         load_config("co_dino_tiny", [override])
+
+
+def test_images_without_objects_give_zero_mask_losses_that_reach_every_parameter() -> None:
+    model = build(MASKED)
+    b = batch()
+    b.targets = [Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), masks=torch.zeros(0, 64, w, dtype=torch.bool))
+                 for w in (64, 60)]
+    losses = model.loss(b)
+    assert losses["mask.loss_mask"] == 0 and losses["mask.loss_mask_iou"] == 0
+    (losses["mask.loss_mask"] + losses["mask.loss_mask_iou"]).backward()
+    assert all(p.grad is not None for p in model.mask_branch.parameters())
