@@ -13,7 +13,8 @@ from codetr.errors import UserError
 from codetr.inference.weights import load_state
 from codetr.models.build import build_model
 from codetr.models.co_detr import CoDETR
-from codetr.structures import Batch, Target
+from codetr.models.necks.channel_mapper import memory_to_maps
+from codetr.structures import Batch, Detections, Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = ["model.num_classes=3", "model.transformer.num_queries=30", "model.max_detections=20",
@@ -95,7 +96,6 @@ def test_predict_adds_masks_in_the_input_frame_with_released_scores() -> None:
     # the scores are the box score times the predicted IoU of the detection's class
     det = detections[0]
     maps = model.detector.detect(b)[1]
-    from codetr.models.necks.channel_mapper import memory_to_maps
     levels = [m[:1] for m in memory_to_maps(maps.memory, maps.spatial_shapes)]
     with torch.inference_mode():
         _, iou = model.mask_branch.mask_probs(levels, det.boxes, det.labels)
@@ -149,3 +149,31 @@ def test_images_without_objects_give_zero_mask_losses_that_reach_every_parameter
     assert losses["mask.loss_mask"] == 0 and losses["mask.loss_mask_iou"] == 0
     (losses["mask.loss_mask"] + losses["mask.loss_mask_iou"]).backward()
     assert all(p.grad is not None for p in model.mask_branch.parameters())
+
+
+@pytest.mark.slow
+def test_the_branch_learns_the_masks_of_a_batch() -> None:
+    """Trained alone on fixed encoder maps, the branch's loss falls and its pasted masks of the ground-truth
+    boxes come to match the ellipse and the rectangle."""
+    model = build(MASKED)
+    b = batch()
+    with torch.no_grad():
+        enc = model.detector.encode_images(b.images, b.masks)
+    maps = memory_to_maps(enc.memory, enc.spatial_shapes)
+    branch = model.mask_branch
+    optimizer = torch.optim.Adam(branch.parameters(), lr=1e-3)
+    candidates = [t.boxes + torch.tensor([1.0, -1.0, -1.0, 1.0]) for t in b.targets]
+    first = None
+    for _ in range(40):
+        loss = sum(branch.forward_train(maps, candidates, b.targets).values())
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3 * first
+    target = b.targets[0]
+    det = Detections(target.boxes, torch.ones(2), target.labels)
+    with torch.inference_mode():
+        masks = branch.predict([m[:1] for m in maps], b.image_sizes[:1], [det])[0].masks
+    iou = (masks & target.masks).flatten(1).sum(1) / (masks | target.masks).flatten(1).sum(1)
+    assert (iou > 0.8).all(), iou
