@@ -211,6 +211,43 @@ class CoConfig:
     # RoI level of a box: floor(log2(sqrt(area) / roi_finest_scale)) over the encoder levels;
     # official 112 with strides 8-64 (Co-Deformable-DETR), 56 with strides 4-64 (Co-DINO).
     roi_finest_scale: float = 112.0
+    # Mask R-CNN's FCN mask head inside the RoI head, trained on its positive samples (training only; the
+    # released co_deformable_detr_mask_r50_1x_coco). Needs instance masks in the data.
+    roi_mask: bool = False
+
+
+@dataclass
+class MaskConfig:
+    """The instance-mask branch of Co-DINO-Inst (``model.mask.enabled``; needs ``model.co.aux_heads``):
+    a RefineMask-style head and a mask IoU head on RoIs of the encoder levels, trained on the detached
+    final DETR predictions assigned to the ground truth, as released. The branches are
+    ``model.transformer.d_model`` wide (each stage halves the instance one). Defaults: the released
+    co_dino_5scale_vit_large_coco_instance config."""
+
+    enabled: bool = False
+    instance_convs: int = 1
+    semantic_convs: int = 2
+    # Supervised mask sizes of the stages, each twice the one before (the first is the RoIAlign size).
+    stage_sizes: list[int] = field(default_factory=lambda: [14, 28, 56, 112])
+    class_agnostic_last: bool = True  # the last stage's logits for every class at once (released: yes)
+    dilations: list[int] = field(default_factory=lambda: [1, 3, 5])
+    # RoI level of a box: floor(log2(sqrt(area) / finest_scale)) over the encoder levels (released 56).
+    finest_scale: float = 56.0
+    # Training RoIs: the top train_rois (query, class) pairs of the last decoder layer (denoising queries
+    # included, as released), max-IoU assigned (IoU >= 0.5) and sampled (roi_samples, 25% positives,
+    # ground-truth boxes added); the positives learn masks.
+    train_rois: int | None = None  # None: model.max_detections (the release takes the query head's max_per_img)
+    roi_samples: int = 512
+    # Loss weights, times dec_layers * lambda2 like the auxiliary heads (released 1.33 and 0.5).
+    loss_weight: float = 1.33
+    stage_loss_weights: list[float] = field(default_factory=lambda: [0.5, 0.75, 0.75, 1.0])
+    boundary_width: int = 2
+    mask_iou: bool = True  # the mask IoU head; at inference a mask's score is box score x predicted IoU
+    iou_loss_weight: float = 0.5
+    iou_convs: int = 2
+    iou_fcs: int = 1
+    iou_fc_dim: int = 1024
+    threshold: float = 0.5  # binarisation of the mask probabilities (and of the IoU targets' masks)
 
 
 @dataclass
@@ -229,6 +266,7 @@ class ModelConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     co: CoConfig = field(default_factory=CoConfig)
     dino: DinoConfig = field(default_factory=DinoConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
 
 
 @dataclass

@@ -50,6 +50,10 @@ LIMITS: dict[str, float] = {
     "model.num_classes": 1, "model.max_detections": 1, "model.transformer.d_model": 1, "model.transformer.n_heads": 1,
     "model.transformer.n_points": 1, "model.transformer.num_feature_levels": 1, "model.transformer.dec_layers": 1,
     "model.transformer.enc_layers": 0, "model.transformer.ffn_dim": 1, "model.transformer.num_queries": 1,
+    "model.mask.instance_convs": 0, "model.mask.semantic_convs": 0, "model.mask.stage_sizes": 2,
+    "model.mask.dilations": 1, "model.mask.finest_scale": 1e-6, "model.mask.train_rois": 1, "model.mask.roi_samples": 1,
+    "model.mask.loss_weight": 0, "model.mask.stage_loss_weights": 0, "model.mask.boundary_width": 1,
+    "model.mask.iou_loss_weight": 0, "model.mask.iou_convs": 1, "model.mask.iou_fcs": 1, "model.mask.iou_fc_dim": 1,
 }
 
 
@@ -59,7 +63,7 @@ POSITIVE = ("train.lr", "train.ema_momentum", "train.warmup_ratio")
 # Thresholds, probabilities and rates: in [0, 1].
 UNIT_INTERVAL = ("data.tta.iou", "data.tta.min_score", "model.loss.focal_alpha", "model.dino.soft_nms_iou",
                  "model.transformer.dropout", "model.backbone.drop_path_rate", "train.ema_momentum",
-                 "train.warmup_ratio")
+                 "train.warmup_ratio", "model.mask.threshold")
 
 
 def check_unit_interval(value: float, name: str) -> float:
@@ -220,7 +224,19 @@ def validate_config(cfg: Config) -> Config:
             check_unit_interval(node, f"config key {key}")
         except UserError as err:
             raise ConfigError(str(err)) from None
+    _check_mask(values.model.mask)
     return cfg
+
+
+def _check_mask(mask: Any) -> None:
+    """The mask branch's stage lists: sizes doubling from an even first size, one loss weight per stage."""
+    sizes = mask.stage_sizes
+    if len(sizes) < 2 or sizes[0] % 2 or any(b != 2 * a for a, b in zip(sizes, sizes[1:])):
+        raise ConfigError(f"config key model.mask.stage_sizes: {sizes!r} must be two or more sizes, each twice the "
+                          "one before, the first even (released [14, 28, 56, 112])")
+    if len(mask.stage_loss_weights) != len(sizes):
+        raise ConfigError(f"config key model.mask.stage_loss_weights: {mask.stage_loss_weights!r} needs one weight per "
+                          f"stage of model.mask.stage_sizes ({len(sizes)})")
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:

@@ -75,12 +75,15 @@ class Detections:
     scores: (K,) float in [0, 1].
     labels: (K,) int64, contiguous labels 0..num_classes-1.
     masks:  (K, h, w) bool instance masks in the same frame as ``boxes``, or None (box-only model).
+    mask_scores: (K,) float in [0, 1], the masks' own scores (the released Co-DINO-Inst: box score x
+            predicted mask IoU; its segm results are ranked by them), or None (``scores`` rank the masks).
     """
 
     boxes: Tensor
     scores: Tensor
     labels: Tensor
     masks: Tensor | None = None
+    mask_scores: Tensor | None = None
 
 
 @dataclass

@@ -203,10 +203,11 @@ def branches(num_classes: int, d: int, dec_layers: int) -> list[tuple[str, Shape
 
 
 def aux_heads(num_classes: int, d: int, levels: int, atss_convs: int, roi_fc: int, roi_convs: int = 0, roi_fcs: int = 2,
-              roi_agnostic: bool = False) -> list[tuple[str, Shape]]:
+              roi_agnostic: bool = False, roi_mask: bool = False) -> list[tuple[str, Shape]]:
     """RPN (9 anchors), one ConvFCBBoxHead RoI head (default Shared2FCBBoxHead: 0 convs, 2 FCs, class-specific
-    deltas; fc_cls / fc_reg are registered first by BBoxHead), one ATSS head (a scale per level of the
-    auxiliary pyramid: the encoder levels + 1)."""
+    deltas; fc_cls / fc_reg are registered first by BBoxHead), with ``roi_mask`` followed by its FCNMaskHead
+    (4 ConvModules with bias, a 2x2 deconv ``upsample``, ``conv_logits``), one ATSS head (a scale per level of
+    the auxiliary pyramid: the encoder levels + 1)."""
     names = conv("rpn_head.rpn_conv", d, d, 3) + conv("rpn_head.rpn_cls", 9, d, 1) + conv("rpn_head.rpn_reg", 36, d, 1)
     r = "roi_head.0.bbox_head"
     names += linear(f"{r}.fc_cls", num_classes + 1, roi_fc) + linear(f"{r}.fc_reg", 4 * (1 if roi_agnostic else num_classes), roi_fc)
@@ -214,6 +215,11 @@ def aux_heads(num_classes: int, d: int, levels: int, atss_convs: int, roi_fc: in
         names += conv(f"{r}.shared_convs.{j}.conv", d, d, 3, bias=False) + norm(f"{r}.shared_convs.{j}.gn", d)
     for j in range(roi_fcs):
         names += linear(f"{r}.shared_fcs.{j}", roi_fc, d * 7 * 7 if j == 0 else roi_fc)
+    if roi_mask:
+        for j in range(4):
+            names += conv(f"roi_head.0.mask_head.convs.{j}.conv", d, d, 3)
+        names += [("roi_head.0.mask_head.upsample.weight", (d, d, 2, 2)), ("roi_head.0.mask_head.upsample.bias", (d,))]
+        names += conv("roi_head.0.mask_head.conv_logits", num_classes, d, 1)
     for tower in ("cls", "reg"):
         for j in range(atss_convs):
             names += conv(f"bbox_head.0.{tower}_convs.{j}.conv", d, d, 3, bias=False)
@@ -226,10 +232,10 @@ def aux_heads(num_classes: int, d: int, levels: int, atss_convs: int, roi_fc: in
 def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: int = 80,
                        num_queries: int = 300, d: int = 256, ffn_dim: int = 2048, enc_layers: int = 6,
                        dec_layers: int = 6, heads: int = 8, points: int = 4, levels: int = 4,
-                       atss_convs: int = 1, roi_fc: int = 1024) -> list[tuple[str, Shape]]:
+                       atss_convs: int = 1, roi_fc: int = 1024, roi_mask: bool = False) -> list[tuple[str, Shape]]:
     """``CoDETR`` as configured by ``co_deformable_detr_*_coco.py``: CoDeformDETRHead with two-stage,
     box refinement, mixed selection and 2 co-heads (positive-query layers with content features and
-    the (2, 1) ``head_pos_embed``), RPN + RoI head and ATSS."""
+    the (2, 1) ``head_pos_embed``), RPN + RoI head (``roi_mask``: with the mask config's FCN mask head) and ATSS."""
     t = "query_head.transformer"
     encoder, decoder = transformer_layers(d, ffn_dim, enc_layers, dec_layers, heads, points, levels)
     names = list(backbone) + channel_mapper(neck_in, d, levels) + [(f"{t}.level_embeds", (levels, d))] + encoder + decoder
@@ -242,18 +248,46 @@ def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], nu
     names += [entry for i in range(2) for entry in norm(f"{t}.pos_feats_norm.{i}", d)]
     names += conv("query_head.downsample.0", d, d, 3) + norm("query_head.downsample.1", d)
     names += branches(num_classes, d, dec_layers) + [("query_head.query_embedding.weight", (num_queries, d))]
-    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc)
+    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc, roi_mask=roi_mask)
+
+
+def mask_branch(num_classes: int, d: int = 256, instance_convs: int = 1, semantic_convs: int = 2, stages: int = 3,
+                iou_convs: int = 2, iou_fc: int = 1024, roi_size: int = 14) -> list[tuple[str, Shape]]:
+    """Co-DINO-Inst's ``mask_head`` (``SimpleRefineMaskHead``, LN2d ConvModules: conv without bias, then ``norm``;
+    stages of ``SimpleSFMStage`` with ``MultiBranchFusionAvg``, plain-conv ConvModules with bias; the last
+    stage's logits class-agnostic) and ``mask_iou_head`` (``MaskIoUHead``, LN2d convs, one FC), as the ViT-L
+    ``*_instance`` configs build them; the RoI extractors hold no weights."""
+    names: list[tuple[str, Shape]] = []
+    for branch, count in (("instance", instance_convs), ("semantic", semantic_convs)):
+        for i in range(count):
+            names += conv(f"mask_head.{branch}_convs.{i}.conv", d, d, 3, bias=False) + norm(f"mask_head.{branch}_convs.{i}.norm", d)
+    widths = [d // 2**i for i in range(stages + 1)]
+    for i in range(stages):
+        c, p = widths[i], f"mask_head.stages.{i}"
+        names += conv(f"{p}.semantic_transform_in", c, d, 1) + conv(f"{p}.fuse_conv.0", c, 2 * c + 1, 1)
+        for j in (1, 2, 3):
+            names += conv(f"{p}.fuse_conv.1.dilation_conv_{j}.conv", c, c, 3)
+        names += conv(f"{p}.fuse_conv.1.merge_conv.conv", c, c, 1) + conv(f"{p}.fuse_transform_out", c // 2 - 1, c, 1)
+    for i, c in enumerate(widths):
+        names += conv(f"mask_head.stage_instance_logits.{i}", 1 if i == stages else num_classes, c, 1)
+    for i in range(iou_convs):
+        names += conv(f"mask_iou_head.convs.{i}.conv", d, d + 1 if i == 0 else d, 3, bias=False)
+        names += norm(f"mask_iou_head.convs.{i}.norm", d)
+    names += linear("mask_iou_head.fcs.0", iou_fc, d * (roi_size // 2) ** 2) + linear("mask_iou_head.fc_mask_iou", num_classes, iou_fc)
+    return names
 
 
 def co_dino(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: int = 80, num_queries: int = 900,
             d: int = 256, ffn_dim: int = 2048, enc_layers: int = 6, dec_layers: int = 6, heads: int = 8,
             points: int = 4, levels: int = 5, atss_convs: int = 1, roi_fc: int = 1024,
-            mmdet3: bool = False, neck: list[tuple[str, Shape]] | None = None, **roi: int | bool) -> list[tuple[str, Shape]]:
+            mmdet3: bool = False, neck: list[tuple[str, Shape]] | None = None,
+            masks: list[tuple[str, Shape]] | None = None, **roi: int | bool) -> list[tuple[str, Shape]]:
     """``CoDETR`` as configured by ``co_dino_5scale_*``: CoDINOHead + CoDinoTransformer with the DINO
     decoder (``ref_point_head``, final ``norm``), learned ``query_embed``, positive-query layers
     without content features (``aux_pos_trans`` 2d -> d), the denoising ``label_embedding`` (in
     ``query_head.dn_generator`` in the mmdetection 3.x port), RPN + RoI head (``roi``: aux_heads' RoI
-    arguments) and ATSS. ``neck``: the neck's list (default: the ChannelMapper of ``neck_in``)."""
+    arguments) and ATSS. ``neck``: the neck's list (default: the ChannelMapper of ``neck_in``). ``masks``: the
+    mask branch's list (:func:`mask_branch`), registered after the query head and before the RPN head."""
     t = "query_head.transformer"
     encoder, decoder = transformer_layers(d, ffn_dim, enc_layers, dec_layers, heads, points, levels)
     neck = channel_mapper(neck_in, d, levels) if neck is None else neck
@@ -266,7 +300,7 @@ def co_dino(backbone: list[tuple[str, Shape]], neck_in: list[int], num_classes: 
     names += branches(num_classes, d, dec_layers)
     names += conv("query_head.downsample.0", d, d, 3) + norm("query_head.downsample.1", d)
     names += [(f"query_head.{'dn_generator.' if mmdet3 else ''}label_embedding.weight", (num_classes, d))]
-    return names + aux_heads(num_classes, d, levels, atss_convs, roi_fc, **roi)
+    return names + (masks or []) + aux_heads(num_classes, d, levels, atss_convs, roi_fc, **roi)
 
 
 # The released Co-Deformable-DETR configs: (backbone names, neck input channels, queries).
@@ -281,7 +315,8 @@ SWIN_ARCH = {  # embed_dim, depths, heads, window of the released Swin configs
 def released_configs() -> dict[str, list[tuple[str, Shape]]]:
     """Official key/shape list of every released Co-Deformable-DETR architecture (1x and 3x share one)
     and of Co-DINO R50 and Swin-L (stages 0-3; DETR and LSJ, every schedule) (Sense-X names)."""
-    lists = {"co_deformable_detr_r50": co_deformable_detr(resnet(50), [512, 1024, 2048])}
+    lists = {"co_deformable_detr_r50": co_deformable_detr(resnet(50), [512, 1024, 2048]),
+             "co_deformable_detr_mask_r50": co_deformable_detr(resnet(50), [512, 1024, 2048], roi_mask=True)}
     for name, (dim, depths, heads, window) in SWIN_ARCH.items():
         backbone = swin_v1(dim, depths, heads, window, (1, 2, 3))
         lists[f"co_deformable_detr_{name}"] = co_deformable_detr(backbone, [dim * 2, dim * 4, dim * 8])
@@ -295,6 +330,11 @@ def released_configs() -> dict[str, list[tuple[str, Shape]]]:
     lists["co_dino_5scale_vit_large_coco"] = co_dino(vit(24, 4), [], num_queries=1500, neck=sfp(), roi_convs=4, roi_fcs=1,
                                                      roi_agnostic=True)
     lists["co_dino_5scale_lsj_vit_large_lvis"] = co_dino(vit(16, 3, rope_glb_tokens=96 * 96), [], num_classes=1203, neck=sfp())
+    # Co-DINO-Inst ViT-L (the *_instance configs): the same with the mask branch
+    lists["co_dino_5scale_vit_large_coco_instance"] = co_dino(vit(24, 4), [], num_queries=1500, neck=sfp(), roi_convs=4,
+                                                              roi_fcs=1, roi_agnostic=True, masks=mask_branch(80))
+    lists["co_dino_5scale_lsj_vit_large_lvis_instance"] = co_dino(vit(16, 3, rope_glb_tokens=96 * 96), [], num_classes=1203,
+                                                                  neck=sfp(), masks=mask_branch(1203))
     return lists
 
 

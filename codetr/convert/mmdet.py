@@ -180,6 +180,11 @@ def model_config_for(cfg: ModelConfig, state: dict[str, Tensor]) -> ModelConfig:
         raise CheckpointError(f"the checkpoint has {queries} queries ({query_key}) but the config "
                               f"has model.transformer.num_queries={cfg.transformer.num_queries}: choose the config of the "
                               "checkpoint's model-zoo row")
+    has_masks = any(k.startswith("mask_head.") for k in state)
+    if has_masks != cfg.mask.enabled:
+        raise CheckpointError("the checkpoint has a mask branch (mask_head.*) but the config has none: choose its "
+                              "*_instance config" if has_masks else "the config has a mask branch (model.mask) but "
+                              "the checkpoint has none (no mask_head.*): choose the box-only config")
     return dataclasses.replace(cfg, num_classes=classes_in_weights(state),
                                backbone=dataclasses.replace(cfg.backbone, weights=None))
 

@@ -266,6 +266,9 @@ AUX_HEADS_MMDET = [
     Rule(r"^bbox_head\.(?P<k>\d+)\.(?P<name>atss_cls|atss_reg|atss_centerness)\.(?P<p>weight|bias)$",
          _aux("atss", "{name}.{p}"), "aux"),
     Rule(r"^bbox_head\.(?P<k>\d+)\.scales\.(?P<idx>\d+)\.scale$", _aux("atss", "scales"), "aux", stack=True),
+    # the Co-Deformable-DETR mask config's FCN mask head in the RoI head (same names inside it)
+    Rule(r"^roi_head\.(?P<k>\d+)\.mask_head\.(?P<rest>(?:convs\.\d+\.conv|upsample|conv_logits)\.(?:weight|bias))$",
+         _aux("rcnn", "roi.mask_head.{rest}"), "aux"),
 ]
 
 
@@ -283,6 +286,14 @@ TRAINING_STATE = [
 ]
 
 
+# Co-DINO-Inst's mask branch (projects/models/co_detr.py mask_head / mask_iou_head; the RoI extractors
+# have no weights): codetr keeps the released names under mask_branch.
+MASK_BRANCH_MMDET2 = [
+    Rule(r"^mask_head\.(.+)$", r"mask_branch.mask_head.\1"),
+    Rule(r"^mask_iou_head\.(.+)$", r"mask_branch.mask_iou_head.\1"),
+]
+
+
 BACKBONE_TABLES = {"resnet": RESNET, "swin_v1": SWIN_V1, "swin_mmdet": SWIN_MMDET, "vit": VIT}
 
 
@@ -292,7 +303,7 @@ NECK_TABLES = {"channel_mapper": CHANNEL_MAPPER, "sfp": SFP}
 DETECTOR_TABLES = {
     "co_deformable_detr": TRANSFORMER_LAYERS + DEFORMABLE_DETR_MMDET2 + CO_AUX_MMDET + CO_DEFORMABLE_AUX_MMDET2
     + AUX_HEADS_MMDET,
-    "co_dino": TRANSFORMER_LAYERS + DINO_MMDET + CO_AUX_MMDET + AUX_HEADS_MMDET,
+    "co_dino": TRANSFORMER_LAYERS + DINO_MMDET + CO_AUX_MMDET + AUX_HEADS_MMDET + MASK_BRANCH_MMDET2,
 }
 
 

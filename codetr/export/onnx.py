@@ -19,6 +19,9 @@ The graph (inputs and outputs, by name):
 - ``boxes`` (B, K, 4) float32 xyxy in pixels of ``orig_sizes``, clipped to the image;
   ``scores`` (B, K) float32 descending; ``labels`` (B, K) int64 contiguous labels 0..C-1;
   K = ``model.max_detections`` (top-k over the sigmoid scores of every (query, class) pair).
+- With a mask branch (``model.mask``): ``mask_probs`` (B, K, S, S) float32, the mask probabilities of each
+  box inside it (the merged last stage, S = 112 as released), and ``mask_ious`` (B, K) float32, the predicted
+  mask IoU of each box's class; the runtime pastes the kept detections' masks into the image.
 
 Batch, height and width are dynamic. The two-stage query selection keeps the top
 ``num_queries`` encoder tokens: an image must give at least that many tokens (about 120 px
@@ -54,6 +57,7 @@ DEFAULT_OPSET = 16  # the first opset with GridSample (bilinear, zeros padding, 
 MIN_OPSET_GATHER = 14  # --no-grid-sample: the decoder self-attention (scaled_dot_product_attention) needs 14
 INPUT_NAMES = ["images", "orig_sizes"]
 OUTPUT_NAMES = ["boxes", "scores", "labels"]
+MASK_OUTPUT_NAMES = ["mask_probs", "mask_ious"]  # the outputs a model with a mask branch adds
 METADATA_KEYS = ("codetr_config", "codetr_class_names", "codetr_category_ids", "codetr_sampler")
 
 
@@ -65,7 +69,7 @@ class ExportWrapper(nn.Module):
         super().__init__()
         self.detector = detector
 
-    def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, ...]:
         batch, _, height, width = images.shape
         masks = torch.zeros((batch, height, width), dtype=torch.bool, device=images.device)
         return self.detector.predict_tensors(images, masks, orig_sizes)
@@ -92,14 +96,15 @@ def export_onnx(loaded: LoadedModel, path: str | Path, opset: int = DEFAULT_OPSE
                torch.tensor([[size, size]], dtype=torch.int64, device=device))
     sampler = "grid_sample" if grid_sample else "gather"
     graph = io.BytesIO()  # the file is written once, complete with its metadata (atomic_write)
+    outputs = OUTPUT_NAMES + (MASK_OUTPUT_NAMES if getattr(model, "mask_branch", None) is not None else [])
     with use_sampler(sampler), warnings.catch_warnings(), torch.no_grad():
         # shape checks such as ``reference.shape[-1] == 4`` are constants of the graph, as they should be
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            ExportWrapper(model), example, graph, input_names=INPUT_NAMES, output_names=OUTPUT_NAMES,
+            ExportWrapper(model), example, graph, input_names=INPUT_NAMES, output_names=outputs,
             opset_version=opset, dynamo=False,
             dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "orig_sizes": {0: "batch"},
-                          "boxes": {0: "batch"}, "scores": {0: "batch"}, "labels": {0: "batch"}})
+                          **{name: {0: "batch"} for name in outputs}})
     names, ids = loaded.labels()
     proto = onnx.load_model_from_string(graph.getvalue())
     metadata = dict(zip(METADATA_KEYS, (yaml.safe_dump(config_to_dict(cfg), sort_keys=False), json.dumps(names), json.dumps(ids), sampler)))

@@ -16,7 +16,8 @@ from codetr.devices import resolve_device
 from codetr.errors import UserError
 from codetr.export.onnx import INPUT_NAMES, METADATA_KEYS
 from codetr.inference.loading import preprocess
-from codetr.models.dino import apply_soft_nms
+from codetr.models.dino import soft_nms_keep
+from codetr.models.mask.paste import paste_masks
 from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Detections
 
@@ -77,10 +78,17 @@ class OnnxDetector:
         """Detections in ``image`` (3, H, W) RGB, uint8 or float in [0, 1]; boxes xyxy in pixels of it."""
         pixels, target = preprocess(self.cfg.data, image)
         size = tuple(pixels.shape[-2:])  # boxes in pixels of the input, then mapped to the image as in PyTorch
-        boxes, scores, labels = self.session.run(None, {"images": pixels[None].numpy(),
-                                                        "orig_sizes": np.array([size], dtype=np.int64)})
-        det = Detections(torch.from_numpy(boxes[0]), torch.from_numpy(scores[0]), torch.from_numpy(labels[0]))
-        if self.cfg.model.arch == "dino":  # DINO's Soft-NMS is not in the graph: it runs here, as in predict
-            det = apply_soft_nms(det, self.cfg.model)
-        boxes = rescale_boxes(det.boxes, size, target.orig_size, target.content_size)
-        return Detections(boxes, det.scores, det.labels)
+        outputs = self.session.run(None, {"images": pixels[None].numpy(), "orig_sizes": np.array([size], dtype=np.int64)})
+        det = Detections(*(torch.from_numpy(o[0]) for o in outputs[:3]))
+        keep, scores = torch.arange(len(det.scores)), det.scores
+        if self.cfg.model.arch == "dino" and self.cfg.model.dino.soft_nms:  # not in the graph: here, as in predict
+            keep, scores = soft_nms_keep(det, self.cfg.model)
+        boxes = rescale_boxes(det.boxes[keep], size, target.orig_size, target.content_size)
+        if len(outputs) == 3:
+            return Detections(boxes, scores, det.labels[keep])
+        # the mask branch: the kept boxes' masks pasted into the image (as the release pastes into the original
+        # image), scored box score x predicted IoU
+        probs, ious = (torch.from_numpy(o[0])[keep] for o in outputs[3:])
+        height, width = target.orig_size
+        masks = paste_masks(probs, boxes, height, width, self.cfg.model.mask.threshold)
+        return Detections(boxes, scores, det.labels[keep], masks, ious * scores)

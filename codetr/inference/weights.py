@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from codetr.errors import UserError
 from codetr.files import atomic_write
-from codetr.models.base import CLASS_COUNT_TENSOR, REPEATED_MODULES, TRAINING_ONLY, class_dependent_tensors
+from codetr.models.base import CLASS_COUNT_TENSOR, MASK_BRANCH, REPEATED_MODULES, TRAINING_ONLY, class_dependent_tensors
 
 # Config sizes that shape many tensors, named when a mismatched dimension equals one of them.
 SIZES = ("transformer.d_model", "transformer.ffn_dim", "transformer.num_queries", "transformer.n_heads",
@@ -128,8 +128,12 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str, cfg: Any
     # the tensors telling most first: those of other shapes that do not depend on the number of classes
     wrong = [f"{k} (file {_shape(state[k])}, model {_shape(own[k])})"
              for k in sorted(other_shape, key=lambda k: k in classes) if k not in reinit]
-    unknown = [k for k in state if k not in own and not k.startswith(TRAINING_ONLY)]
+    unknown = [k for k in state if k not in own and not k.startswith((*TRAINING_ONLY, MASK_BRANCH))]
     missing = [k for k in own if k not in state and k in needed]
+    # fine-tuning box-only weights into a model with a mask branch: the branch starts afresh
+    fresh_masks = [k for k in missing if reinit_classes and k.startswith(MASK_BRANCH)
+                   and not any(s.startswith(MASK_BRANCH) for s in state)]
+    missing = [k for k in missing if k not in fresh_masks]
     if wrong or unknown or missing:
         lines = [f"{source} does not fit the model built from the config ({len(wrong)} tensors of other shapes, "
                  f"{len(missing)} missing, {len(unknown)} not in the model):"]
@@ -142,13 +146,16 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str, cfg: Any
     lines = [f"{source}: loaded {len(loaded)} of the model's {len(own)} tensors"]
     if reinit:
         lines.append(f"re-initialised (the number of classes differs): {', '.join(sorted(reinit))}")
+    if fresh_masks:
+        lines.append(f"the mask branch starts afresh: {source} has no mask weights ({len(fresh_masks)} tensors "
+                     f"under {MASK_BRANCH.rstrip('.')} keep their initialisation)")
     fresh = sorted(k for k in own if k not in state)
     if fresh:
         lines.append(f"not in the file, freshly initialised: {len(fresh)} tensors under "
                      f"{', '.join(sorted({k.split('.')[0] for k in fresh}))}")
     skipped = sorted(k for k in state if k not in own)
     if skipped:
-        lines.append(f"skipped (training-only parts this model does not have): {len(skipped)} tensors")
+        lines.append(f"skipped (training-only parts or a mask branch this model does not have): {len(skipped)} tensors")
     return lines
 
 

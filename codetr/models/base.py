@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 # State-dict prefixes of the parts CoDETR adds for training only: the pyramid adapter, the auxiliary
 # heads and the positive-query embeddings. A plain detector skips them in a weights file.
 TRAINING_ONLY = ("adapter.", "aux_heads.", "positive_queries.")
+# The prefix of CoDETR's mask branch (``model.mask``): needed at inference, but a fine-tuning (``--init``)
+# from box-only weights starts it afresh.
+MASK_BRANCH = "mask_branch."
 # The prefix of the base detector's modules inside CoDETR (its state dict drops it).
 BASE = "detector."
 # A ViT backbone's blocks, by parameter name relative to the base detector.
@@ -60,8 +63,8 @@ class BaseDetector(Protocol):
     level_strides: list[int]
     criterion: DetrCriterion
 
-    def detr_loss(self, batch: Batch) -> tuple[dict[str, Tensor], EncoderOutput]:
-        """The one-to-one losses, and the encoder output they came from."""
+    def detr_loss(self, batch: Batch) -> tuple[dict[str, Tensor], EncoderOutput, DetrOutput]:
+        """The one-to-one losses, the encoder output and the decoder's predictions they came from."""
 
     def encode_images(self, images: Tensor, masks: Tensor) -> EncoderOutput:
         """Backbone, neck and encoder: memory (B, S, C) with its levels' shapes and padding."""
@@ -72,6 +75,14 @@ class BaseDetector(Protocol):
 
     def predict(self, batch: Batch) -> list[Detections]:
         """Eval-mode detections per image."""
+
+    def detect(self, batch: Batch) -> tuple[list[Detections], EncoderOutput]:
+        """``predict``'s detections, and the encoder output they came from (for the mask branch)."""
+
+    def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor,
+                    top_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-k (query, class) pairs of logits (B, Q, C) and boxes (B, Q, 4) cxcywh normalised:
+        boxes (B, K, 4) xyxy in pixels of ``image_sizes``, scores (B, K), labels (B, K)."""
 
     def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Tensor-only inference: boxes (B, K, 4) xyxy in pixels of ``image_sizes``, scores (B, K), labels (B, K)."""

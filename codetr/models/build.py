@@ -21,6 +21,8 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown model.arch {cfg.arch!r}; available: {', '.join(ARCHS)}")
     detector = ARCHS[cfg.arch](cfg)
+    if cfg.mask.enabled and not cfg.co.aux_heads:
+        raise ValueError("model.mask needs the Co-DETR wrapper: name its auxiliary heads in model.co.aux_heads")
     if not cfg.co.aux_heads:
         return detector
     from codetr.models.co_detr import CoDETR
@@ -33,7 +35,12 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         queries = embedding(cfg.transformer.d_model, len(cfg.co.aux_heads))
     strides, loss_scale = CoDETR.aux_strides(detector), CoDETR.aux_loss_scale(cfg)
     heads = [build_aux_head(name, cfg, strides, loss_scale) for name in cfg.co.aux_heads]
-    return CoDETR(detector, cfg, heads, queries)
+    mask_branch = None
+    if cfg.mask.enabled:
+        from codetr.models.mask.branch import MaskBranch
+
+        mask_branch = MaskBranch(cfg, detector.level_strides, loss_scale)
+    return CoDETR(detector, cfg, heads, queries, mask_branch)
 
 
 def build_aux_head(name: str, cfg: ModelConfig, strides: list[int], loss_scale: float) -> AuxHead:
@@ -45,5 +52,6 @@ def build_aux_head(name: str, cfg: ModelConfig, strides: list[int], loss_scale: 
         return FasterRCNNAux(cfg.num_classes, d, strides=strides, loss_scale=loss_scale, rpn_pre_nms=co.rpn_pre_nms,
                              rpn_proposals=co.rpn_proposals, roi_samples=co.roi_samples, roi_fc_dim=co.roi_fc_dim,
                              roi_finest_scale=co.roi_finest_scale, roi_convs=co.roi_convs, roi_fcs=co.roi_fcs,
-                             roi_class_agnostic=co.roi_class_agnostic, roi_target_stds=tuple(co.roi_target_stds))
+                             roi_class_agnostic=co.roi_class_agnostic, roi_target_stds=tuple(co.roi_target_stds),
+                             roi_mask=co.roi_mask)
     raise ValueError(f"unknown auxiliary head {name!r} in model.co.aux_heads; choose from {AUX_HEADS}")

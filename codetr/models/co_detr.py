@@ -15,6 +15,10 @@ Training step (the paper's Fig. 3, as released), for a base detector ``detector`
 At inference only the base detector runs (or one auxiliary head, with ``eval_head``), and its
 weights keep the base detector's names: a Co- model's weights are the plain model's plus
 ``adapter.*``, ``aux_heads.*`` and ``positive_queries.*``, so either loads into the other.
+
+With a mask branch (``model.mask``, :class:`~codetr.models.mask.branch.MaskBranch`; Co-DINO-Inst) the
+training step also learns instance masks on RoIs from the detached final predictions, and inference
+adds the masks of the final detections; its weights (``mask_branch.*``) are kept for inference.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from codetr.config import ModelConfig
-from codetr.models.base import BASE, TRAINING_ONLY, AuxHead, BaseDetector
+from codetr.models.base import BASE, MASK_BRANCH, TRAINING_ONLY, AuxHead, BaseDetector
 from codetr.models.deformable_detr import EncoderOutput
-from codetr.models.necks.channel_mapper import PyramidAdapter
+from codetr.models.mask.branch import MaskBranch
+from codetr.models.necks.channel_mapper import PyramidAdapter, memory_to_maps
 from codetr.models.positive_queries import select_positive_queries
 from codetr.structures import Batch, Detections
 
@@ -45,11 +50,12 @@ class CoDETR(nn.Module):
     :class:`~codetr.models.base.AuxHead` per name of ``cfg.co.aux_heads``, in that order, built on
     the pyramid of :meth:`aux_strides` (:func:`codetr.models.build.build_aux_head`). queries: the
     positive-query embedding (``forward(head, reference, feats) -> (query, query_pos or None)``), or
-    None to train the auxiliary heads without positive queries.
+    None to train the auxiliary heads without positive queries. mask_branch: the instance-mask branch
+    on the encoder levels, or None (a box-only model: no ``mask_branch.*`` weights, no masks).
     """
 
     def __init__(self, detector: BaseDetector, cfg: ModelConfig, aux_heads: Sequence[AuxHead],
-                 queries: nn.Module | None) -> None:
+                 queries: nn.Module | None, mask_branch: MaskBranch | None = None) -> None:
         super().__init__()
         co = cfg.co
         if not co.aux_heads:
@@ -67,6 +73,7 @@ class CoDETR(nn.Module):
         self.aux_heads = nn.ModuleList(aux_heads)
         self.tags = head_tags(co.aux_heads)
         self.positive_queries = queries
+        self.mask_branch = mask_branch  # None: a box-only model, whose state-dict keys stay those without it
         # The base detector's weights keep their own names (no "detector." prefix) in state dicts.
         self.register_state_dict_post_hook(_drop_base_prefix)
         self.register_load_state_dict_pre_hook(_add_base_prefix)
@@ -89,6 +96,8 @@ class CoDETR(nn.Module):
         if self.co.eval_head != "detr":
             index = self.co.aux_heads.index(self.co.eval_head)
             state.update({k: v for k, v in self.state_dict().items() if k.startswith(("adapter.", f"aux_heads.{index}."))})
+        if self.mask_branch is not None:
+            state.update({k: v for k, v in self.state_dict().items() if k.startswith(MASK_BRANCH)})
         return state
 
     def aux_pyramid(self, enc: EncoderOutput) -> list[Tensor]:
@@ -96,8 +105,13 @@ class CoDETR(nn.Module):
         return self.adapter(enc.memory, enc.spatial_shapes)
 
     def loss(self, batch: Batch) -> dict[str, Tensor]:
-        losses, enc = self.detector.detr_loss(batch)
+        losses, enc, out = self.detector.detr_loss(batch)
         pyramid = self.aux_pyramid(enc)
+        if self.mask_branch is not None:
+            with torch.no_grad():  # the release's RoIs: the top-k final predictions, detached
+                candidates = self.detector.postprocess(out.logits[-1].detach(), out.boxes[-1].detach(),
+                                                       batch.image_sizes, top_k=self.cfg.mask.train_rois or self.cfg.max_detections)[0]
+            losses.update(self.mask_branch.forward_train(pyramid[:-1], list(candidates), batch.targets))
         for index, (tag, head) in enumerate(zip(self.tags, self.aux_heads, strict=True)):
             head_losses, positive_sets = head.forward_train(pyramid, batch.image_sizes, batch.targets)
             if tag != self.co.aux_heads[index]:  # a repeated type: "atss.loss_cls" -> "atss1.loss_cls"
@@ -122,12 +136,26 @@ class CoDETR(nn.Module):
             losses.update({k: v * self.co.lambda1 for k, v in aux_losses.items()})
         return losses
 
-    def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The base detector's tensor-only inference (what the ONNX export runs)."""
-        return self.detector.predict_tensors(images, masks, image_sizes)
+    def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, ...]:
+        """The base detector's tensor-only inference (what the ONNX export runs): boxes, scores, labels (see
+        ``BaseDetector.predict_tensors``); with the mask branch also the mask probabilities (B, K, S, S) of each
+        of those boxes in its box and their predicted IoU (B, K) (:meth:`MaskBranch.predict_tensors`)."""
+        if self.mask_branch is None:
+            return self.detector.predict_tensors(images, masks, image_sizes)
+        out, enc = self.detector(images, masks)
+        # the same top-k twice: boxes in the frame asked for, and in the input's for the RoIs
+        boxes, scores, labels = self.detector.postprocess(out.logits[-1], out.boxes[-1], image_sizes)
+        input_sizes = torch.stack([(~masks[:, :, 0]).sum(1), (~masks[:, 0, :]).sum(1)], 1)
+        rois = self.detector.postprocess(out.logits[-1], out.boxes[-1], input_sizes)[0]
+        probs, iou = self.mask_branch.predict_tensors(memory_to_maps(enc.memory, enc.spatial_shapes), rois, labels)
+        return boxes, scores, labels, probs, iou
 
     @torch.inference_mode()
     def predict(self, batch: Batch) -> list[Detections]:
+        if self.co.eval_head == "detr" and self.mask_branch is not None:
+            detections, enc = self.detector.detect(batch)
+            return self.mask_branch.predict(memory_to_maps(enc.memory, enc.spatial_shapes), batch.image_sizes,
+                                            detections)
         if self.co.eval_head == "detr":
             return self.detector.predict(batch)
         head = self.aux_heads[self.co.aux_heads.index(self.co.eval_head)]
@@ -142,7 +170,7 @@ def _drop_base_prefix(module: nn.Module, state: dict[str, Any], prefix: str, loc
 
 def _add_base_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
     for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + BASE)]:
-        if not key[len(prefix):].startswith(TRAINING_ONLY):
+        if not key[len(prefix):].startswith((*TRAINING_ONLY, MASK_BRANCH)):
             state[prefix + BASE + key[len(prefix):]] = state.pop(key)
 
 

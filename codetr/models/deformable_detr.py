@@ -281,10 +281,11 @@ class DeformableDETR(nn.Module):
 
     # ---- the detector API -------------------------------------------------------------------
 
-    def detr_loss(self, batch: Batch) -> tuple[dict[str, Tensor], EncoderOutput]:
-        """The one-to-one losses of a training batch, and the encoder output (for Co-DETR)."""
+    def detr_loss(self, batch: Batch) -> tuple[dict[str, Tensor], EncoderOutput, DetrOutput]:
+        """The one-to-one losses of a training batch, the encoder output and the decoder's predictions
+        (for Co-DETR's auxiliary heads and mask branch)."""
         out, enc = self(batch.images, batch.masks)
-        return self.criterion(out, batch.targets, batch.image_sizes), enc
+        return self.criterion(out, batch.targets, batch.image_sizes), enc, out
 
     def loss(self, batch: Batch) -> dict[str, Tensor]:
         """Weighted loss terms of a training batch; the total is their sum."""
@@ -294,8 +295,17 @@ class DeformableDETR(nn.Module):
     def predict(self, batch: Batch) -> list[Detections]:
         """Top ``max_detections`` (query, class) pairs by sigmoid score, no NMS; boxes xyxy in
         pixels of each unpadded input image, clipped to it."""
-        boxes, scores, labels = self.predict_tensors(batch.images, batch.masks, batch.image_sizes)
-        return [Detections(*per_image) for per_image in zip(boxes, scores, labels)]
+        return self.detect(batch)[0]
+
+    def detect(self, batch: Batch) -> tuple[list[Detections], EncoderOutput]:
+        """:meth:`predict`'s detections per image, and the encoder output they came from."""
+        out, enc = self(batch.images, batch.masks)
+        boxes, scores, labels = self.postprocess(out.logits[-1], out.boxes[-1], batch.image_sizes)
+        return [self.finish(Detections(*per_image)) for per_image in zip(boxes, scores, labels)], enc
+
+    def finish(self, det: Detections) -> Detections:
+        """The last inference step on one image's top-k, outside the exported graph: none here."""
+        return det
 
     def predict_tensors(self, images: Tensor, masks: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Inference with tensors in and out (what ``predict`` and the ONNX export run).

@@ -104,8 +104,9 @@ class DINO(DeformableDETR):
 
     # ---- training ---------------------------------------------------------------------------
 
-    def detr_loss(self, batch: Batch) -> tuple[dict[str, Tensor], EncoderOutput]:
-        """Matching, encoder and denoising losses of a training batch, and the encoder output."""
+    def detr_loss(self, batch: Batch) -> tuple[dict[str, Tensor], EncoderOutput, DetrOutput]:
+        """Matching, encoder and denoising losses of a training batch, the encoder output and the
+        decoder's predictions (denoising queries first, as released)."""
         enc = self.encode_images(batch.images, batch.masks)
         queries = self.select_queries(enc)
         labels = [t.labels for t in batch.targets]
@@ -121,7 +122,7 @@ class DINO(DeformableDETR):
                               queries.enc_boxes)
         losses = self.criterion(matching, batch.targets, batch.image_sizes)
         losses.update(self.denoising_loss(out, dn))
-        return losses, enc
+        return losses, enc, out
 
     def denoising_loss(self, out: DetrOutput, dn: DenoisingGroups | None) -> dict[str, Tensor]:
         """Losses of the denoising queries (the first ones of ``out``) against the copies' targets.
@@ -152,11 +153,10 @@ class DINO(DeformableDETR):
             top_k = self.cfg.transformer.num_queries
         return super().postprocess(logits, boxes, image_sizes, top_k)
 
-    @torch.inference_mode()
-    def predict(self, batch: Batch) -> list[Detections]:
-        """Top ``num_queries`` pairs, class-wise Soft-NMS, the best ``max_detections`` (as
+    def finish(self, det: Detections) -> Detections:
+        """Of the top ``num_queries`` pairs: class-wise Soft-NMS, the best ``max_detections`` (as
         released); boxes xyxy in pixels of each unpadded input image."""
-        return [apply_soft_nms(det, self.cfg) for det in super().predict(batch)]
+        return apply_soft_nms(det, self.cfg)
 
     def inference_state_dict(self) -> dict[str, Tensor]:
         """Everything but the denoising label embedding (used in training only)."""
@@ -169,6 +169,11 @@ def apply_soft_nms(det: Detections, cfg: ModelConfig) -> Detections:
     ``cfg.dino.soft_nms`` is off."""
     if not cfg.dino.soft_nms:
         return det
-    keep, scores = batched_soft_nms(det.boxes, det.scores, det.labels, cfg.dino.soft_nms_iou)
-    keep, scores = keep[: cfg.max_detections], scores[: cfg.max_detections]
+    keep, scores = soft_nms_keep(det, cfg)
     return Detections(det.boxes[keep], scores, det.labels[keep])
+
+
+def soft_nms_keep(det: Detections, cfg: ModelConfig) -> tuple[Tensor, Tensor]:
+    """:func:`apply_soft_nms`'s choice: the indices into ``det`` it keeps (K,) and their decayed scores (K,)."""
+    keep, scores = batched_soft_nms(det.boxes, det.scores, det.labels, cfg.dino.soft_nms_iou)
+    return keep[: cfg.max_detections], scores[: cfg.max_detections]

@@ -101,7 +101,8 @@ def roi_align(features: Tensor, rois: Tensor, output_size: int | tuple[int, int]
     (image index, x1, y1, x2, y2) in input pixels -> (K, C, out_h, out_w). Gradients reach the
     features only, as in torchvision."""
     size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
-    if features.device.type != "cpu" or features.dtype not in (torch.float32, torch.float64) or not len(rois):
+    if (features.device.type != "cpu" or features.dtype not in (torch.float32, torch.float64) or not len(rois)
+            or torch.onnx.is_in_onnx_export()):  # ONNX: torchvision's operator exports as RoiAlign
         return torchvision.ops.roi_align(features, rois, size, spatial_scale, sampling_ratio, aligned)
     images, channels, height, width = features.shape
     matrix = roi_align_matrix(rois.to(features.dtype), (images, height, width), size, spatial_scale,

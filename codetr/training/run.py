@@ -52,7 +52,8 @@ def init_from_file(model: nn.Module, path: str | Path, cfg: ModelConfig | None =
     classes): those keep the model's fresh initialisation. Training-only parts missing from the file
     (an inference-weights file has no auxiliary heads) keep theirs too, and the file's training-only
     parts a plain detector lacks are skipped. Any other difference (a missing inference tensor, an
-    unknown tensor, a shape) is a UserError naming it (:func:`codetr.inference.weights.load_state`).
+    unknown tensor, a shape) is a UserError naming it (:func:`codetr.inference.weights.load_state`);
+    but a mask branch (``model.mask``) that box-only weights lack starts afresh, and a line says so.
     Returns the report lines.
     """
     lines = load_state(model, read_weights_file(path).state, str(path), cfg, reinit_classes=True)

@@ -9,9 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, generalized_box_iou_loss
 
-from codetr.models.assigners import MaxIoUAssigner, RandomSampler
+from codetr.errors import UserError
+from codetr.models.assigners import MaxIoUAssigner, RandomSampler, Sample
 from codetr.models.aux.base import DeltaXYWHCoder, PositiveSet
 from codetr.models.aux.rpn import RPNHead
+from codetr.models.mask.fcn_head import FCNMaskHead, fcn_mask_loss
+from codetr.models.mask.paste import crop_masks
 from codetr.ops.roi_align import roi_align
 from codetr.structures import Detections, Target
 
@@ -22,8 +25,37 @@ def roi_levels(boxes: Tensor, finest_scale: float, num_levels: int) -> Tensor:
     return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
 
 
+def rois_of(boxes: list[Tensor]) -> Tensor:
+    """Boxes (N_i, 4) of each image -> (sum N_i, 5) RoI rows (image index, x1, y1, x2, y2)."""
+    index = [torch.full((len(b), 1), i, dtype=b.dtype, device=b.device) for i, b in enumerate(boxes)]
+    return torch.cat([torch.cat(index), torch.cat(boxes)], 1)
+
+
+def multilevel_roi_align(feats: list[Tensor], strides: list[int], rois: Tensor, finest_scale: float,
+                         size: int) -> Tensor:
+    """mmdet's ``SingleRoIExtractor``: each RoI (R, 5) (image index, xyxy pixels) pooled from the map of
+    its level (:func:`roi_levels` over ``feats`` (B, C, H_l, W_l) of ``strides``) by aligned RoIAlign
+    with adaptive sampling -> (R, C, size, size)."""
+    levels = roi_levels(rois[:, 1:], finest_scale, len(strides))
+    if torch.onnx.is_in_onnx_export():  # a graph without data-dependent shapes: every level pooled, one kept
+        out = rois.new_zeros((rois.shape[0], feats[0].shape[1], size, size))
+        for level, stride in enumerate(strides):
+            pooled = roi_align(feats[level], rois, size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
+            out = torch.where((levels == level)[:, None, None, None], pooled, out)
+        return out
+    out = rois.new_zeros((rois.shape[0], feats[0].shape[1], size, size))
+    for level, stride in enumerate(strides):
+        sel = torch.nonzero(levels == level).squeeze(1)
+        if sel.numel():
+            out[sel] = roi_align(feats[level], rois[sel], size, spatial_scale=1.0 / stride, sampling_ratio=0,
+                                 aligned=True)
+    return out
+
+
 # Weight of the RoI head's GIoU loss relative to its classification loss (both also times loss_scale).
 ROI_GIOU_WEIGHT = 10.0
+# The FCN mask head's RoIAlign size and mask size (the released Co-Deformable-DETR mask config).
+MASK_ROI_SIZE, MASK_SIZE = 14, 28
 
 
 def shared_convs(channels: int, num_convs: int) -> nn.Sequential:
@@ -44,12 +76,14 @@ class RoIHead(nn.Module):
     ``fc_dim`` (ReLU); class scores (num_classes + 1, softmax) and box deltas, class-specific or (with
     ``class_agnostic``) one per RoI, decoded with ``target_stds``. Released: Shared2FCBBoxHead (0 convs,
     2 FCs, class-specific, stds 0.1, 0.1, 0.2, 0.2); Co-DINO ViT-L COCO: 4 convs, 1 FC, class-agnostic,
-    stds 0.05, 0.05, 0.1, 0.1. CE and GIoU (``ROI_GIOU_WEIGHT``) on decoded boxes, both times ``loss_scale``."""
+    stds 0.05, 0.05, 0.1, 0.1. CE and GIoU (``ROI_GIOU_WEIGHT``) on decoded boxes, both times ``loss_scale``.
+    ``with_mask``: also Mask R-CNN's FCN mask head on the positive samples (RoIAlign 14 on the same levels,
+    28x28 targets, cross-entropy times ``loss_scale``), the released Co-Deformable-DETR mask config."""
 
     def __init__(self, num_classes: int, channels: int = 256, roi_strides: list[int] | None = None,
                  loss_scale: float = 1.0, finest_scale: float = 112.0, roi_size: int = 7, fc_dim: int = 1024,
                  num_samples: int = 512, num_convs: int = 0, num_fcs: int = 2, class_agnostic: bool = False,
-                 target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)) -> None:
+                 target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2), with_mask: bool = False) -> None:
         super().__init__()
         if num_fcs < 1:
             raise ValueError(f"the RoI head needs at least one shared FC (model.co.roi_fcs), got {num_fcs}")
@@ -74,20 +108,12 @@ class RoIHead(nn.Module):
         self.coder = DeltaXYWHCoder(tuple(target_stds))
         self.assigner = MaxIoUAssigner(0.5, 0.5, 0.5, match_low_quality=False)
         self.sampler = RandomSampler(num_samples, 0.25, add_gt_as_proposals=True)
+        self.mask_head = FCNMaskHead(num_classes, channels) if with_mask else None
 
     def roi_features(self, feats: list[Tensor], rois: list[Tensor]) -> Tensor:
         """(R, C, 7, 7) RoIAlign features of the boxes of every image (xyxy pixels), each from its level."""
-        boxes = torch.cat(rois)
-        image_index = torch.cat([torch.full((len(r),), i, dtype=boxes.dtype, device=boxes.device)
-                                 for i, r in enumerate(rois)])
-        levels = roi_levels(boxes, self.finest_scale, len(self.strides))
-        out = boxes.new_zeros((boxes.shape[0], feats[0].shape[1], self.roi_size, self.roi_size))
-        for level, stride in enumerate(self.strides):
-            sel = torch.nonzero(levels == level).squeeze(1)
-            if sel.numel():
-                out[sel] = roi_align(feats[level], torch.cat([image_index[sel, None], boxes[sel]], 1),
-                                     self.roi_size, spatial_scale=1.0 / stride, sampling_ratio=0, aligned=True)
-        return out
+        return multilevel_roi_align(feats[:len(self.strides)], self.strides, rois_of(rois), self.finest_scale,
+                                    self.roi_size)
 
     def forward(self, roi_feats: Tensor) -> tuple[Tensor, Tensor]:
         """(R, C, 7, 7) -> class logits (R, num_classes + 1), deltas (R, num_classes, 4) (class-agnostic:
@@ -114,6 +140,8 @@ class RoIHead(nn.Module):
         decoded = self.coder.decode(boxes[pos], pos_deltas)
         loss_bbox = generalized_box_iou_loss(decoded, gt_boxes[pos], reduction="sum") / num_rois
         losses = {"rcnn.loss_cls": loss_cls * self.loss_scale, "rcnn.loss_bbox": loss_bbox * ROI_GIOU_WEIGHT * self.loss_scale}
+        if self.mask_head is not None:
+            losses["rcnn.loss_mask"] = self.mask_loss(feats, samples, targets) * self.loss_scale
         pooled = roi_feats.mean((2, 3))
         exports, start = [], 0
         for r in rois:
@@ -121,6 +149,19 @@ class RoIHead(nn.Module):
             exports.append(PositiveSet(r, labels[start:end], gt_boxes[start:end], pooled[start:end]))
             start = end
         return losses, exports
+
+    def mask_loss(self, feats: list[Tensor], samples: list[Sample], targets: list[Target]) -> Tensor:
+        """The FCN mask head's loss on the positive samples, whose targets' masks (N, h, w) it crops."""
+        if any(t.masks is None for t in targets):
+            raise UserError("the Faster R-CNN head's mask head (model.co.roi_mask) needs instance masks in the "
+                            "training data (a target without masks): train it on annotations with segmentations")
+        boxes = [s.boxes[s.gt >= 0] for s in samples]
+        gt = [s.gt[s.gt >= 0] for s in samples]
+        logits = self.mask_head(multilevel_roi_align(feats[:len(self.strides)], self.strides, rois_of(boxes),
+                                                     self.finest_scale, MASK_ROI_SIZE))
+        labels = torch.cat([t.labels[g] for t, g in zip(targets, gt)])
+        mask_targets = torch.cat([crop_masks(t.masks, b, g, MASK_SIZE) for t, b, g in zip(targets, boxes, gt)])
+        return fcn_mask_loss(logits, labels, mask_targets)
 
     @torch.no_grad()
     def predict(self, feats: list[Tensor], proposals: list[Tensor], image_sizes: Tensor, iou_thr: float = 0.5,
@@ -147,23 +188,24 @@ class FasterRCNNAux(nn.Module):
     rpn_pre_nms: proposals per level before NMS in training (1000 at test); rpn_proposals:
     per image after NMS; roi_samples / roi_fc_dim: sampled RoIs per image and FC width;
     roi_finest_scale: see ``roi_levels``; roi_convs, roi_fcs, roi_class_agnostic, roi_target_stds:
-    the box head's layers and deltas (``RoIHead``)."""
+    the box head's layers and deltas (``RoIHead``); roi_mask: the RoI head's FCN mask head (training only)."""
 
     float32_methods = ("forward_train",)  # run in float32 under mixed precision (codetr.models.base)
-    class_layers = ("roi.fc_cls", "roi.fc_reg")  # follow the number of classes (codetr.models.base)
+    class_layers = ("roi.fc_cls", "roi.fc_reg")  # follow the number of classes (codetr.models.base), as the
+    # mask head's conv_logits (its own class_layers)
 
     def __init__(self, num_classes: int, channels: int = 256, strides: list[int] | None = None,
                  loss_scale: float = 1.0, rpn_pre_nms: int = 4000, rpn_proposals: int = 1000,
                  roi_samples: int = 512, roi_fc_dim: int = 1024, roi_finest_scale: float = 112.0, roi_convs: int = 0,
                  roi_fcs: int = 2, roi_class_agnostic: bool = False,
-                 roi_target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)) -> None:
+                 roi_target_stds: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2), roi_mask: bool = False) -> None:
         super().__init__()
         strides = strides or [8, 16, 32, 64, 128]
         self.rpn_pre_nms, self.rpn_proposals = rpn_pre_nms, rpn_proposals
         self.rpn = RPNHead(channels, strides, loss_scale)
         self.roi = RoIHead(num_classes, channels, strides[:-1], loss_scale, finest_scale=roi_finest_scale,
                            fc_dim=roi_fc_dim, num_samples=roi_samples, num_convs=roi_convs, num_fcs=roi_fcs,
-                           class_agnostic=roi_class_agnostic, target_stds=roi_target_stds)
+                           class_agnostic=roi_class_agnostic, target_stds=roi_target_stds, with_mask=roi_mask)
 
     def forward_train(self, feats: list[Tensor], image_sizes: Tensor,
                       targets: list[Target]) -> tuple[dict[str, Tensor], list[PositiveSet]]:

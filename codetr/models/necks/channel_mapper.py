@@ -54,10 +54,15 @@ class PyramidAdapter(nn.Module):
 
     def forward(self, memory: Tensor, spatial_shapes: list[tuple[int, int]]) -> list[Tensor]:
         """memory (B, S, d) -> [(B, d, H_l, W_l) for each level] + [(B, d, ceil(H/2), ceil(W/2))]."""
-        batch, _, d = memory.shape
-        maps = [level.transpose(1, 2).reshape(batch, d, h, w)
-                for level, (h, w) in zip(memory.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)]
+        maps = memory_to_maps(memory, spatial_shapes)
         return maps + [self.downsample(maps[-1])]
+
+
+def memory_to_maps(memory: Tensor, spatial_shapes: list[tuple[int, int]]) -> list[Tensor]:
+    """Encoder memory (B, S, d), levels flattened row-major one after the other -> [(B, d, H_l, W_l)]."""
+    batch, _, d = memory.shape
+    return [level.transpose(1, 2).reshape(batch, d, h, w)
+            for level, (h, w) in zip(memory.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)]
 
 
 def build_neck(cfg: ModelConfig, in_channels: list[int]) -> nn.Module:

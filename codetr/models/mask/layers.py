@@ -1,0 +1,50 @@
+"""Small convolution blocks of the released mask heads, named as mmcv names them (``conv``, ``norm``)
+so the released weights load by a prefix change."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of (N, C, H, W) maps, eps 1e-6 (the release's ``LN2d``)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.channels, self.eps = channels, eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+class ConvBlock(nn.Module):
+    """mmcv's ``ConvModule``: conv (bias only without a norm), optional LayerNorm2d, optional ReLU.
+    Conv weights kaiming-normal (fan_out, relu) as mmcv initialises them."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 dilation: int = 1, norm: bool = False, relu: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=not norm)
+        self.norm = LayerNorm2d(out_channels) if norm else None
+        self.relu = relu
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        if self.conv.bias is not None:
+            nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return F.relu(x) if self.relu else x
+
+
+def conv1x1(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """A 1x1 conv with bias, kaiming-normal (fan_out, relu) weights and zero bias."""
+    conv = nn.Conv2d(in_channels, out_channels, 1)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    nn.init.zeros_(conv.bias)
+    return conv
