@@ -147,6 +147,14 @@ RELEASES: tuple[Release, ...] = (
     Release("co_dino_5scale_lsj_vit_large_lvis", "co_dino_5scale_lsj_vit_large_lvis", "Co-DINO", "ViT-L", 16,
             "Objects365 -> LVIS", 68.0, LVIS, hub=("zongzhuofan/co-detr-vit-large-lvis", "pytorch_model.pth"),
             publisher="the authors' Hugging Face page"),
+    Release("co_dino_5scale_vit_large_coco_instance", "co_dino_5scale_vit_large_coco_instance", "Co-DINO-Inst",
+            "ViT-L", 12, "Objects365 -> COCO", 65.8,
+            hub=("zongzhuofan/co-detr-vit-large-coco-instance", "pytorch_model.pth"),
+            publisher="the authors' Hugging Face page", note="mask AP 56.6"),
+    Release("co_dino_5scale_lsj_vit_large_lvis_instance", "co_dino_5scale_lsj_vit_large_lvis_instance",
+            "Co-DINO-Inst", "ViT-L", 16, "Objects365 -> LVIS", 67.3, LVIS,
+            hub=("zongzhuofan/co-detr-vit-large-lvis-instance", "pytorch_model.pth"),
+            publisher="the authors' Hugging Face page", note="mask AP 60.7"),
 )
 BY_NAME = {release.name: release for release in RELEASES}
 

@@ -17,7 +17,7 @@ from codetr.zoo import RELEASES, find_release, get_release, is_repo_id
 from codetr.zoo.registry import CO_DEFORMABLE_DRIVE, CO_DINO_DRIVE
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-ARCH = {"Co-DINO": "dino", "Co-Deformable-DETR": "deformable_detr"}
+ARCH = {"Co-DINO": "dino", "Co-DINO-Inst": "dino", "Co-Deformable-DETR": "deformable_detr"}
 BACKBONE = {"R50": "resnet50", "Swin-T": "swin_tiny_patch4_window7_224", "Swin-S": "swin_small_patch4_window7_224",
             "Swin-B": "swin_base_patch4_window12_384", "Swin-L": "swin_large_patch4_window12_384", "ViT-L": "vit_large"}
 
@@ -33,6 +33,7 @@ def test_names_are_unique_packaged_configs() -> None:
 def test_row_describes_its_config(release: object) -> None:
     cfg = load_config(release.config)
     assert cfg.model.arch == ARCH[release.model]
+    assert cfg.model.mask.enabled == release.model.endswith("-Inst")
     assert cfg.model.backbone.name == BACKBONE[release.backbone]
     assert cfg.model.num_classes == (1203 if "LVIS" in release.data else 80)
     assert ("LVIS" in release.metric) == ("LVIS" in release.data)
