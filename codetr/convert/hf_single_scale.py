@@ -5,8 +5,8 @@ Works on the state_dict alone (transformers is not needed); Conditional DETR's p
 transformers 4.x (``sa_qcontent_proj``, ``fc1``, ...) and 5.x (``self_attn.q_content_proj``,
 ``mlp.fc1``, ...) are both understood. The backbone must be timm's ResNet (the transformers default,
 ``use_timm_backbone=True``), whose names are torchvision's. The encoder's q/k/v projections are packed
-into ``in_proj_weight`` / ``in_proj_bias``; the shared class and box heads are written once per
-decoder layer (codetr's ``class_branches`` / ``box_branches`` hold the same module L times).
+into ``in_proj_weight`` / ``in_proj_bias``; the class and box heads, shared by the decoder layers, are
+``class_branches.0`` / ``box_branches.0``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from codetr.config import ModelConfig
 Rules = list[tuple[str, str]]
 
 # Patterns on the transformers name -> codetr name; "{mlp}" is replaced by twice the named group
-# ``mlp`` (an MLP's Linear k sits at Sequential index 2k), "{layer}" by every decoder layer index.
+# ``mlp`` (an MLP's Linear k sits at Sequential index 2k), "{proj}" by codetr's name of the projection.
 _COMMON: Rules = [
     (r"^model\.backbone\.(conv_encoder\.)?model\.(_backbone\.)?(.*)$", r"backbone.\3"),
     (r"^model\.input_projection\.(weight|bias)$", r"input_proj.\1"),
@@ -35,7 +35,7 @@ _COMMON: Rules = [
     (r"^model\.decoder\.layernorm\.(weight|bias)$", r"decoder_norm.\1"),
     (r"^model\.decoder\.(query_scale|ref_point_head|ref_anchor_head)\.layers\.(?P<mlp>\d)\.(weight|bias)$",
      r"\1.{mlp}.\3"),
-    (r"^bbox_predictor\.layers\.(?P<mlp>\d)\.(weight|bias)$", r"box_branches.{layer}.{mlp}.\2"),
+    (r"^bbox_predictor\.layers\.(?P<mlp>\d)\.(weight|bias)$", r"box_branches.0.{mlp}.\2"),
 ]
 _PROJECTIONS = {"qcontent": "q_content", "qpos": "q_pos", "kcontent": "k_content", "kpos": "k_pos", "v": "value",
                 "qpos_sine": "q_spatial", "query_content": "q_content", "query_pos": "q_pos", "key_content": "k_content",
@@ -54,7 +54,7 @@ CONDITIONAL_RULES: Rules = _COMMON + [
     (r"^model\.decoder\.layers\.(\d+)\.(mlp\.)?fc1\.(.*)$", r"decoder_layers.\1.ffn.0.\3"),
     (r"^model\.decoder\.layers\.(\d+)\.(mlp\.)?fc2\.(.*)$", r"decoder_layers.\1.ffn.3.\3"),
     (r"^model\.decoder\.layers\.(\d+)\.final_layer_norm\.(.*)$", r"decoder_layers.\1.norm3.\2"),
-    (r"^class_labels_classifier\.(weight|bias)$", r"class_branches.{layer}.\1"),
+    (r"^class_labels_classifier\.(weight|bias)$", r"class_branches.0.\1"),
 ]
 DAB_RULES: Rules = _COMMON + [
     (r"^model\.query_refpoint_embeddings\.weight$", "query_embedding.weight"),
@@ -71,15 +71,14 @@ DAB_RULES: Rules = _COMMON + [
     (r"^model\.decoder\.layers\.(\d+)\.mlp\.activation_fn\.weight$", r"decoder_layers.\1.ffn.1.weight"),
     (r"^model\.decoder\.layers\.(\d+)\.mlp\.fc2\.(.*)$", r"decoder_layers.\1.ffn.3.\2"),
     (r"^model\.decoder\.layers\.(\d+)\.mlp\.final_layer_norm\.(.*)$", r"decoder_layers.\1.norm3.\2"),
-    (r"^class_embed\.(weight|bias)$", r"class_branches.{layer}.\1"),
+    (r"^class_embed\.(weight|bias)$", r"class_branches.0.\1"),
 ]
 _ENCODER_QKV = re.compile(r"^model\.encoder\.layers\.(\d+)\.self_attn\.(q|k|v)_proj\.(weight|bias)$")
-_DECODER_LAYER = re.compile(r"^model\.decoder\.layers\.(\d+)\.")
 # DAB-DETR's decoder holds a copy of the head's box MLP (tied) for the anchor updates.
 _TIED_BOX = "model.decoder.bbox_embed."
 
 
-def _rename(name: str, rules: Rules, num_layers: int) -> list[str] | None:
+def _rename(name: str, rules: Rules) -> str | None:
     for pattern, replacement in rules:
         match = re.match(pattern, name)
         if match is None:
@@ -90,14 +89,13 @@ def _rename(name: str, rules: Rules, num_layers: int) -> list[str] | None:
             new = new.replace("{mlp}", str(2 * int(groups["mlp"])))
         if groups.get("proj") is not None:
             new = new.replace("{proj}", _PROJECTIONS[groups["proj"].replace("q_", "q").replace("k_", "k")])
-        return [new.replace("{layer}", str(i)) for i in range(num_layers)] if "{layer}" in new else [new]
+        return new
     return None
 
 
 def convert_hf_single_scale(hf_state_dict: dict[str, Tensor], rules: Rules) -> dict[str, Tensor]:
     """Map a transformers Conditional DETR (``CONDITIONAL_RULES``) or DAB-DETR (``DAB_RULES``) state_dict
     onto codetr names. Raises KeyError naming every parameter it cannot place."""
-    num_layers = 1 + max((int(m.group(1)) for m in map(_DECODER_LAYER.match, hf_state_dict) if m), default=-1)
     out: dict[str, Tensor] = {}
     qkv: dict[tuple[str, str], dict[str, Tensor]] = {}
     unknown = []
@@ -116,11 +114,11 @@ def convert_hf_single_scale(hf_state_dict: dict[str, Tensor], rules: Rules) -> d
             layer, proj, kind = match.groups()
             qkv.setdefault((layer, kind), {})[proj] = value
             continue
-        new = _rename(name, rules, num_layers)
+        new = _rename(name, rules)
         if new is None:
             unknown.append(name)
         else:
-            out.update(dict.fromkeys(new, value))
+            out[new] = value
     for (layer, kind), parts in qkv.items():
         if set(parts) != {"q", "k", "v"}:
             raise KeyError(f"encoder layer {layer} self-attention {kind}: have only {sorted(parts)}")

@@ -54,6 +54,6 @@ class ConditionalDETR(SingleScaleDETR):
             scale = 1.0 if i == 0 else self.query_scale(hidden)
             hidden = layer(hidden, query_pos, spatial * scale, memory, memory_pos, enc.padding_mask, self_attn_mask)
             normed = self.decoder_norm(hidden)
-            logits.append(self.class_branches[i](normed))
-            boxes.append(refine(self.box_branches[i](normed), center))
+            logits.append(self.class_branches[0](normed))
+            boxes.append(refine(self.box_branches[0](normed), center))
         return DetrOutput(torch.stack(logits), torch.stack(boxes))

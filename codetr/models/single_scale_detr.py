@@ -61,10 +61,10 @@ class SingleScaleDETR(nn.Module):
         self.decoder_norm = nn.LayerNorm(t.d_model)
         # the spatial query's transformation T = FFN(content) in layers after the first
         self.query_scale = mlp(t.d_model, t.d_model, t.d_model, 2)
-        # one class and one box branch, shared by the decoder layers
-        cls, box = nn.Linear(t.d_model, cfg.num_classes), box_branch(t.d_model)
-        self.class_branches = nn.ModuleList([cls] * t.dec_layers)
-        self.box_branches = nn.ModuleList([box] * t.dec_layers)
+        # one class and one box branch, shared by the decoder layers (lists of one: the names of every
+        # base detector's branches)
+        self.class_branches = nn.ModuleList([nn.Linear(t.d_model, cfg.num_classes)])
+        self.box_branches = nn.ModuleList([box_branch(t.d_model)])
         self.build_query_parts()
         self.criterion = DetrCriterion(cfg.num_classes, cfg.loss, class_agnostic_proposals=True)
         self.reset_parameters()
