@@ -116,3 +116,27 @@ def test_unknown_parameter_is_named(family):
     state["model.surprise.weight"] = torch.zeros(1)
     with pytest.raises(KeyError, match="model.surprise.weight"):
         convert_hf_single_scale(state, FAMILIES[family][2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cli_converts_a_saved_transformers_folder(family, tmp_path):
+    """``codetr convert hf-...`` on a ``save_pretrained`` folder: weights and config.yaml that
+    ``codetr predict``'s loading path builds, giving transformers' outputs."""
+    from codetr.cli import main
+    from codetr.config_parsing import load_config
+    from codetr.inference.weights import read_safetensors
+
+    hf = hf_model(family)
+    hf.save_pretrained(tmp_path / "hf")
+    dst = tmp_path / "out" / "model.safetensors"
+    assert main(["convert", f"hf-{family.replace('_', '-')}", str(tmp_path / "hf"), str(dst)]) == 0
+    cfg = load_config(tmp_path / "out" / "config.yaml")
+    assert cfg.model.arch == family and cfg.model.num_classes == 5
+    ours = build_model(cfg.model).eval()
+    ours.load_state_dict(read_safetensors(dst)[0], strict=True)
+    images, pixel_mask = inputs()
+    with torch.no_grad():
+        theirs = hf(pixel_values=images, pixel_mask=pixel_mask)
+        out, _ = ours(images, pixel_mask == 0)
+    torch.testing.assert_close(out.boxes[-1], theirs.pred_boxes, atol=1e-5, rtol=1e-5)
