@@ -73,6 +73,17 @@ def test_co_training_losses_and_the_plain_detector_inside(name: str, embedding: 
         assert torch.equal(a.boxes, b.boxes) and torch.equal(a.scores, b.scores)
 
 
+@pytest.mark.parametrize("name", ["co_conditional_detr_tiny", "co_dab_detr_tiny"])
+def test_an_auxiliary_head_evaluates_on_the_adapter_pyramid(name: str) -> None:
+    """``model.co.eval_head: atss``: detections of the ATSS head on the single-scale adapter's pyramid,
+    boxes inside each (unpadded) image."""
+    model = build_model(tiny(name, "model.co.eval_head=atss")).eval()
+    detections = model.predict(batch())
+    assert [len(d.scores) > 0 for d in detections] == [True, True]
+    for d, (h, w) in zip(detections, [(128, 96), (100, 96)]):
+        assert bool((d.boxes[:, 2] <= w + 1e-3).all()) and bool((d.boxes[:, 3] <= h + 1e-3).all())
+
+
 def test_conditional_detr_takes_the_centre_of_a_reference_box() -> None:
     """Conditional DETR's positive queries: an auxiliary box's centre is the reference point."""
     model = build_model(tiny("conditional_detr_tiny")).eval()
