@@ -4,6 +4,7 @@
     det = Detector("co_deformable_detr_tiny", weights="runs/demo/model.safetensors")
     result = det.predict("image.jpg")[0]
     result.boxes, result.scores, result.labels, result.names   # xyxy pixels of the image
+    result.masks                                               # (K, H, W) bool, or None (box-only model)
 
 ``predict`` runs :meth:`codetr.inference.loading.LoadedModel.detect` (what ``codetr predict``
 runs), ``evaluate`` :func:`codetr.inference.evaluate.evaluate_on_val` (``codetr eval``),
@@ -31,7 +32,7 @@ from codetr.data.image import read_image, to_rgb
 from codetr.devices import resolve_device
 from codetr.files import CONFIG_NAME, WEIGHTS_NAME
 from codetr.inference.loading import ImageDetector, LoadedModel, build_detector, build_loaded, load_model
-from codetr.inference.predict import list_images
+from codetr.inference.predict import list_images, select_detections
 from codetr.inference.tta import TTADetector
 from codetr.inference.weights import save_inference_weights
 from codetr.structures import Detections
@@ -51,6 +52,8 @@ class Prediction:
     labels: (K,) int64 contiguous labels 0..C-1 (``category_ids[label]`` is the dataset id).
     names:  the class name of each detection.
     path:   the image file, when the input was one.
+    masks:  (K, H, W) bool instance masks in pixels of the input image, or None (a box-only model,
+            or test-time augmentation, which merges boxes only).
     """
 
     boxes: Tensor
@@ -58,13 +61,14 @@ class Prediction:
     labels: Tensor
     names: list[str]
     path: Path | None = None
+    masks: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
 
     def to_supervision(self) -> "supervision.Detections":
         """These detections as ``supervision.Detections`` (needs ``pip install supervision``),
-        class names in ``data["class_name"]``."""
+        class names in ``data["class_name"]``, masks (if any) in ``mask`` ((K, H, W) bool)."""
         try:
             import supervision
         except ImportError:
@@ -73,6 +77,7 @@ class Prediction:
         return supervision.Detections(xyxy=self.boxes.numpy().astype(np.float32),
                                       confidence=self.scores.numpy().astype(np.float32),
                                       class_id=self.labels.numpy().astype(int),
+                                      mask=None if self.masks is None else self.masks.numpy().astype(bool),
                                       data={"class_name": np.array(self.names, dtype=str)})
 
 
@@ -117,10 +122,22 @@ class Detector:
     # ---- other constructors ----------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> Detector:
-        """Load a folder holding ``model.safetensors`` and ``config.yaml`` (what ``codetr train``
-        and :meth:`save_pretrained` write)."""
-        folder = Path(folder)
+    def from_pretrained(cls, name_or_path: str | Path, device: str = "auto") -> Detector:
+        """Load a published or saved detector, ``name_or_path`` being:
+
+        - a folder holding ``model.safetensors`` and ``config.yaml`` (what ``codetr train`` and
+          :meth:`save_pretrained` write), or a weights file (its config beside it or stored in it);
+        - a model-zoo name (``codetr weights list``, e.g. ``"co_dino_5scale_lsj_r50_1x_coco"``): the
+          released checkpoint is downloaded, checked, converted and cached on first use, then loaded
+          from the cache without network (:mod:`codetr.zoo`);
+        - a Hugging Face Hub repository ``"user/name"`` written by :meth:`push_to_hub` (needs
+          ``pip install 'codetr[hub]'``).
+        """
+        from codetr.zoo import pretrained_folder
+
+        folder = pretrained_folder(name_or_path)
+        if folder.is_file():
+            return cls(None, folder, device)
         missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder} is not a pretrained detector folder: no {' and no '.join(missing)}")
@@ -167,10 +184,9 @@ class Detector:
         results = []
         for image, path in _images(source, self.cfg.data.max_image_pixels):
             det: Detections = runner.detect(image)
-            keep = det.scores >= score_thr
-            labels = det.labels[keep]
-            results.append(Prediction(det.boxes[keep], det.scores[keep], labels, [names[i] for i in labels.tolist()],
-                                      path))
+            det = select_detections(det, det.scores >= score_thr)
+            results.append(Prediction(det.boxes, det.scores, det.labels, [names[i] for i in det.labels.tolist()],
+                                      path, det.masks))
         return results
 
     # ---- training, evaluation, saving, export ----------------------------------------------------
@@ -231,6 +247,20 @@ class Detector:
         save_inference_weights(folder / WEIGHTS_NAME, loaded.model.inference_state_dict(), names, ids,
                                config_to_dict(self.cfg))
         return folder
+
+    def push_to_hub(self, repo_id: str, metrics: dict[str, float] | None = None, private: bool | None = None,
+                    token: str | None = None) -> str:
+        """Upload :meth:`save_pretrained`'s files and a model card (config, class names, ``metrics``) to
+        the Hugging Face Hub repository ``repo_id`` (created if needed; ``pip install 'codetr[hub]'``,
+        logged in with ``hf auth login`` or ``token``); returns its URL. :meth:`from_pretrained` loads it."""
+        import tempfile
+
+        from codetr.zoo import model_card, push_folder
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            card = model_card(repo_id, config_to_dict(self.cfg), self.class_names, metrics)
+            return push_folder(Path(folder), repo_id, card, private, token)
 
     def export(self, path: str | Path, opset: int | None = None, grid_sample: bool = True) -> Path:
         """Write the inference graph as ONNX (``codetr export``); see :mod:`codetr.export.onnx`."""

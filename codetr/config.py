@@ -50,6 +50,12 @@ class DataConfig:
     augment: str = "detr"
     lsj_size: int = 1024
     lsj_scale_range: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # Instance masks: decode each annotation's "segmentation" (polygons or RLE) into Target.masks and
+    # move them with every transform; false: box-only data (segmentations never read).
+    with_masks: bool = False
+    # LSJ only, needs with_masks: the released copy-paste (objects of a second LSJ-augmented image
+    # pasted over each training image with their masks, as mmdet's CopyPaste(max_num_pasted=100)).
+    copy_paste: bool = False
     # DETR augmentation: random flip; multi-scale resize of the shorter side (max_size caps the
     # longer side), or resize + random crop + multi-scale resize.
     train_scales: list[int] = field(default_factory=lambda: list(range(480, 801, 32)))

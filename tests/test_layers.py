@@ -17,7 +17,7 @@ LAYERS = [
     ("models", ["models"]),
     ("inference", ["inference"]),
     ("training", ["training"]),
-    ("tools", ["export", "convert", "benchmark"]),
+    ("tools", ["export", "convert", "benchmark", "zoo"]),
     ("front", ["api", "cli", "__init__", "__main__"]),  # codetr/__init__.py: the lazy ``from codetr import Detector``
 ]
 LAYER_OF = {part: rank for rank, (_, parts) in enumerate(LAYERS) for part in parts}

@@ -1,4 +1,4 @@
-"""The ``codetr`` command: train, eval, predict, export, bench, demo, data, convert.
+"""The ``codetr`` command: train, eval, predict, export, bench, demo, data, convert, weights.
 
 One module per command owns its arguments (``add_parser``) and runs it (``run``); this module
 builds the parser from them and turns the errors a user can fix into a short message.
@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from codetr import __version__
-from codetr.cli import bench, convert, data, demo, evaluate, export, predict, train
+from codetr.cli import bench, convert, data, demo, evaluate, export, predict, train, weights
 from codetr.cli.common import INTERRUPTED_EXIT
 from codetr.errors import UserError
 
@@ -25,7 +25,7 @@ DEBUG_ENV = "CODETR_DEBUG"
 # OSError covers missing files, permissions, folders given as files, full disks and unreadable images.
 USER_ERRORS = (UserError, OSError, yaml.YAMLError, Image.DecompressionBombError)
 USER_ERROR_EXIT = 2
-COMMANDS = (train, evaluate, predict, demo, data, convert, export, bench)  # in the order of `codetr --help`
+COMMANDS = (train, evaluate, predict, demo, data, convert, weights, export, bench)  # in the order of `codetr --help`
 
 
 def build_parser() -> argparse.ArgumentParser:

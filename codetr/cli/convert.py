@@ -41,7 +41,8 @@ def add_parser(commands: Any) -> None:
                        help="keep the auxiliary heads and positive-query layers (to fine-tune with Co- training)")
     mmdet.add_argument("--classes", type=Path,
                        help="class names: a COCO-format JSON (names and ids of its categories) or a text file with "
-                            "one name per line; default COCO's 80 classes for an 80-class checkpoint")
+                            "one name per line; default COCO's 80 classes for an 80-class checkpoint, else the names "
+                            "its metadata stores (ids 1..C)")
     mmdet.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     mmdet.set_defaults(func=run_mmdet)
 

@@ -19,7 +19,8 @@ def add_parser(commands: Any) -> None:
     synth.set_defaults(func=run_synth)
     check = data_commands.add_parser("check", help="validate a COCO-format dataset (annotations and image files)",
                                      description="Check a COCO-format dataset: JSON structure and field types, ids, "
-                                                 "duplicates, boxes, categories, image files present and decodable, "
+                                                 "duplicates, boxes, segmentations, categories, image files present and "
+                                                 "decodable, "
                                                  "their sizes and EXIF orientation. Prints a report; exit code 2 when "
                                                  "it finds errors, 0 otherwise (warnings allowed).")
     add_check_arguments(check)
@@ -60,6 +61,9 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                         help=f"larger images are errors, as with data.max_image_pixels (default {DEFAULT_MAX_IMAGE_PIXELS}, "
                              "Pillow's decompression-bomb limit; 0: no limit)")
+    parser.add_argument("--masks", action="store_true",
+                        help="check as for training with masks (data.with_masks): every non-crowd annotation needs a "
+                             "segmentation, and unreadable ones or RLE of the wrong size are errors, not warnings")
     parser.add_argument("--examples", type=int, default=5,
                         help=f"occurrences shown per kind of problem (default 5, at most {MAX_EXAMPLES})")
 
@@ -67,6 +71,6 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
 def run_check(args: argparse.Namespace) -> int:
     """Run ``codetr data check``: print the report; exit code 2 when it holds errors, else 0."""
     report = check_dataset(args.annotations, args.images, decode=not args.no_decode,
-                           max_pixels=args.max_image_pixels or None)
+                           max_pixels=args.max_image_pixels or None, masks=args.masks)
     print(report.format(min(args.examples, MAX_EXAMPLES)))
     return 2 if report.num_errors else 0

@@ -254,6 +254,14 @@ def coco_classes() -> tuple[list[str], list[int]]:
     return [name for _, name in kept], [i for i, _ in kept]
 
 
+def metadata_classes(meta: dict) -> list[str]:
+    """The class names an mmdet checkpoint's metadata stores (mmdet 2.x ``CLASSES``, mmdet 3.x
+    ``dataset_meta.classes``), [] when none."""
+    dataset_meta = meta.get("dataset_meta")
+    names = meta.get("CLASSES") or (dataset_meta.get("classes") if isinstance(dataset_meta, dict) else None)
+    return [str(name) for name in names] if isinstance(names, (list, tuple)) else []
+
+
 def read_classes(path: str | Path) -> tuple[list[str], list[int]]:
     """Class names and category ids from a COCO-format JSON (its ``categories``, sorted by id, as
     codetr's dataset orders labels) or a text file with one name per line (ids 1..C)."""
@@ -279,7 +287,8 @@ def convert_mmdet_file(checkpoint: Path, config: str | Path, out: Path, keep_aux
     """Convert the official ``checkpoint`` for the codetr ``config`` (+ dotted ``overrides``) into the
     safetensors file ``out`` (``codetr convert mmdet``); ``keep_aux`` keeps the auxiliary heads and
     positive-query layers; ``classes``: a COCO-format JSON or a text file of class names (default
-    COCO's for an 80-class checkpoint). Prints the report; a CheckpointError when it does not fit."""
+    COCO's for an 80-class checkpoint, else the names in its metadata with ids 1..C). Prints the report;
+    a CheckpointError when it does not fit."""
     from codetr.config_parsing import config_to_dict, load_config
     from codetr.inference.weights import load_state, save_inference_weights
     from codetr.models.build import build_model
@@ -296,6 +305,9 @@ def convert_mmdet_file(checkpoint: Path, config: str | Path, out: Path, keep_aux
         names, ids = read_classes(classes)
     elif num_classes == 80:
         names, ids = coco_classes()
+    elif len(stored := metadata_classes(meta)) == num_classes:  # e.g. LVIS v1, whose ids are 1..1203 in this order
+        names, ids = stored, list(range(1, num_classes + 1))
+        print(f"{checkpoint.name}: class names from its metadata, category ids 1..{num_classes}")
     else:
         hint = f" (its metadata names {list(meta['CLASSES'])[:5]}...)" if meta.get("CLASSES") else ""
         raise CheckpointError(f"{checkpoint} has {num_classes} classes{hint}: pass --classes FILE with their names")

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.transforms import v2
 
 from codetr.config import DataConfig
+from codetr.config_parsing import ConfigError
 from codetr.data.batch import collate
 from codetr.data.coco import CocoDetection, transformed_sample
+from codetr.data.copy_paste import CopyPaste
 from codetr.data.synthetic import generate_synthetic_coco, synthetic_is_current
-from codetr.data.transforms import build_transforms
+from codetr.data.transforms import build_transforms, normalize_transforms
 from codetr.errors import DatasetError, UserError
 
 __all__ = [
@@ -68,6 +71,9 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     A dataset without any usable box is refused (:class:`codetr.errors.DatasetError`): always for
     "val", for "train" unless ``cfg.allow_empty``.
 
+    ``cfg.with_masks``: targets with instance masks; ``cfg.copy_paste``: the training images mixed
+    by copy-paste (:mod:`codetr.data.copy_paste`).
+
     With ``cfg.synthetic``, the synthetic dataset is generated first (both splits) at the
     configured paths when its annotation file is missing or was written with other
     ``synthetic_*`` settings (image count, size, seed).
@@ -76,7 +82,13 @@ def build_dataset(cfg: DataConfig, split: str) -> CocoDetection:
     count = cfg.synthetic_train if split == "train" else cfg.synthetic_val
     if cfg.synthetic and not synthetic_is_current(annotations, split, count, cfg.synthetic_size, cfg.synthetic_seed):
         _ensure_synthetic(cfg)
-    dataset = CocoDetection(images, annotations, build_transforms(cfg, train=split == "train"), cfg.max_image_pixels)
+    paste = split == "train" and cfg.copy_paste
+    if paste and (cfg.augment != "lsj" or not cfg.with_masks):
+        raise ConfigError(f"data.copy_paste needs data.augment: lsj and data.with_masks: true (got augment "
+                         f"{cfg.augment!r}, with_masks {cfg.with_masks})")
+    transforms = build_transforms(cfg, train=split == "train", normalize=not paste)
+    mix = CopyPaste(v2.Compose(normalize_transforms(cfg))) if paste else None
+    dataset = CocoDetection(images, annotations, transforms, cfg.max_image_pixels, cfg.with_masks, mix)
     if dataset.num_boxes == 0 and (split == "val" or not cfg.allow_empty):
         reason = dataset.report.examples.get("no_annotations", ["no usable box"])[0]
         use = ("training would learn nothing (set data.allow_empty=true to train on images without objects)"

@@ -5,7 +5,9 @@ backgrounds (colour gradients, noise, grey lines and irregular blobs that are no
 Objects have varied scales (down to ~8 px at 256 px), overlap and occlude each other;
 objects more than 70% hidden (by later objects or by the image border) are not annotated. Every
 12th image (index 11, 23, ...) has no objects. Boxes are tight around each object's *visible*
-pixels, like COCO boxes derived from visible segmentations.
+pixels, like COCO boxes derived from visible segmentations, and each annotation's
+``segmentation`` is exactly those pixels (compressed RLE, :func:`codetr.data.masks.encode_masks`);
+``area`` is their count.
 
 The output is a pure function of ``(seed, split, image index, size)``: the same arguments give
 byte-identical JSON and identical pixels (images are lossless PNG).
@@ -31,8 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
+from codetr.data.masks import encode_masks
 from codetr.errors import UserError
 
 # (name, RGB colour, texture); the index + 1 is the COCO category id.
@@ -212,7 +216,8 @@ def render_sample(seed: int, split: str, index: int, size: int) -> SyntheticImag
 
 
 def _parameters(split: str, num: int, size: int, seed: int) -> dict[str, int | str]:
-    return {"split": split, "num_images": num, "size": size, "seed": seed}
+    # "segmentation": files written before the masks (same images and boxes) are written again once
+    return {"split": split, "num_images": num, "size": size, "seed": seed, "segmentation": "rle"}
 
 
 def synthetic_is_current(ann_file: str | Path, split: str, num: int, size: int, seed: int) -> bool:
@@ -253,6 +258,7 @@ def _write_split(out_dir: Path, split: str, num: int, size: int, seed: int) -> P
                 "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
                 "area": float(obj.mask.sum()),
                 "iscrowd": 0,
+                "segmentation": encode_masks(torch.from_numpy(obj.mask)[None])[0],
             })
     data = {
         "info": {"description": f"codetr synthetic shapes ({split}, seed {seed}, size {size})", "version": "1",

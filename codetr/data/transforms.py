@@ -1,9 +1,11 @@
 """Data augmentation with torchvision transforms v2: the DETR policy and large-scale jitter (LSJ).
 
 Transforms are called as ``t(image, {"boxes": BoundingBoxes (N, 4) xyxy, "labels": (N,) int64})``
-and return the same structure, boxes following every geometric change of the image. The LSJ
-test transform adds ``"content_size"`` to the dict: the (height, width) of the resized image
-inside the padded canvas.
+and return the same structure, boxes following every geometric change of the image. Instance
+masks, ``"masks": tv_tensors.Mask (N, H, W) bool`` when present, follow the image too (resized
+by nearest neighbour, as mmdet's ``BitmapMasks``; padded with False) and are dropped with their
+boxes. The LSJ test transform adds ``"content_size"`` to the dict: the (height, width) of the
+resized image inside the padded canvas.
 
 ``DataConfig.resize`` picks the resize arithmetic: torchvision's, or the released pipeline's
 ("mmcv": mmcv 1.x ``Resize(keep_ratio=True)`` sizes, cv2 ``INTER_LINEAR`` pixels computed here
@@ -21,6 +23,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from codetr.config import DataConfig
+from codetr.data.masks import mask_boxes
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -185,7 +188,8 @@ class MmcvNormalize(v2.Transform):
 
 class PadToCanvas(v2.Transform):
     """Pad at the bottom and right to a ``size`` x ``size`` canvas with ``fill`` (pixel value of
-    the uint8 image), as mmdet's ``Pad(size=(size, size))``; boxes keep their coordinates."""
+    the uint8 image; masks are padded with False), as mmdet's ``Pad(size=(size, size))``; boxes keep
+    their coordinates."""
 
     def __init__(self, size: int, fill: int = LSJ_PAD_VALUE) -> None:
         super().__init__()
@@ -198,13 +202,14 @@ class PadToCanvas(v2.Transform):
         return {"padding": [0, 0, self.size - width, self.size - height]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        return self._call_kernel(F.pad, inpt, padding=params["padding"], fill=self.fill)
+        fill = 0 if isinstance(inpt, tv_tensors.Mask) else self.fill
+        return self._call_kernel(F.pad, inpt, padding=params["padding"], fill=fill)
 
 
 class FilterSmallBoxes(v2.Transform):
     """Drops the boxes (xyxy) whose width or height is not above ``min_size`` pixels, with their
-    labels, as mmdet's ``FilterAnnotations(min_gt_bbox_wh)``; called with (image, target dict).
-    (torchvision's ``SanitizeBoundingBoxes`` accepts no minimum below 1 px.)"""
+    labels and masks, as mmdet's ``FilterAnnotations(min_gt_bbox_wh)``; called with (image, target
+    dict). (torchvision's ``SanitizeBoundingBoxes`` accepts no minimum below 1 px.)"""
 
     def __init__(self, min_size: float) -> None:
         super().__init__()
@@ -213,7 +218,22 @@ class FilterSmallBoxes(v2.Transform):
     def forward(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         boxes = target["boxes"]
         keep = ((boxes[:, 2:] - boxes[:, :2]) > self.min_size).all(1).as_subclass(torch.Tensor)
-        return image, {**target, "boxes": tv_tensors.wrap(boxes[keep], like=boxes), "labels": target["labels"][keep]}
+        kept = {**target, "boxes": tv_tensors.wrap(boxes[keep], like=boxes), "labels": target["labels"][keep]}
+        if "masks" in target:
+            kept["masks"] = tv_tensors.wrap(target["masks"][keep], like=target["masks"])
+        return image, kept
+
+
+class BoxesFromMasks(v2.Transform):
+    """Replaces each box by the box of its mask (:func:`codetr.data.masks.mask_boxes`; an emptied
+    mask gives an empty box), as mmdet's ``RandomCrop(recompute_bbox=True)`` does after cropping
+    the masks; without masks in the target dict, nothing changes."""
+
+    def forward(self, image: Any, target: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        if "masks" not in target:
+            return image, target
+        boxes = mask_boxes(target["masks"].as_subclass(torch.Tensor)).to(target["boxes"].device)
+        return image, {**target, "boxes": tv_tensors.wrap(boxes, like=target["boxes"])}
 
 
 class RecordContentSize(v2.Transform):
@@ -225,11 +245,13 @@ class RecordContentSize(v2.Transform):
 
 
 def _lsj_transforms(cfg: DataConfig, train: bool) -> list[v2.Transform]:
-    """Large-scale jitter on a ``cfg.lsj_size`` square canvas, as the released LSJ configs
-    (without copy-paste). train: random keep-ratio resize of the longer side to ``ratio * lsj_size``
-    (ratio in ``cfg.lsj_scale_range``), a random crop of at most the canvas (boxes clipped to it,
-    emptied boxes removed, crops without boxes allowed), flip, pad to the canvas with 114.
-    val: keep-ratio resize of the longer side to the canvas, pad to it with 114."""
+    """Large-scale jitter on a ``cfg.lsj_size`` square canvas, as the released LSJ configs (their
+    copy-paste: :mod:`codetr.data.copy_paste`). train: random keep-ratio resize of the longer side
+    to ``ratio * lsj_size`` (ratio in ``cfg.lsj_scale_range``), a random crop of at most the canvas
+    (boxes clipped to it, emptied boxes removed, crops without boxes allowed; with masks, the boxes
+    of the boxes kept become their cropped masks' boxes, as the released ``recompute_bbox=True``),
+    flip, pad to the canvas with 114. val: keep-ratio resize of the longer side to the canvas, pad
+    to it with 114."""
     size = cfg.lsj_size
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"data.lsj_size must be a positive integer, got {size!r}")
@@ -237,18 +259,29 @@ def _lsj_transforms(cfg: DataConfig, train: bool) -> list[v2.Transform]:
         raise ValueError(f"data.lsj_scale_range must be [min, max] with 0 < min <= max, got {cfg.lsj_scale_range}")
     if not train:
         return [KeepRatioResize(size, mode=cfg.resize), RecordContentSize(), PadToCanvas(size)]
+    recompute = [FilterSmallBoxes(0.0), BoxesFromMasks()] if cfg.with_masks else []
     return [
         KeepRatioResize(size, (cfg.lsj_scale_range[0], cfg.lsj_scale_range[1]), mode=cfg.resize),
         RandomSizeCrop(size, size),
+        *recompute,  # the crop's own filter (boxes emptied by it), then the boxes of the cropped masks
         FilterSmallBoxes(0.01),  # the released min_gt_bbox_wh: drops the boxes the crop emptied
         v2.RandomHorizontalFlip(0.5),
         PadToCanvas(size),
     ]
 
 
-def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
+def normalize_transforms(cfg: DataConfig) -> list[v2.Transform]:
+    """The normalisation of ``cfg.resize``: a (3, H, W) uint8 image to float32 normalised with
+    ImageNet mean / std (mmcv's arithmetic for "mmcv")."""
+    if cfg.resize == "mmcv":
+        return [MmcvNormalize()]
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+
+
+def build_transforms(cfg: DataConfig, train: bool, normalize: bool = True) -> v2.Compose:
     """The augmentation policy ``cfg.augment`` (train) or its test-time resize (val), then
-    normalisation: output image (3, H, W) float32, normalised with ImageNet mean/std.
+    normalisation: output image (3, H, W) float32, normalised with ImageNet mean/std (without
+    ``normalize``: the uint8 image, for a step before it such as copy-paste).
 
     "detr", train: flip (p=0.5); then, with equal chance, either a multi-scale resize (shorter
     side from ``cfg.train_scales``, longer side capped at ``cfg.max_size``) or a resize of the
@@ -267,7 +300,7 @@ def build_transforms(cfg: DataConfig, train: bool) -> v2.Compose:
     if cfg.resize not in RESIZE_MODES:
         raise ValueError(f"data.resize must be one of {list(RESIZE_MODES)}, got {cfg.resize!r}")
     mmcv = cfg.resize == "mmcv"
-    normalize = [MmcvNormalize()] if mmcv else [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    normalize = normalize_transforms(cfg) if normalize else []
     if cfg.augment == "lsj":
         return v2.Compose([v2.ToImage(), *_lsj_transforms(cfg, train), *normalize])
 

@@ -1,7 +1,11 @@
-"""COCO and LVIS box evaluation with faster-coco-eval (pycocotools- and lvis-compatible numbers).
+"""COCO and LVIS evaluation with faster-coco-eval (pycocotools- and lvis-compatible numbers): box
+AP, and mask AP beside it when the model yields masks.
 
-Metrics are returned in percent (0-100). A metric without any ground truth in its range
-(e.g. APl on a dataset of small objects) is -1, following the COCO convention.
+Metrics are returned in percent (0-100): ``AP``, ``AP50``, ... of the boxes, and with masks the
+same names prefixed ``segm_`` (``segm_AP``, ...) of the masks, evaluated on the same result
+records (their ``segmentation``, RLE in the image as stored), as mmdet's ``metric=['bbox', 'segm']``.
+A metric without any ground truth in its range (e.g. APl on a dataset of small objects) is -1,
+following the COCO convention.
 
 LVIS (``data.eval_style``, detected by the categories' ``frequency`` field) is evaluated as the
 ``lvis`` package's ``LVISEval`` does: at most 300 detections per image (the best by score, over
@@ -25,6 +29,7 @@ from torchvision.transforms.v2 import functional as F
 from codetr import distributed as dist
 from codetr.config import DataConfig
 from codetr.data import build_dataloader
+from codetr.data.masks import encode_masks, rescale_masks
 from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Batch, Detections
 
@@ -33,6 +38,7 @@ LVIS_METRIC_NAMES = (*METRIC_NAMES, "APr", "APc", "APf")
 EVAL_STYLES = ("auto", "coco", "lvis")
 LVIS_MAX_DETECTIONS = 300  # per image, over all categories (lvis' LVISResults and LVISEval)
 LVIS_FREQUENCIES = ("r", "c", "f")
+SEGM_PREFIX = "segm_"  # mask metrics: segm_AP, segm_AP50, ...
 
 
 def coco_results(
@@ -44,34 +50,44 @@ def coco_results(
     divided by the resize scale, ``Target.content_size`` (the resized image inside a padded
     canvas; by default the input image itself) over ``Target.orig_size``, as the released heads
     rescale; written as xywh in the image as stored. (With a padded canvas a box may reach
-    beyond the stored image, as released.) Labels are mapped to the dataset's category ids
-    (``category_ids[label]``).
+    beyond the stored image, as released.) Masks (in the model input) are mapped to the image as
+    stored the same way (:func:`codetr.data.masks.rescale_masks`). Labels are mapped to the
+    dataset's category ids (``category_ids[label]``).
     """
     records = []
-    for det, size, target in zip(detections, batch.image_sizes.tolist(), batch.targets):
-        boxes = rescale_boxes(det.boxes.detach().float().cpu(), tuple(size), target.orig_size, target.content_size)
-        records += detection_records(Detections(boxes, det.scores, det.labels), target.image_id, category_ids)
+    for det, (h, w), target in zip(detections, batch.image_sizes.tolist(), batch.targets):
+        boxes = rescale_boxes(det.boxes.detach().float().cpu(), (h, w), target.orig_size, target.content_size)
+        masks = (None if det.masks is None else
+                 rescale_masks(det.masks.detach()[:, :h, :w], target.orig_size, target.content_size).cpu())
+        records += detection_records(Detections(boxes, det.scores, det.labels, masks), target.image_id, category_ids)
     return records
 
 
 def detection_records(det: Detections, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
-    """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``) of the
-    detections of one image, boxes xyxy in pixels of the image as stored."""
+    """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, and with
+    masks ``segmentation``: compressed RLE, ``counts`` a string) of the detections of one image,
+    boxes xyxy and masks (K, H, W) in pixels of the image as stored."""
     xywh = det.boxes.detach().float().cpu().clone()
     xywh[:, 2:] -= xywh[:, :2]
-    return [{"image_id": image_id, "category_id": int(category_ids[label]), "bbox": [round(v, 3) for v in box],
-             "score": round(float(score), 5)}
-            for box, score, label in zip(xywh.tolist(), det.scores.tolist(), det.labels.tolist())]
+    records = [{"image_id": image_id, "category_id": int(category_ids[label]), "bbox": [round(v, 3) for v in box],
+                "score": round(float(score), 5)}
+               for box, score, label in zip(xywh.tolist(), det.scores.tolist(), det.labels.tolist())]
+    if det.masks is not None:
+        for record, rle in zip(records, encode_masks(det.masks)):
+            record["segmentation"] = rle
+    return records
 
 
-def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Iterable[int]) -> dict[str, float]:
-    """Evaluate ``results`` on ``image_ids`` of ``coco_gt``; prints the 12-number table.
+def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Iterable[int],
+                 iou_type: str = "bbox") -> dict[str, float]:
+    """Evaluate ``results`` on ``image_ids`` of ``coco_gt`` by their boxes (``iou_type`` "bbox") or
+    masks ("segm"); prints the 12-number table.
 
     Returns AP, AP50, AP75, APs, APm, APl in percent.
     """
     lines: list[str] = []
     coco_dt = coco_gt.loadRes(results) if results else _empty_results(coco_gt)
-    evaluator = COCOeval_faster(coco_gt, coco_dt, iouType="bbox", print_function=lines.append)
+    evaluator = COCOeval_faster(coco_gt, coco_dt, iouType=iou_type, print_function=lines.append)
     evaluator.params.imgIds = sorted(image_ids)
     evaluator.evaluate()
     evaluator.accumulate()
@@ -82,16 +98,18 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], image_ids: Iterab
     return {name: _percent(value) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
 
 
-def lvis_metrics(lvis_gt: COCO, results: list[dict[str, Any]], image_ids: Iterable[int]) -> dict[str, float]:
+def lvis_metrics(lvis_gt: COCO, results: list[dict[str, Any]], image_ids: Iterable[int],
+                 iou_type: str = "bbox") -> dict[str, float]:
     """Evaluate ``results`` on ``image_ids`` of the LVIS-format ``lvis_gt`` as the ``lvis``
-    package does (see the module docstring); prints the LVIS table.
+    package does (see the module docstring), by boxes (``iou_type`` "bbox") or masks ("segm");
+    prints the LVIS table.
 
     Returns AP, AP50, AP75, APs, APm, APl, APr, APc, APf in percent.
     """
     lines: list[str] = []
     results = best_per_image(results, LVIS_MAX_DETECTIONS)
     lvis_dt = lvis_gt.loadRes(results) if results else _empty_results(lvis_gt)
-    evaluator = COCOeval_faster(lvis_gt, lvis_dt, iouType="bbox", lvis_style=True, print_function=lines.append)
+    evaluator = COCOeval_faster(lvis_gt, lvis_dt, iouType=iou_type, lvis_style=True, print_function=lines.append)
     evaluator.params.imgIds = sorted(image_ids)
     evaluator.params.maxDets = [LVIS_MAX_DETECTIONS]
     evaluator.evaluate()
@@ -133,10 +151,20 @@ def eval_style(gt: COCO, style: str, source: Any) -> str:
 def dataset_metrics(dataset: Any, results: list[dict[str, Any]], image_ids: Iterable[int],
                     style: str = "auto") -> dict[str, float]:
     """COCO or LVIS metrics (:func:`eval_style`) of ``results`` on ``image_ids`` of ``dataset``
-    (a CocoDetection)."""
-    if eval_style(dataset.coco, style, dataset.annotations_file) == "lvis":
-        return lvis_metrics(dataset.coco, results, image_ids)
-    return coco_metrics(dataset.coco, results, image_ids)
+    (a CocoDetection): of the boxes, and of the masks (``segm_`` names) when the results have
+    masks and every annotation of the ground truth a ``segmentation`` (else a printed note)."""
+    metrics = lvis_metrics if eval_style(dataset.coco, style, dataset.annotations_file) == "lvis" else coco_metrics
+    image_ids = list(image_ids)
+    masks = any("segmentation" in r for r in results)  # before loadRes gives box results a box polygon
+    found = metrics(dataset.coco, results, image_ids)
+    if not masks:
+        return found
+    missing = sum(ann.get("segmentation") is None for ann in dataset.coco.dataset["annotations"])
+    if missing:
+        print(f"segm: no mask metrics: {missing} annotations of {dataset.annotations_file} have no 'segmentation'")
+        return found
+    print("segm:")
+    return {**found, **{SEGM_PREFIX + k: v for k, v in metrics(dataset.coco, results, image_ids, "segm").items()}}
 
 
 def _empty_results(coco_gt: COCO) -> COCO:

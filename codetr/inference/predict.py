@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
 from codetr.config_parsing import check_unit_interval
@@ -53,12 +54,19 @@ def check_prediction_outputs(images: list[Path], out_dir: str | Path, score_thr:
     check_writable_folder(out_dir, "--out")
 
 
+def select_detections(det: Detections, keep: Tensor) -> Detections:
+    """The detections (and their masks, if any) that ``keep`` (bool (K,) or indices) selects."""
+    return Detections(det.boxes[keep], det.scores[keep], det.labels[keep], None if det.masks is None else det.masks[keep])
+
+
 def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | Path,
                    score_thr: float = 0.3) -> list[dict[str, Any]]:
     """Detect objects in ``images``; write drawings and ``predictions.json`` into ``out_dir``.
 
     Returns the records written: ``file_name``, ``category_id`` (dataset id), ``category_name``,
-    ``bbox`` (xywh in pixels of the original image) and ``score``, for scores >= ``score_thr``.
+    ``bbox`` (xywh in pixels of the original image) and ``score``, for scores >= ``score_thr``; a
+    model that yields masks adds ``segmentation`` (COCO compressed RLE in the original image,
+    ``counts`` a string: ``pycocotools.mask.decode`` reads it) and draws them.
     Never writes over an input image (:func:`check_prediction_outputs`). An image that cannot be
     read is reported on stderr and skipped; when any was, a UserError at the end counts them (the
     predictions of the others are written). ``score_thr`` outside [0, 1] is a UserError.
@@ -78,13 +86,13 @@ def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | P
             print(f"skipped {reason}", file=sys.stderr)
             continue
         det = detector.detect(pixels)
-        keep = det.scores >= score_thr
-        found = detection_records(Detections(det.boxes[keep], det.scores[keep], det.labels[keep]), 0, category_ids)
+        found = detection_records(select_detections(det, det.scores >= score_thr), 0, category_ids)
         draw_detections(F.to_pil_image(pixels), found, class_names, category_ids).save(out_dir / path.name)
         for rec in found:
             records.append({"file_name": path.name, "category_id": rec["category_id"],
                             "category_name": class_names[label_of[rec["category_id"]]],
-                            "bbox": rec["bbox"], "score": rec["score"]})
+                            "bbox": rec["bbox"], "score": rec["score"],
+                            **({"segmentation": rec["segmentation"]} if "segmentation" in rec else {})})
     (out_dir / PREDICTIONS_NAME).write_text(json.dumps(records, indent=1))
     if failed:
         names = ", ".join(p.name for p in failed[:5]) + (" ..." if len(failed) > 5 else "")

@@ -15,12 +15,16 @@ class-wise:
 
 Detections scoring below ``data.tta.min_score`` are left out before the merge; then the best
 ``max_detections`` are kept (``data.tta.max_detections``, else ``model.max_detections``).
+
+Boxes only: the released Co-DETR's ``aug_test`` merges boxes and returns no masks, so the merged
+detections of a model that yields masks have none (a warning says so once).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from typing import Any
 
 import torch
@@ -32,6 +36,8 @@ from codetr.ops.soft_nms import batched_soft_nms
 from codetr.structures import Detections
 
 MERGES = ("nms", "soft_nms", "wbf")
+MASKS_DROPPED = ("test-time augmentation merges boxes only (as the released Co-DETR's aug_test): the masks are "
+                 "dropped; run without --tta / tta=False for masks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,5 +154,8 @@ class TTADetector:
 
     def detect(self, image: Tensor) -> Detections:
         """The merged detections of every view in ``image`` (3, H, W) RGB, uint8 or float in
-        [0, 1]; boxes xyxy in pixels of ``image``, scores descending."""
-        return merge_detections(self.view_detections(image), tuple(image.shape[-2:]), self.tta, self.max_detections)
+        [0, 1]; boxes xyxy in pixels of ``image``, scores descending; no masks."""
+        views = self.view_detections(image)
+        if any(det.masks is not None for det in views):
+            warnings.warn(MASKS_DROPPED, stacklevel=2)
+        return merge_detections(views, tuple(image.shape[-2:]), self.tta, self.max_detections)

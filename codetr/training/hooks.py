@@ -20,11 +20,11 @@ from codetr import distributed as dist
 from codetr.config import Config
 from codetr.distributed import log
 from codetr.files import atomic_save, atomic_write_text
-from codetr.inference.evaluate import METRIC_NAMES, detection_records, evaluate
+from codetr.inference.evaluate import METRIC_NAMES, SEGM_PREFIX, detection_records, evaluate
 from codetr.inference.loading import LoadedModel
+from codetr.inference.predict import select_detections
 from codetr.inference.visualize import draw_detections
 from codetr.inference.weights import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
-from codetr.structures import Detections
 from codetr.training.ema import ExpMomentumEMA
 from codetr.training.loop import Hook, Trainer
 from codetr.training.plots import plot_training, read_metrics
@@ -203,7 +203,7 @@ class EvalHook(Hook):
             return
         recorded = [r for r in self.metrics.records() if r["type"] == "eval" and r["iter"] == trainer.iteration]
         if recorded:
-            self.latest = {k: recorded[-1][k] for k in METRIC_NAMES}
+            self.latest = {k: v for k, v in recorded[-1].items() if k not in ("type", "iter", "epoch")}
             self._evaluated_at = trainer.iteration
         elif self._due(trainer):
             self.run(trainer)
@@ -240,7 +240,8 @@ class EvalHook(Hook):
         self.runs += 1
         if self.write:
             self.metrics.append({"type": "eval", "iter": trainer.iteration, "epoch": trainer.epoch, **self.latest})
-            log("eval " + " ".join(f"{k} {self.latest[k]:.2f}" for k in METRIC_NAMES))
+            shown = [k for k in (*METRIC_NAMES, *(SEGM_PREFIX + k for k in METRIC_NAMES)) if k in self.latest]
+            log("eval " + " ".join(f"{k} {self.latest[k]:.2f}" for k in shown))
 
 
 class PlotHook(Hook):
@@ -323,8 +324,7 @@ class TensorBoardHook(Hook):
                 for index in range(min(self.num_images, len(dataset))):
                     image = dataset.load_image(index)
                     det = model.detect(pil_to_tensor(image))
-                    keep = det.scores >= self.score_thr
-                    records = detection_records(Detections(det.boxes[keep], det.scores[keep], det.labels[keep]), 0,
+                    records = detection_records(select_detections(det, det.scores >= self.score_thr), 0,
                                                 self.category_ids)
                     drawn = draw_detections(image, records, self.class_names, self.category_ids)
                     self.writer.add_image(f"val/image_{index}", np.asarray(drawn), trainer.iteration, dataformats="HWC")

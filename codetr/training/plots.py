@@ -9,11 +9,13 @@ from typing import Any
 import matplotlib
 
 from codetr.errors import UserError
+from codetr.inference.evaluate import SEGM_PREFIX
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after selecting the non-interactive backend)
 
 AP_CURVES = ("AP", "AP50", "AP75")
+SEGM_AP = SEGM_PREFIX + "AP"  # the mask AP of a model with masks
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -52,7 +54,7 @@ def _is_final_layer_term(name: str) -> bool:
 
 def plot_training(metrics_file: str | Path, out_png: str | Path) -> None:
     """Write a PNG: total loss and final-layer loss terms against iteration (log scale), and
-    AP / AP50 / AP75 against iteration."""
+    AP / AP50 / AP75 against iteration (and the mask AP, dashed, when evaluated)."""
     records = read_metrics(metrics_file)
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
@@ -74,9 +76,11 @@ def plot_training(metrics_file: str | Path, out_png: str | Path) -> None:
         iters = [r["iter"] for r in evals]
         for name in AP_CURVES:
             ax_ap.plot(iters, [r[name] for r in evals], marker="o", label=name)
+        if any(SEGM_AP in r for r in evals):
+            ax_ap.plot(iters, [r.get(SEGM_AP, float("nan")) for r in evals], marker="s", linestyle="--", label="mask AP")
         ax_ap.legend(fontsize=8, loc="upper left")
     ax_ap.set_xlabel("iteration")
-    ax_ap.set_ylabel("COCO box AP (%)")
+    ax_ap.set_ylabel("COCO AP (%)" if any(SEGM_AP in r for r in evals) else "COCO box AP (%)")
     ax_ap.set_title("validation")
     ax_ap.grid(alpha=0.3)
 

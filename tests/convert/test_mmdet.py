@@ -414,3 +414,13 @@ def test_class_names(tmp_path: Path, tiny_config: Path, capsys: pytest.CaptureFi
     assert "has 6 classes (its metadata names ['a', 'b']...): pass --classes FILE" in capsys.readouterr().err
     assert main([*base, "--classes", str(tmp_path / "c.txt")]) == 2
     assert "names 2 classes but the checkpoint has 6" in capsys.readouterr().err
+
+
+def test_class_names_from_the_checkpoint_metadata() -> None:
+    """mmdet 2.x stores ``meta["CLASSES"]``, mmdet 3.x ``meta["dataset_meta"]["classes"]``; used for a
+    checkpoint of another class count than COCO's when they name every class."""
+    from codetr.convert.mmdet import metadata_classes
+
+    assert metadata_classes({"CLASSES": ("a", "b")}) == ["a", "b"]
+    assert metadata_classes({"dataset_meta": {"classes": ("c",), "palette": [(0, 0, 0)]}}) == ["c"]
+    assert metadata_classes({"epoch": 12}) == [] and metadata_classes({"dataset_meta": "x"}) == []

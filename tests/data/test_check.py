@@ -225,3 +225,58 @@ def test_data_check_command(tmp_path, capsys):
 
 def test_loading_errors_are_user_errors_with_the_old_types():
     assert issubclass(DatasetError, UserError) and issubclass(DatasetError, ValueError)
+
+
+# ------------------------------------------------------------------------------- segmentations
+
+SQUARE = [[10, 10, 30, 10, 30, 30, 10, 30]]
+SEGMENTATION_CASES = [  # (segmentation, kind, words of its message); the image is 64 x 48
+    ([], "segmentation_empty", "polygons []"),
+    ([[10, 10, 20, 20, 30, 30]], "segmentation_empty", "polygons"),  # three points on a line
+    ({"size": [48, 64], "counts": [48 * 64]}, "segmentation_empty", "RLE without a pixel"),
+    ([[70, 10, 90, 10, 90, 30]], "segmentation_outside", "polygon x in [70, 90]"),
+    ([[10, -40, 30, -40, 20, -5]], "segmentation_outside", "y in [-40, -5]"),
+    ([[10, 10, 30, 10]], "segmentation_points", "polygon [10, 10, 30, 10] has 2 point(s)"),
+    ([SQUARE[0], [1, 1]], "segmentation_points", "has 1 point(s)"),
+    ({"size": [64, 48], "counts": [64 * 48]}, "segmentation_rle_size", "RLE size [64, 48] but the image is [48, 64]"),
+    ({"size": [48, 64], "counts": [100, 20]}, "segmentation_rle_size", "RLE counts cover 120 pixels"),
+    ({"size": [48, 64], "counts": "garbage!"}, "segmentation_field", "RLE counts unreadable (character 'r' at 2 is not part"),
+    ({"size": [48, 64], "counts": "P13700000`1"}, "segmentation_rle_size", "RLE counts cover 120 pixels"),  # a 10x12 mask
+    ({"size": [48], "counts": [3]}, "segmentation_field", "'size' [height, width]"),
+    ([[10, 10, 30, 10, 30]], "segmentation_field", "an even count"),
+    ("polygon", "segmentation_field", "must be polygons"),
+]
+
+
+@pytest.mark.parametrize(("segmentation", "kind", "words"), SEGMENTATION_CASES)
+def test_broken_segmentations_are_reported_by_image_and_annotation_id(tmp_path, segmentation, kind, words):
+    annotations = [_ann(1, 1, [10, 10, 20, 20], segmentation=SQUARE), _ann(7, 2, [10, 10, 20, 20], segmentation=segmentation)]
+    folder, ann_file = _dataset(tmp_path, annotations)
+    report = check_dataset(ann_file, folder)
+    assert {k for k, n in report.counts.items() if n and k.startswith("segmentation")} == {kind}
+    assert report.counts[kind] == 1 and report.examples[kind][0].startswith("annotation id 7 (image id 2)")
+    assert words in report.examples[kind][0]
+    assert report.num_errors == 0  # box-only use: warnings
+    needed = check_dataset(ann_file, folder, masks=True)
+    assert needed.num_errors == (1 if kind in ("segmentation_field", "segmentation_rle_size") else 0)
+
+
+def test_good_segmentations_pass_and_missing_ones_matter_only_when_masks_are_needed(tmp_path):
+    rle = {"size": [48, 64], "counts": [64, 5, 48 * 64 - 69]}
+    annotations = [_ann(1, 1, [10, 10, 20, 20], segmentation=SQUARE), _ann(2, 1, [0, 1, 2, 3], segmentation=rle),
+                   _ann(3, 2, [10, 10, 20, 20]), _ann(4, 3, [0, 0, 64, 48], iscrowd=1)]
+    folder, ann_file = _dataset(tmp_path, annotations)
+    report = check_dataset(ann_file, folder)
+    assert not any(k.startswith("segmentation") for k in report.kinds("warning"))
+    assert "4 annotations (1 crowd, 2 with a segmentation)" in report.summary()
+    needed = check_dataset(ann_file, folder, masks=True)
+    assert needed.kinds("error") == ["segmentation_missing"] and needed.counts["segmentation_missing"] == 1
+    assert needed.examples["segmentation_missing"] == ["annotation id 3 (image id 2)"]  # not the crowd one
+
+
+def test_data_check_masks_option(tmp_path, capsys):
+    folder, ann_file = _dataset(tmp_path, [_ann(1, 1, [10, 10, 20, 20])])
+    assert main(["data", "check", str(ann_file), "--images", str(folder)]) == 0
+    assert main(["data", "check", str(ann_file), "--images", str(folder), "--masks"]) == 2
+    out = capsys.readouterr().out
+    assert "annotation without a segmentation (data.with_masks needs one): 1" in out and "annotation id 1 (image id 1)" in out

@@ -2,6 +2,8 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
+import pycocotools.mask as coco_reference
 import pytest
 import torch
 from PIL import Image
@@ -315,3 +317,82 @@ def test_lvis_images_named_by_coco_url_resolve_under_the_coco_root(tmp_path):
         "categories": [{"id": 3, "name": "cat", "frequency": "r"}]}))
     image, target = CocoDetection(root, ann_file)[0]
     assert image.shape[-2:] == (30, 40) and target.labels.tolist() == [0]
+
+
+def _rle(mask: np.ndarray, compressed: bool) -> dict:
+    """COCO RLE of (H, W) bool by pycocotools (compressed), or its runs counted by hand."""
+    if compressed:
+        rle = coco_reference.encode(np.asfortranarray(mask.astype(np.uint8)))
+        return {"size": rle["size"], "counts": rle["counts"].decode()}
+    flat = mask.flatten(order="F").astype(np.int64)
+    changes = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    return {"size": list(mask.shape), "counts": np.diff(np.concatenate([[0], changes])).tolist()}
+
+
+def test_masks_decode_polygons_and_both_rle_aligned_with_their_boxes(tmp_path):
+    blob = np.zeros((30, 40), dtype=bool)
+    blob[5:20, 22:37] = True
+    blob[12:16, 25:30] = False
+    anns = [
+        _ann(1, 1, 1, [2.0, 3.0, 10.0, 8.0], segmentation=[[2, 3, 12, 3, 12, 11, 2, 11]], area=80.0),
+        _ann(2, 1, 1, [0.0, 0.0, 1.0, 1.0], segmentation=[[0, 0, 1, 0, 1, 1]], area=0.5),  # box too small: left out
+        _ann(3, 1, 2, [22.0, 5.0, 15.0, 15.0], segmentation=_rle(blob, compressed=False), area=float(blob.sum())),
+        _ann(4, 1, 2, [0.0, 0.0, 40.0, 30.0], segmentation=_rle(~blob, compressed=True), area=1.0, iscrowd=1),
+        _ann(5, 1, 2, [20.0, 4.0, 18.0, 17.0], segmentation=_rle(blob, compressed=True), area=float(blob.sum())),
+    ]
+    image_dir, ann_file = _write(tmp_path, [_img(1), _img(2)], anns, [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}])
+    _, box_only = CocoDetection(image_dir, ann_file)[0]
+    assert box_only.masks is None
+    dataset = CocoDetection(image_dir, ann_file, with_masks=True)
+    image, target = dataset[0]
+    polygon = coco_reference.decode(coco_reference.merge(coco_reference.frPyObjects([[2, 3, 12, 3, 12, 11, 2, 11]], 30, 40)))
+    expected = torch.from_numpy(np.stack([polygon.astype(bool), blob, blob]))
+    assert target.labels.tolist() == [0, 1, 1] and torch.equal(target.masks, expected)
+    assert target.masks.shape == (len(target.boxes), *image.shape[-2:])
+    _, empty = dataset[1]
+    assert empty.masks.shape == (0, 30, 40) and empty.masks.dtype == torch.bool
+
+
+def test_masks_through_the_transforms_and_the_batch(tmp_path):
+    anns = [_ann(1, 1, 1, [10.0, 5.0, 20.0, 12.0], segmentation=[[10, 5, 30, 5, 30, 17, 10, 17]], area=240.0)]
+    image_dir, ann_file = _write(tmp_path, [_img(1, 80, 60), _img(2, 60, 80)], anns, [{"id": 1, "name": "a"}])
+    cfg = DataConfig(test_scale=120, max_size=400, with_masks=True)
+    dataset = CocoDetection(image_dir, ann_file, build_transforms(cfg, train=False), with_masks=True)
+    batch = collate([dataset[0], dataset[1]])
+    first, second = batch.targets
+    assert first.masks.shape == (1, 120, 160) and second.masks.shape == (0, 160, 120)
+    ys, xs = torch.nonzero(first.masks[0], as_tuple=True)
+    torch.testing.assert_close(torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float(),
+                               first.boxes[0], atol=1.0, rtol=0)
+    assert batch.to("cpu").targets[0].masks is not None
+
+
+def test_masks_needed_but_missing_or_unreadable_are_errors_naming_the_annotation(tmp_path):
+    anns = [_ann(1, 1, 1, [2.0, 3.0, 10.0, 8.0], area=80.0),
+            _ann(2, 1, 1, [2.0, 3.0, 10.0, 8.0], segmentation={"size": [10, 10], "counts": "55j2"}, area=80.0)]
+    image_dir, ann_file = _write(tmp_path, [_img(1)], anns, [{"id": 1, "name": "a"}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CocoDetection(image_dir, ann_file)  # box-only: segmentations not even read
+    assert not any("segmentation" in str(w.message) for w in caught)
+    with pytest.raises(UserError, match=r"(?s)annotation id 1 \(image id 1\).*annotation id 2 \(image id 1\): RLE size"):
+        CocoDetection(image_dir, ann_file, with_masks=True)
+
+
+def test_copy_paste_samples_keep_boxes_on_their_masks(tmp_path):
+    cfg = _synthetic_cfg(tmp_path, augment="lsj", lsj_size=64, with_masks=True, copy_paste=True)
+    dataset = build_dataset(cfg, "train")
+    assert dataset.mix is not None and build_dataset(cfg, "val").mix is None
+    from codetr.data.masks import mask_boxes
+
+    torch.manual_seed(0)
+    counts = []
+    for index in range(len(dataset)):
+        image, target = dataset[index]
+        assert image.dtype == torch.float32 and image.shape == (3, 64, 64)
+        assert target.masks.shape == (len(target.boxes), 64, 64)
+        torch.testing.assert_close(mask_boxes(target.masks), target.boxes)  # all recomputed from the masks
+        counts.append(len(target.boxes))
+    assert max(counts) > 0
+    with pytest.raises(UserError, match="data.copy_paste needs data.augment: lsj and data.with_masks"):
+        build_dataset(_synthetic_cfg(tmp_path, with_masks=True, copy_paste=True), "train")

@@ -126,3 +126,24 @@ def test_synth_again_replaces_its_own_files(tmp_path):
     generate_synthetic_coco(tmp_path, num_train=3, num_val=2, size=32, seed=0)
     generate_synthetic_coco(tmp_path, num_train=1, num_val=0, size=32, seed=0)  # no old image stays beside the new
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.png")) == ["train/000001.png"]
+
+
+def test_segmentations_are_the_exact_visible_pixels(synth):
+    """Each annotation's segmentation (RLE, decoded by pycocotools) is its object's mask, and the
+    masks load into the targets aligned with their boxes."""
+    reference = pytest.importorskip("pycocotools.mask")
+    data = _load(synth, "train")
+    checked = 0
+    for index in range(4):
+        sample = render_sample(3, "train", index, SIZE)
+        anns = [a for a in data["annotations"] if a["image_id"] == index + 1]
+        for ann, obj in zip(anns, sample.objects):
+            assert isinstance(ann["segmentation"]["counts"], str) and ann["segmentation"]["size"] == [SIZE, SIZE]
+            np.testing.assert_array_equal(reference.decode(ann["segmentation"]).astype(bool), obj.mask)
+            checked += 1
+    assert checked >= 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = CocoDetection(synth / "train", synth / "annotations" / "instances_train.json", with_masks=True)
+    _, target = ds[0]
+    np.testing.assert_array_equal(target.masks.numpy(), np.stack([o.mask for o in render_sample(3, "train", 0, SIZE).objects]))

@@ -1,11 +1,14 @@
+import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from codetr.config import DataConfig
+from codetr.data.masks import mask_boxes
 from codetr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, LSJ_PAD_VALUE, RandomSizeCrop, build_transforms
 
 # Small sizes keep the tests fast; the policy is the same as with the COCO defaults.
@@ -269,3 +272,76 @@ def test_bad_augment_settings_are_errors_naming_the_field():
         build_transforms(DataConfig(augment="lsj", lsj_size=0), train=False)
     with pytest.raises(ValueError, match="data.lsj_scale_range"):
         build_transforms(DataConfig(augment="lsj", lsj_scale_range=[2.0, 0.1]), train=True)
+
+
+# ------------------------------------------------------------------------------------- masks
+
+MASK_POLICIES = {
+    "detr": CFG, "detr_mmcv": dataclasses.replace(CFG, resize="mmcv"),
+    "lsj": dataclasses.replace(LSJ, with_masks=True), "lsj_mmcv": dataclasses.replace(LSJ, with_masks=True, resize="mmcv"),
+}
+
+
+def _masked_scene(height: int, width: int, rects):
+    """_scene with each rectangle's exact mask in ``"masks"``."""
+    image, target = _scene(height, width, rects)
+    masks = torch.zeros((len(rects), height, width), dtype=torch.bool)
+    for i, ((x1, y1, x2, y2), _) in enumerate(rects):
+        masks[i, y1:y2, x1:x2] = True
+    target["masks"] = tv_tensors.Mask(masks)
+    return image, target
+
+
+@pytest.mark.parametrize("policy", list(MASK_POLICIES))
+@pytest.mark.parametrize("train", [True, False])
+def test_masks_move_with_their_boxes_and_the_image(policy, train):
+    """Rectangles with exact masks: after every random flip / resize / crop / pad, each kept mask's
+    box is its box within a pixel (exactly, for LSJ training: the released recompute_bbox), masks
+    are dropped with their boxes, and a mask covers its own colour in the image. (Boxes are scaled
+    by float ratios, masks by nearest neighbour, as mmdet's BitmapMasks.)"""
+    cfg = MASK_POLICIES[policy]
+    transforms = build_transforms(cfg, train=train)
+    rects = [((20, 10, 100, 70), RED), ((110, 60, 150, 110), BLUE), ((4, 80, 40, 116), GREEN)]
+    kept = dropped = 0
+    for trial in range(25 if train else 1):
+        torch.manual_seed(trial)
+        image, target = transforms(*_masked_scene(120, 160, rects))
+        masks, boxes = target["masks"].as_subclass(torch.Tensor), target["boxes"].as_subclass(torch.Tensor)
+        assert isinstance(target["masks"], tv_tensors.Mask) and masks.dtype == torch.bool
+        assert masks.shape == (len(boxes), *image.shape[-2:]) and len(target["labels"]) == len(boxes)
+        dropped += len(rects) - len(boxes)
+        # under a pixel per nearest resize, scaled up by the next one (the DETR crop branch resizes
+        # twice, the second time by up to max(train_scales) / min(crop_size))
+        tolerance = 0.0 if policy.startswith("lsj") and train else 1.0 + max(cfg.train_scales) / min(cfg.crop_size) \
+            if train else 1.0
+        torch.testing.assert_close(mask_boxes(masks), boxes, atol=tolerance, rtol=0)
+        if "content_size" in target:  # nothing on the padding
+            h, w = target["content_size"]
+            assert not masks[:, h:].any() and not masks[:, :, w:].any()
+        pixels = _unnormalize(image)
+        for mask, label, (x1, y1, x2, y2) in zip(masks, target["labels"].tolist(), mask_boxes(masks).tolist()):
+            colour = torch.tensor(rects[label][1], dtype=torch.float32)[:, None, None]
+            close = (pixels - colour).abs().sum(0) < 30
+            if min(x2 - x1, y2 - y1) >= 12:  # not a sliver: the mask is its colour, up to the (blurred) borders
+                kept += 1
+                assert (mask & close).sum() >= 0.7 * mask.sum() and (mask & close).sum() >= 0.7 * close.sum()
+    assert kept > 0 and (dropped > 0 or not train)
+
+
+def test_mmcv_mask_resize_is_cv2_nearest():
+    """mmdet resizes BitmapMasks with cv2 INTER_NEAREST (mmcv.imrescale): the same pixels."""
+    cv2 = pytest.importorskip("cv2")
+    from codetr.data.transforms import KeepRatioResize
+
+    masks = torch.rand(3, 37, 53, generator=torch.Generator().manual_seed(0)) > 0.6
+    for size in (20, 64, 97, 150):
+        out = KeepRatioResize(size, mode="mmcv")(tv_tensors.Mask(masks))
+        h, w = out.shape[-2:]
+        for ours, mask in zip(out, masks):
+            expected = cv2.resize(mask.numpy().astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST)
+            np.testing.assert_array_equal(ours.numpy(), expected.astype(bool))
+
+
+def test_transforms_without_masks_leave_the_target_without_masks():
+    image, target = build_transforms(MASK_POLICIES["lsj"], train=True)(*_scene(60, 80, [((5, 5, 30, 30), RED)]))
+    assert "masks" not in target and len(target["boxes"]) <= 1
