@@ -252,7 +252,7 @@ class MaskConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "deformable_detr"  # deformable_detr | dino
+    arch: str = "deformable_detr"  # deformable_detr | dino | conditional_detr | dab_detr (single-scale)
     num_classes: int = 80
     max_detections: int = 100
     # Bias in the channel mapper's convolutions: none as released; transformers' Deformable-DETR

@@ -21,6 +21,13 @@ def add_parser(commands: Any) -> None:
     hf.add_argument("src", type=Path, help="transformers model folder (config.json + weights)")
     hf.add_argument("dst", type=Path, help="output .safetensors; config.yaml is written beside it")
     hf.set_defaults(func=run_hf)
+    for name, family in [("hf-conditional-detr", "Conditional DETR"), ("hf-dab-detr", "DAB-DETR")]:
+        single = convert_commands.add_parser(name, help=f"Hugging Face transformers {family}",
+                                             description=f"Convert a Hugging Face transformers {family} model folder "
+                                                         "(timm ResNet backbone) to codetr safetensors.")
+        single.add_argument("src", type=Path, help="transformers model folder (config.json + weights)")
+        single.add_argument("dst", type=Path, help="output .safetensors; config.yaml is written beside it")
+        single.set_defaults(func=run_hf_single_scale)
     mmdet = convert_commands.add_parser(
         "mmdet", help="official Co-DETR checkpoints (Sense-X/Co-DETR, mmdet)",
         description="Convert an official Co-DETR checkpoint (Co-Deformable-DETR or Co-DINO of the Sense-X/Co-DETR "
@@ -46,6 +53,20 @@ def run_hf(args: argparse.Namespace) -> int:
 
     remove_interrupted_writes(args.dst.parent, [args.dst.name, CONFIG_NAME])
     convert_hf_folder(args.src, args.dst)
+    return 0
+
+
+def run_hf_single_scale(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from codetr.convert.hf_deformable_detr import convert_hf_folder
+    from codetr.convert.hf_single_scale import FORMATS, convert_hf_single_scale
+
+    read_config, rules = FORMATS[args.convert_command]
+    try:
+        convert_hf_folder(args.src, args.dst, read_config, partial(convert_hf_single_scale, rules=rules))
+    except (KeyError, ValueError) as err:
+        raise UserError(f"{args.src}: {err}") from err
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -139,20 +140,22 @@ def _load_state_dict(src: Path) -> dict[str, Tensor]:
     raise FileNotFoundError(f"{src}: no model.safetensors or pytorch_model.bin")
 
 
-def convert_hf_folder(src: Path, dst: Path) -> None:
+def convert_hf_folder(src: Path, dst: Path, read_config: Callable[[dict], ModelConfig] = config_from_hf,
+                      convert_state: Callable[[dict[str, Tensor]], dict[str, Tensor]] = convert_hf_deformable_detr) -> None:
     """Convert the transformers model folder ``src`` (config.json + weights) into the safetensors file
-    ``dst``, with ``config.yaml`` beside it (``codetr convert hf-deformable-detr``); prints what it wrote."""
+    ``dst``, with ``config.yaml`` beside it (``codetr convert hf-deformable-detr``; ``read_config`` and
+    ``convert_state`` of another family for ``hf-conditional-detr`` / ``hf-dab-detr``); prints what it wrote."""
     from codetr.config_parsing import config_to_dict
     from codetr.inference.weights import save_inference_weights
-    from codetr.models.deformable_detr import DeformableDETR
+    from codetr.models.build import build_model
 
     config_path = (src if src.is_dir() else src.parent) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: the transformers config is needed for the sizes")
     hf_config = json.loads(config_path.read_text())
-    model_cfg = config_from_hf(hf_config)
-    state = convert_hf_deformable_detr(_load_state_dict(src))
-    DeformableDETR(model_cfg).load_state_dict(state, strict=True)  # fails loudly on any mismatch
+    model_cfg = read_config(hf_config)
+    state = convert_state(_load_state_dict(src))
+    build_model(model_cfg).load_state_dict(state, strict=True)  # fails loudly on any mismatch
     cfg = Config(model=model_cfg)
     cfg.data.synthetic = False
     labels = {int(k): v for k, v in (hf_config.get("id2label") or {}).items()}

@@ -101,7 +101,8 @@ def export_onnx(loaded: LoadedModel, path: str | Path, opset: int = DEFAULT_OPSE
         # shape checks such as ``reference.shape[-1] == 4`` are constants of the graph, as they should be
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(
-            ExportWrapper(model), example, graph, input_names=INPUT_NAMES, output_names=outputs,
+            # eval(): the exporter gives the wrapper back in its own mode, and a fresh module is training
+            ExportWrapper(model).eval(), example, graph, input_names=INPUT_NAMES, output_names=outputs,
             opset_version=opset, dynamo=False,
             dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "orig_sizes": {0: "batch"},
                           **{name: {0: "batch"} for name in outputs}})

@@ -1,7 +1,8 @@
 """Collaborative hybrid assignments training (Co-DETR) around any base DETR detector.
 
 Training step (the paper's Fig. 3, as released), for a base detector ``detector``
-(Deformable-DETR or DINO):
+(Deformable-DETR or DINO; or the single-scale Conditional DETR and DAB-DETR, for which the paper
+builds the pyramid from the one encoder map, Sec. 3.2):
 
 1. the base detector's own forward and one-to-one losses (``detector.detr_loss``), which also
    give the encoder output;
@@ -33,7 +34,7 @@ from codetr.config import ModelConfig
 from codetr.models.base import BASE, MASK_BRANCH, TRAINING_ONLY, AuxHead, BaseDetector
 from codetr.models.deformable_detr import EncoderOutput
 from codetr.models.mask.branch import MaskBranch
-from codetr.models.necks.channel_mapper import PyramidAdapter, memory_to_maps
+from codetr.models.necks.channel_mapper import PyramidAdapter, SingleScaleAdapter, memory_to_maps
 from codetr.models.positive_queries import select_positive_queries
 from codetr.structures import Batch, Detections
 
@@ -69,7 +70,9 @@ class CoDETR(nn.Module):
                              "lists it more than once")
         self.cfg, self.co = cfg, co
         self.detector = detector
-        self.adapter = PyramidAdapter(cfg.transformer.d_model)
+        # one encoder level (Conditional DETR, DAB-DETR): a pyramid made from it; else the levels plus one
+        single = len(detector.level_strides) == 1
+        self.adapter = (SingleScaleAdapter if single else PyramidAdapter)(cfg.transformer.d_model)
         self.aux_heads = nn.ModuleList(aux_heads)
         self.tags = head_tags(co.aux_heads)
         self.positive_queries = queries
@@ -81,8 +84,11 @@ class CoDETR(nn.Module):
 
     @staticmethod
     def aux_strides(detector: BaseDetector) -> list[int]:
-        """The strides of the auxiliary heads' pyramid: the encoder levels', plus one level at twice the last."""
+        """The strides of the auxiliary heads' pyramid: the encoder levels', plus one level at twice the
+        last; for a single-scale encoder, the single-scale adapter's (s/4 ... 4s)."""
         strides = detector.level_strides
+        if len(strides) == 1:
+            return SingleScaleAdapter.strides(strides[0])
         return strides + [strides[-1] * 2]
 
     @staticmethod
@@ -101,7 +107,8 @@ class CoDETR(nn.Module):
         return state
 
     def aux_pyramid(self, enc: EncoderOutput) -> list[Tensor]:
-        """Encoder memory as per-level maps (B, d, H_l, W_l) plus one stride-2 level."""
+        """Encoder memory as per-level maps (B, d, H_l, W_l) plus one stride-2 level (single-scale: the
+        adapter's five levels)."""
         return self.adapter(enc.memory, enc.spatial_shapes)
 
     def loss(self, batch: Batch) -> dict[str, Tensor]:

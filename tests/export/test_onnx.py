@@ -234,3 +234,32 @@ def test_export_writes_the_file_once_complete(tmp_path: Path, full_disk: FullDis
         export_onnx(loaded, path)
     assert path.read_bytes() == good
     assert [p.name for p in full_disk.folder.iterdir() if p.suffix == ".tmp"] == []
+
+
+@pytest.mark.parametrize("name", ["conditional_detr_tiny", "co_dab_detr_tiny"])
+def test_single_scale_detectors_on_onnxruntime(name: str, tmp_path: Path) -> None:
+    """Conditional DETR and (Co-)DAB-DETR, without deformable attention: onnxruntime gives PyTorch's
+    detections on two other sizes, and the graph holds no training-only weight. Every (query, class) pair
+    is kept (max_detections = queries x classes): random weights leave scores 1e-7 apart, whose order is
+    arbitrary, so each detection is matched to one of the same class within the tolerance."""
+    path = tmp_path / f"{name}_small.yaml"
+    path.write_text(yaml.safe_dump({"base": name, **SMALL, "model": {**SMALL["model"], "max_detections": 300}}))
+    torch.manual_seed(0)
+    det = Detector(path, device="cpu")
+    onnx_path = det.export(tmp_path / "model.onnx")
+    names = [init.name for init in onnx.load(str(onnx_path)).graph.initializer]
+    assert not [n for n in names if any(part in n for part in ("aux_heads", "adapter", "positive_queries"))]
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(1)
+    for batch, (h, w) in [(1, SIZES[0]), (2, SIZES[1])]:
+        images = torch.randn(batch, 3, h, w, generator=g)
+        orig = torch.tensor([[h, w]] * batch)
+        ref = det.model.predict(Batch(images, torch.zeros(batch, h, w, dtype=torch.bool), orig))
+        boxes, scores, labels = session.run(None, {"images": images.numpy(), "orig_sizes": orig.numpy()})
+        assert scores.shape == (batch, 300)
+        for b, theirs in enumerate(ref):
+            same_class = torch.from_numpy(labels[b])[:, None] == theirs.labels[None]
+            score_diff = (torch.from_numpy(scores[b])[:, None] - theirs.scores[None]).abs()
+            box_diff = (torch.from_numpy(boxes[b])[:, None] - theirs.boxes[None]).abs().amax(-1)
+            close = same_class & (score_diff < TOLERANCE) & (box_diff < TOLERANCE)
+            assert close.any(1).all() and close.any(0).all(), (name, h, w, b)

@@ -190,7 +190,8 @@ def test_bad_settings_are_named() -> None:
         TTADetector(blob_model(TTAConfig(min_score=1.0)))
 
 
-@pytest.mark.parametrize("config", ["deformable_detr_tiny", "dino_tiny", "co_dino_tiny"])
+@pytest.mark.parametrize("config", ["deformable_detr_tiny", "dino_tiny", "co_dino_tiny", "conditional_detr_tiny",
+                                    "dab_detr_tiny"])
 def test_any_detector(config: str) -> None:
     torch.manual_seed(0)
     det = Detector(config, device="cpu")

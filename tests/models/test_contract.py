@@ -18,9 +18,11 @@ from codetr.config_parsing import config_to_dict, load_config
 from codetr.inference.weights import save_inference_weights
 from codetr.models.aux.base import PositiveSet
 from codetr.models.base import AuxHead, class_dependent_tensors
+from codetr.models.build import ANCHOR_QUERIES, ARCHS
 from codetr.models.co_detr import CoDETR
 from codetr.models.dino import DINO
-from codetr.models.positive_queries import DinoPositiveQueryEmbedding
+from codetr.models.necks.channel_mapper import SingleScaleAdapter
+from codetr.models.positive_queries import DinoPositiveQueryEmbedding, PositiveQueryEmbedding
 from codetr.structures import Detections, Target
 from codetr.training.loop import Hook, Trainer
 from codetr.training.run import train
@@ -138,4 +140,34 @@ def test_a_new_auxiliary_head_trains_with_amp_init_and_layer_decay(tmp_path: Pat
     assert group_of[id(head.cls.weight)]["lr_mult"] == 1.0
     blocks = model.detector.backbone.blocks
     assert [group_of[id(b.attn.q_proj.weight)]["lr_mult"] for b in blocks] == pytest.approx([0.8 ** (4 - i) for i in range(4)])
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def co_detr_with_center_head(cfg: ModelConfig) -> CoDETR:
+    """The base detector of ``cfg.arch`` with the CenterHead on the finest level of its auxiliary pyramid."""
+    detector = ARCHS[cfg.arch](cfg)
+    head = CenterHead(cfg.num_classes, cfg.transformer.d_model, CoDETR.aux_strides(detector)[0], CoDETR.aux_loss_scale(cfg))
+    embedding = DinoPositiveQueryEmbedding if cfg.arch in ANCHOR_QUERIES else PositiveQueryEmbedding
+    return CoDETR(detector, cfg, [head], embedding(cfg.transformer.d_model, 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["co_conditional_detr_tiny", "co_dab_detr_tiny"])
+def test_single_scale_base_detectors_train_with_a_new_auxiliary_head(config: str, tmp_path: Path) -> None:
+    """The contract is all a base detector needs too: Conditional DETR and DAB-DETR, with the CenterHead
+    on the single-scale adapter's pyramid and their own positive queries, train with AMP through the
+    real training run."""
+    data = synthetic_data(tmp_path / "synth")
+    overrides = [*(f"data.{k}={v}" for k, v in data.items()), "model.co={aux_heads: [center], max_pos_queries: 10}",
+                 "model.transformer={enc_layers: 1, dec_layers: 2, num_queries: 10}", "train.max_iters=2",
+                 "train.amp=bf16", "train.log_every=1", "train.device=cpu"]
+    recorder = Recorder()
+    train(load_config(config, overrides), tmp_path / "run", build_model=co_detr_with_center_head, extra_hooks=[recorder])
+    assert recorder.trainer is not None
+    model = recorder.trainer.detector
+    assert isinstance(model.adapter, SingleScaleAdapter) and model.aux_heads[0].stride == 8
+    assert model.aux_heads[0].autocast_in_forward_train == [False, False]
+    assert all({"center.loss_cls", "loss_cls_pos_center", "d0.loss_bbox_pos_center"} <= set(step)
+               for step in recorder.losses)
+    assert all(torch.isfinite(torch.tensor(list(step.values()))).all() for step in recorder.losses)
     assert (tmp_path / "run" / "model.safetensors").is_file()

@@ -126,6 +126,8 @@ def test_mask_branch_is_kept_for_inference_and_starts_afresh_from_box_only_weigh
 def test_mask_config_needs_the_co_wrapper() -> None:
     with pytest.raises(ValueError, match="model.co.aux_heads"):
         build_model(load_config("dino_tiny", ["model.mask.enabled=true"]).model)
+    with pytest.raises(ValueError, match="multi-scale encoder.*'dab_detr' has one level"):
+        build_model(load_config("co_dab_detr_tiny", ["model.mask.enabled=true"]).model)
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -37,10 +37,13 @@ def test_packaged_config_builds_with_its_class_count_and_levels(name: str) -> No
     cfg = load_config(name)
     outputs, state = built(cfg.model)
     levels = cfg.model.transformer.num_feature_levels
-    assert state["level_embed"][0] == levels
-    if cfg.model.neck == "sfp":  # ViT-L: one stride-16 map, the simple feature pyramid makes every level
-        assert len(outputs) == 1
+    if cfg.model.arch in ("conditional_detr", "dab_detr"):  # single-scale: the last backbone map, projected
+        assert len(outputs) == 1 and levels == 1 and state["input_proj.weight"][1] == outputs[0], name
+        assert "level_embed" not in state
+    elif cfg.model.neck == "sfp":  # ViT-L: one stride-16 map, the simple feature pyramid makes every level
+        assert state["level_embed"][0] == levels and len(outputs) == 1
     else:  # channel mapper: a 1x1 conv per backbone map, one extra 3x3 stride-2 level
+        assert state["level_embed"][0] == levels
         assert len(outputs) == len(cfg.model.backbone.out_indices) and levels == len(outputs) + 1, name
         mapped = [state[f"neck.convs.{i}.0.weight"] for i in range(levels)]
         assert f"neck.convs.{levels}.0.weight" not in state

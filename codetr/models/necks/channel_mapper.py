@@ -1,7 +1,8 @@
-"""Necks: the channel mapper before the encoder, and the pyramid adapter after it (Co-DETR)."""
+"""Necks: the channel mapper before the encoder, and the pyramid adapters after it (Co-DETR)."""
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.config import ModelConfig
@@ -63,6 +64,36 @@ def memory_to_maps(memory: Tensor, spatial_shapes: list[tuple[int, int]]) -> lis
     batch, _, d = memory.shape
     return [level.transpose(1, 2).reshape(batch, d, h, w)
             for level, (h, w) in zip(memory.split([h * w for h, w in spatial_shapes], dim=1), spatial_shapes)]
+
+
+class SingleScaleAdapter(nn.Module):
+    """Co-DETR's multi-scale adapter for a single-scale encoder (paper Sec. 3.2, ViTDet-style): the one
+    encoder map (stride s) becomes the pyramid s/4, s/2, s, 2s, 4s (8-128 for C5, the strides of
+    Co-Deformable-DETR's auxiliary pyramid). Finer levels: 2x bilinear upsampling + 3x3 conv +
+    GroupNorm(32), twice in a chain; coarser levels: 3x3 stride-2 conv + GroupNorm(32), twice in a
+    chain (no activation, as ``PyramidAdapter``'s extra level)."""
+
+    def __init__(self, d_model: int) -> None:
+        super().__init__()
+        self.up = nn.ModuleList(conv_gn(d_model, d_model, 3) for _ in range(2))
+        self.down = nn.ModuleList(conv_gn(d_model, d_model, 3, stride=2) for _ in range(2))
+
+    @staticmethod
+    def strides(stride: int) -> list[int]:
+        """The pyramid's strides from the encoder map's."""
+        return [stride // 4, stride // 2, stride, stride * 2, stride * 4]
+
+    def forward(self, memory: Tensor, spatial_shapes: list[tuple[int, int]]) -> list[Tensor]:
+        """memory (B, H * W, d) of one level -> [(B, d, 4H, 4W), (2H, 2W), (H, W), (ceil(H/2), ceil(W/2)),
+        (ceil(H/4), ceil(W/4))]."""
+        (h, w), = spatial_shapes
+        base = memory.transpose(1, 2).reshape(memory.shape[0], memory.shape[2], h, w)
+        finer, coarser = [base], [base]
+        for conv in self.up:
+            finer.append(conv(F.interpolate(finer[-1], scale_factor=2.0, mode="bilinear", align_corners=False)))
+        for conv in self.down:
+            coarser.append(conv(coarser[-1]))
+        return finer[:0:-1] + coarser
 
 
 def build_neck(cfg: ModelConfig, in_channels: list[int]) -> nn.Module:

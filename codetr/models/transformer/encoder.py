@@ -9,8 +9,9 @@ from codetr.models.activation_checkpoint import maybe_checkpoint
 from codetr.models.transformer.deformable_attention import MSDeformAttn
 
 
-def feed_forward(d_model: int, ffn_dim: int, dropout: float) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_model, ffn_dim), nn.ReLU(inplace=True), nn.Dropout(dropout),
+def feed_forward(d_model: int, ffn_dim: int, dropout: float, activation: nn.Module | None = None) -> nn.Sequential:
+    """Linear, activation (ReLU unless given), dropout, Linear, dropout."""
+    return nn.Sequential(nn.Linear(d_model, ffn_dim), activation or nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(ffn_dim, d_model), nn.Dropout(dropout))
 
 

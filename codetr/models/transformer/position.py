@@ -50,11 +50,12 @@ def proposal_pos_embed(coords_logits: Tensor, num_feats: int = 128, temperature:
 
 
 def box_sine_embed(boxes: Tensor, num_feats: int = 128, temperature: float = 10000.0) -> Tensor:
-    """Sine encoding of normalised boxes for DINO's query positions (``ref_point_head`` input).
+    """Sine encoding of normalised boxes for DINO's query positions (``ref_point_head`` input), or of
+    points (Conditional DETR's reference points).
 
-    boxes: (B, Q, 4) cxcywh in [0, 1]. Returns (B, Q, 4 * num_feats) ordered y, x, w, h (DINO's
-    order; ``proposal_pos_embed`` keeps x, y, w, h).
+    boxes: (B, Q, 4) cxcywh or (B, Q, 2) xy in [0, 1]. Returns (B, Q, 4 * num_feats) ordered y, x, w, h
+    (DINO's order; ``proposal_pos_embed`` keeps x, y, w, h), or (B, Q, 2 * num_feats) ordered y, x.
     """
     pos = boxes[..., None].float() * (2 * math.pi) / _frequencies(num_feats, temperature, boxes.device)
-    pos = _interleave_sin_cos(pos)  # (B, Q, 4, F)
-    return pos[..., [1, 0, 2, 3], :].flatten(-2).to(boxes.dtype)
+    pos = _interleave_sin_cos(pos)  # (B, Q, 4 or 2, F)
+    return pos[..., [1, 0, *range(2, boxes.shape[-1])], :].flatten(-2).to(boxes.dtype)
