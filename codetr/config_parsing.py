@@ -49,6 +49,7 @@ LIMITS: dict[str, float] = {
     "model.num_classes": 1, "model.max_detections": 1, "model.transformer.d_model": 1, "model.transformer.n_heads": 1,
     "model.transformer.n_points": 1, "model.transformer.num_feature_levels": 1, "model.transformer.dec_layers": 1,
     "model.transformer.enc_layers": 0, "model.transformer.ffn_dim": 1, "model.transformer.num_queries": 1,
+    "model.dino.soft_nms_candidates": 1,
 }
 
 
