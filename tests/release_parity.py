@@ -9,12 +9,15 @@ side stores them: codetr converts the release-format weights (and probes) with i
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import torch
 from torch import Tensor
 
 DATA_DIR = "tests/data/release_parity"
+CLASSIFIER = re.compile(r"(cls_branches\.\d+|atss_cls|rpn_cls)\.(weight|bias)$")
+PRIOR_BIAS = -4.595  # log(0.01 / 0.99)
 
 
 def _generator(name: str, salt: str) -> torch.Generator:
@@ -23,7 +26,8 @@ def _generator(name: str, salt: str) -> torch.Generator:
 
 def release_tensor(name: str, shape: tuple[int, ...]) -> Tensor:
     """A deterministic float32 value for the release's state-dict entry ``name``: batch-norm statistics
-    near (0, 1), norm scales near 1, biases and embeddings small, weights ~ N(0, 1 / fan_in)."""
+    near (0, 1), norm scales near 1, biases and embeddings small, weights ~ N(0, 1 / fan_in); classifiers
+    with the release's prior bias and a wider spread."""
     g = _generator(name, "weight")
     leaf = name.rsplit(".", 1)[-1]
     if leaf == "num_batches_tracked":
@@ -32,12 +36,18 @@ def release_tensor(name: str, shape: tuple[int, ...]) -> Tensor:
         return torch.rand(shape, generator=g) + 0.5
     if leaf == "running_mean":
         return torch.randn(shape, generator=g) * 0.1
-    if len(shape) == 1:
-        is_scale = leaf == "weight"
-        return torch.randn(shape, generator=g) * (0.1 if is_scale else 0.02) + (1.0 if is_scale else 0.0)
     fan_in = 1
     for size in shape[1:]:
         fan_in *= size
+    if CLASSIFIER.search(name):
+        # the release's classifier initialisation (prior probability 0.01), spread so that no two scores tie
+        # (tied scores leave top-k, sort and NMS orders to the implementation)
+        if leaf == "bias":
+            return torch.randn(shape, generator=g) * 0.02 + PRIOR_BIAS
+        return torch.randn(shape, generator=g) * 4.0 / fan_in ** 0.5
+    if len(shape) == 1:
+        is_scale = leaf == "weight"
+        return torch.randn(shape, generator=g) * (0.1 if is_scale else 0.02) + (1.0 if is_scale else 0.0)
     return torch.randn(shape, generator=g) / fan_in ** 0.5
 
 

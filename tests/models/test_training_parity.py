@@ -30,11 +30,14 @@ AUX_HEADS = {"0": "rcnn", "1": "atss"}  # the release numbers its auxiliary head
 # Differences measured and not yet explained (docs/co-detr.md): each test below xfails strictly, so that a fix
 # (or a new difference) shows up.
 OPEN = {
-    # the main decoder pass (matching + denoising queries): 1e-5 to 3e-4 relative from the first layer on,
-    # while the encoder losses and the positive-query passes through the same decoder agree to 1e-7
+    # the main decoder pass (matching + denoising queries): 1e-5 to 1e-3 relative from the first layer on,
+    # while the encoder losses and the ATSS positive-query pass through the same decoder agree to 1e-7; its
+    # matching queries come out in another order (the same boxes at other indices)
     "decoder": re.compile(r"^(d\d\.)?(dn\.)?loss_(cls|bbox|giou)$"),
-    # the Faster R-CNN positive-query pass: 0.1 % to 4 %
-    "rcnn positive queries": re.compile(r"_pos_rcnn$"),
+    # the RoI samples: the RPN proposals are the same set, but a few pairs with equal scores come in the
+    # other order, so the replayed sampler permutation picks a few other negatives: the RoI classification
+    # loss (1e-5) and the Faster R-CNN positive-query pass (0.1 % to 30 %)
+    "rcnn samples": re.compile(r"_pos_rcnn$|^rcnn\.loss_cls$"),
 }
 
 
