@@ -8,7 +8,8 @@ draw the step made (for codetr's side to replay). Runs inside the reference envi
 
 Writes tests/data/release_parity/<model>.json (the state-dict names and shapes, losses, gradient digests,
 the release's package versions)
-and <model>_draws.pt (the random draws, in the order they were made, with the calling line).
+and <model>_draws.pt (the random draws, in the order they were made, with the calling line; also the order
+decisions that nearly tied scores make: the query selection's top-k indices and the RPN proposals).
 """
 
 from __future__ import annotations
@@ -52,14 +53,30 @@ class DrawRecorder:
             return out
         return recorded
 
+    def _wrap_topk(self, original):
+        """The query selection's top-k: its order decides which learned content query each proposal gets,
+        and nearly tied scores can swap under float noise, so the chosen indices are kept too."""
+        def recorded(*args, **kwargs):
+            out = original(*args, **kwargs)
+            caller = traceback.extract_stack()[-2]
+            if caller.filename.startswith(self.release) and caller.filename.endswith("transformer.py"):
+                where = f"{Path(caller.filename).relative_to(self.release)}:{caller.lineno}"
+                self.draws.append({"function": "topk", "where": where, "shape": list(out[1].shape),
+                                   "value": out[1].detach().cpu().to(torch.int32)})
+            return out
+        return recorded
+
     def __enter__(self) -> DrawRecorder:
         for name, original in self.originals.items():
             setattr(torch, name, self._wrap(name, original))
+        self.original_topk = torch.topk
+        torch.topk = self._wrap_topk(torch.topk)
         return self
 
     def __exit__(self, *exc) -> None:
         for name, original in self.originals.items():
             setattr(torch, name, original)
+        torch.topk = self.original_topk
 
 
 def stay_on_cpu() -> None:
@@ -74,6 +91,21 @@ def stay_on_cpu() -> None:
 
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.Tensor.to = to_cpu
+
+
+def record_proposals(model, draws: list[dict]) -> None:
+    """Keeps the RPN proposals each RoI head receives (their order, at nearly tied scores, decides which
+    boxes the replayed sampler permutation picks)."""
+    for head in model.roi_head:
+        forward_train = head.forward_train
+
+        def recorded(x, img_metas, proposal_list, *args, forward_train=forward_train, **kwargs):
+            for proposals in proposal_list:
+                draws.append({"function": "proposals", "where": "roi_head", "shape": list(proposals.shape),
+                              "value": proposals[:, :4].detach().cpu().clone()})
+            return forward_train(x, img_metas, proposal_list, *args, **kwargs)
+
+        head.forward_train = recorded
 
 
 def build_release_model(release: Path, config: str, num_classes: int = 3):
@@ -114,6 +146,7 @@ def record(name: str, release: Path, out_dir: Path) -> None:
     boxes = [b[~c] for b, c in zip(batch["boxes"], batch["crowd"])]
     labels = [label[~c] for label, c in zip(batch["labels"], batch["crowd"])]
     with DrawRecorder(release) as recorder:
+        record_proposals(model, recorder.draws)
         losses = model.forward_train(batch["images"], metas, boxes, labels)
     total, log_vars = model._parse_losses(losses)
     total.backward()
