@@ -179,6 +179,9 @@ class DinoConfig:
     # keep ``max_detections``. Off: top ``max_detections`` without NMS.
     soft_nms: bool = True
     soft_nms_iou: float = 0.8
+    # (query, class) pairs entering Soft-NMS. None: num_queries, as released (Sense-X); the
+    # mmdetection 3.x port takes its max_per_img first (set this to max_detections to match it)
+    soft_nms_candidates: int | None = None
 
 
 @dataclass

@@ -54,6 +54,7 @@ LIMITS: dict[str, float] = {
     "model.mask.dilations": 1, "model.mask.finest_scale": 1e-6, "model.mask.train_rois": 1, "model.mask.roi_samples": 1,
     "model.mask.loss_weight": 0, "model.mask.stage_loss_weights": 0, "model.mask.boundary_width": 1,
     "model.mask.iou_loss_weight": 0, "model.mask.iou_convs": 1, "model.mask.iou_fcs": 1, "model.mask.iou_fc_dim": 1,
+    "model.dino.soft_nms_candidates": 1,
 }
 
 

@@ -146,11 +146,11 @@ class DINO(DeformableDETR):
     def postprocess(self, logits: Tensor, boxes: Tensor, image_sizes: Tensor,
                     top_k: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """The tensor part of the released inference: the top ``num_queries`` (query, class)
-        pairs by sigmoid score before Soft-NMS (``max_detections`` with ``model.dino.soft_nms``
-        off), boxes xyxy in pixels of image_sizes, clipped. Soft-NMS follows in ``predict``
-        (``apply_soft_nms``), outside the exported graph."""
+        pairs by sigmoid score before Soft-NMS (``model.dino.soft_nms_candidates`` when set;
+        ``max_detections`` with ``model.dino.soft_nms`` off), boxes xyxy in pixels of image_sizes,
+        clipped. Soft-NMS follows in ``predict`` (``apply_soft_nms``), outside the exported graph."""
         if top_k is None and self.cfg.dino.soft_nms:
-            top_k = self.cfg.transformer.num_queries
+            top_k = self.cfg.dino.soft_nms_candidates or self.cfg.transformer.num_queries
         return super().postprocess(logits, boxes, image_sizes, top_k)
 
     def finish(self, det: Detections) -> Detections:

@@ -79,7 +79,9 @@ def batched_soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, iou_threshol
     (also where negative coordinates would defeat mmcv's class shift).
     offset: 0 or 1, added to widths and heights in the IoU (mmcv's convention; the configs use 0).
     Returns (keep (K,) int64 indices into the input, new_scores (K,) the decayed scores), in the order
-    mmcv returns them: decreasing decayed score (exact ties: lower input index first).
+    mmcv returns them: decreasing decayed score. Exact ties go to the lower input index; mmcv's kernel
+    breaks them by the positions its in-place swaps left, so where two overlapping boxes of one label
+    have exactly equal scores the two may take different boxes first (identical duplicates aside).
     """
     if method not in METHODS:
         raise ValueError(f"soft-NMS method must be one of {METHODS}, got {method!r}")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, sigmoid_focal_loss
 
 from codetr.models.aux.atss import ATSSHead
 from codetr.models.aux.base import DeltaXYWHCoder, base_anchors, grid_anchors
@@ -169,3 +169,39 @@ def test_atss_inference_ranks_on_the_class_score_then_multiplies_centerness(pre_
     torch.testing.assert_close(dets.scores, torch.tensor([s for s, _, _ in expected]))
     assert dets.labels.tolist() == [c for _, c, _ in expected]
     torch.testing.assert_close(dets.boxes, torch.stack([b for _, _, b in expected]))
+
+
+def test_atss_image_without_positives_counts_one_in_the_normaliser():
+    """As the release's anchor-head targets (``max(num_pos, 1)`` per image): classification and centerness
+    are normalised by 1 + the positives of the other image, the classification sum computed here directly."""
+    torch.manual_seed(0)
+    head = ATSSHead(4, 32, STRIDES, loss_scale=1.0)
+    feats = [f.detach() for f in pyramid(size=256)]  # (group norm needs more than one value at the top level)
+    sizes = torch.tensor([[256, 256], [256, 256]])
+    empty = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    losses, exports = head.forward_train(feats, sizes, [TARGETS[0], empty])
+    num_pos = int((exports[0].labels < 4).sum())
+    alone, _ = head.forward_train([f[:1] for f in feats], sizes[:1], TARGETS[:1])
+    logits = head(feats)[0]
+    empty_sum = sigmoid_focal_loss(logits[1], torch.zeros_like(logits[1]), 0.25, 2.0, reduction="sum")
+    expected = (alone["atss.loss_cls"] * num_pos + empty_sum) / (num_pos + 1)
+    torch.testing.assert_close(losses["atss.loss_cls"], expected)
+    torch.testing.assert_close(losses["atss.loss_centerness"], alone["atss.loss_centerness"] * num_pos / (num_pos + 1))
+
+
+def test_rpn_image_without_positives_counts_one_in_the_normaliser(monkeypatch):
+    """As the release: ``max(positives, 1) + max(negatives, 1)`` per image. With the sampler made deterministic
+    (the first candidates), the empty image's 256 negatives are its first 256 anchors."""
+    monkeypatch.setattr(torch, "randperm", lambda n, **kwargs: torch.arange(n))
+    torch.manual_seed(0)
+    head = FasterRCNNAux(4, 32, STRIDES, loss_scale=1.0).rpn
+    feats = [f.detach() for f in pyramid()]
+    sizes = torch.tensor([[128, 128], [128, 128]])
+    empty = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    logits, deltas, anchors, _ = head(feats)
+    alone = head.loss(logits[:1], deltas[:1], anchors, [f[:1] for f in feats], sizes[:1], TARGETS[:1])
+    both = head.loss(logits, deltas, anchors, feats, sizes, [TARGETS[0], empty])
+    empty_sum = torch.nn.functional.softplus(logits[1, :256]).sum()  # BCE of negatives
+    # the first image has positives and negatives: its 256 samples count 256
+    torch.testing.assert_close(both["rpn.loss_cls"], (alone["rpn.loss_cls"] * 256 + empty_sum) / (256 + 257))
+    torch.testing.assert_close(both["rpn.loss_bbox"], alone["rpn.loss_bbox"] * 256 / (256 + 257))

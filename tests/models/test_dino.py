@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from codetr.config_parsing import load_config
+from codetr.errors import UserError
 from codetr.models.build import build_model
 from codetr.models.co_detr import CoDETR
 from codetr.models.dino import DINO, apply_soft_nms
@@ -179,6 +180,34 @@ def test_inference_top_k_soft_nms_then_max_detections():
     for i, det in enumerate(model.predict(b)):
         expected = apply_soft_nms(Detections(*(t[i] for t in tensors)), cfg)
         assert torch.equal(det.scores, expected.scores) and torch.equal(det.boxes, expected.boxes)
+
+
+def test_soft_nms_candidates_as_the_mmdet3_port():
+    """``model.dino.soft_nms_candidates: 10`` with ``max_detections: 10``: the port's top-10 pairs enter
+    Soft-NMS, not the released top ``num_queries`` (30). The best 15 queries predict one box (near-duplicates
+    Soft-NMS decays), the next 15 separate boxes that only the released candidates include."""
+    torch.manual_seed(0)
+    cfg = tiny("dino_tiny")
+    cfg.max_detections = 10
+    model = build_model(cfg).eval()
+    logits = torch.full((1, 30, 6), -5.0)
+    logits[0, torch.arange(15), torch.arange(15) % 3] = 3 + 0.1 * torch.randn(15)
+    logits[0, torch.arange(15, 30), 0] = 1 + 0.1 * torch.randn(15)
+    boxes = torch.tensor([0.5, 0.5, 0.3, 0.3]).repeat(1, 30, 1) + 0.005 * torch.randn(1, 30, 4)
+    boxes[0, 15:, :2] = torch.rand(15, 2)
+    boxes[0, 15:, 2:] = 0.02
+    sizes = torch.tensor([[96, 128]])
+    released = apply_soft_nms(Detections(*(t[0] for t in model.postprocess(logits, boxes, sizes))), cfg)
+    model.cfg.dino = cfg.dino = dataclasses.replace(cfg.dino, soft_nms_candidates=10)
+    candidates = [t[0] for t in model.postprocess(logits, boxes, sizes)]
+    torch.testing.assert_close(candidates[1], logits.sigmoid().flatten().topk(10)[0])
+    ported = apply_soft_nms(Detections(*candidates), cfg)
+    keep, decayed = batched_soft_nms(*candidates, 0.8)
+    assert torch.equal(ported.scores, decayed) and torch.equal(ported.boxes, candidates[0][keep])
+    # issue 33: the port's scores fall after one box per class, the released ones stay high
+    assert (ported.scores > 0.5).sum() == 3 and (released.scores > 0.5).sum() == 10
+    with pytest.raises(UserError, match="soft_nms_candidates"):
+        load_config("dino_tiny", ["model.dino.soft_nms_candidates=0"])
 
 
 def test_co_dino_r50_has_the_released_parameter_count():

@@ -1,5 +1,7 @@
-"""Class-wise Soft-NMS against a plain Python loop of mmcv's algorithm."""
+"""Class-wise Soft-NMS against a plain Python loop of mmcv's algorithm, and against a step-by-step
+float32 replay of mmcv's CPU kernel (its in-place swaps and class shift included)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,6 +47,51 @@ def naive_soft_nms(boxes, scores, labels, iou_threshold, sigma, min_score, metho
     return taken, taken_scores, margin
 
 
+def mmcv_kernel_batched_soft_nms(boxes, scores, labels, iou_threshold=0.8, sigma=0.5, min_score=1e-3,
+                                 method="linear"):
+    """mmcv's ``batched_nms(..., dict(type='soft_nms'))`` replayed in float32 one operation at a time, as its
+    CPU kernel runs: the boxes shifted apart by ``label * (max + 1)``, then per step the first best score at or
+    after position i is swapped into position i and taken; every later box is decayed by its IoU with it and,
+    below ``min_score``, overwritten by the last box (which is then examined in its place). Returns (kept input
+    indices, their decayed scores) in the kernel's output order."""
+    f32 = np.float32
+    shifted = (boxes + (labels.to(boxes) * (boxes.max() + 1))[:, None]).numpy()
+    x1, y1, x2, y2 = (shifted[:, k].astype(f32).copy() for k in range(4))
+    score = scores.numpy().astype(f32).copy()
+    area = (x2 - x1) * (y2 - y1)
+    index = np.arange(len(score))
+    columns = (x1, y1, x2, y2, score, area, index)
+    n, taken_scores, i = len(score), [], 0
+    while i < n:
+        best = i
+        for pos in range(i + 1, n):
+            if score[best] < score[pos]:
+                best = pos
+        for column in columns:
+            column[i], column[best] = column[best], column[i]
+        taken_scores.append(score[i])
+        pos = i + 1
+        while pos < n:
+            w = max(f32(0), min(x2[i], x2[pos]) - max(x1[i], x1[pos]))
+            h = max(f32(0), min(y2[i], y2[pos]) - max(y1[i], y1[pos]))
+            inter = f32(w * h)
+            overlap = f32(inter / f32(f32(area[i] + area[pos]) - inter))
+            weight = f32(1)
+            if method == "gaussian":
+                weight = f32(np.exp(f32(-f32(overlap * overlap)) / f32(sigma)))
+            elif overlap >= iou_threshold:
+                weight = f32(1) - overlap if method == "linear" else f32(0)
+            score[pos] = f32(score[pos] * weight)
+            if score[pos] < min_score:
+                for column in columns:
+                    column[pos] = column[n - 1]
+                n -= 1
+                continue
+            pos += 1
+        i += 1
+    return torch.as_tensor(index[:n]), torch.tensor(taken_scores[:n])
+
+
 def clustered_boxes(generator, n, labels):
     """(n, 4) xyxy boxes in clusters of near-duplicates (IoUs spread over 0..1), scores and labels."""
     centres = torch.rand(n // 6 + 1, 2, generator=generator) * 80 + 10
@@ -75,6 +122,25 @@ def test_matches_naive_loop(method, iou_threshold, min_score, offset):
         assert len(taken) < 150 - 3
     else:
         assert (new_scores < scores[keep] - 1e-4).any()
+
+
+def test_matches_mmcv_kernel_on_random_weight_model_outputs():
+    """The input of the released Co-DINO inference with random weights (issue 33): 900 (query, class) pairs,
+    3 classes, a few clusters of near-duplicate boxes, every score in a narrow band; here Soft-NMS decays
+    and drops most of them."""
+    for seed in range(3):
+        generator = torch.Generator().manual_seed(seed)
+        corner = torch.rand(5, 2, generator=generator) * 300
+        base = torch.cat([corner, corner + 50 + torch.rand(5, 2, generator=generator) * 300], 1)
+        boxes = base[torch.randint(0, 5, (900,), generator=generator)] + torch.randn(900, 4, generator=generator) * 4
+        boxes = torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2] + 1)], 1).clamp(0, 700)
+        scores = 0.77 + 0.01 * torch.rand(900, generator=generator)
+        labels = torch.randint(0, 3, (900,), generator=generator)
+        keep, new_scores = batched_soft_nms(boxes, scores, labels, 0.8)
+        expected_keep, expected_scores = mmcv_kernel_batched_soft_nms(boxes, scores, labels, 0.8)
+        assert 20 < len(expected_keep) < 450
+        assert keep.tolist() == expected_keep.tolist()
+        assert torch.equal(new_scores, expected_scores)
 
 
 @pytest.mark.parametrize("method", ["linear", "gaussian", "naive"])

@@ -109,7 +109,8 @@ class ATSSHead(nn.Module):
             exports.append(PositiveSet(torch.where(valid[:, None], anchors, 0.0), labels[b], target_boxes[b],
                                        pyramid[b]))
         positive = labels < self.num_classes
-        num_pos = mean_across_processes(float(positive.sum()), logits.device)
+        # as released (mmdet's anchor-head targets): an image without positives counts as one
+        num_pos = mean_across_processes(float(positive.sum(1).clamp(min=1).sum()), logits.device)
         onehot = F.one_hot(labels, self.num_classes + 1)[..., :self.num_classes].to(logits.dtype)
         focal = sigmoid_focal_loss(logits, onehot, self.alpha, self.gamma, reduction="none")
         loss_cls = (focal * label_weights[..., None]).sum() / num_pos

@@ -64,8 +64,9 @@ class RPNHead(nn.Module):
             if is_pos.any():
                 wanted = self.coder.encode(anchors[chosen[is_pos]], target.boxes[gt[is_pos]])
                 box_losses.append((deltas[b, chosen[is_pos]] - wanted).abs().sum())
-            num_samples += chosen.numel()
-        norm = max(num_samples, 1)
+            # as released (mmdet's anchor-head targets): no positive, or no negative, counts as one
+            num_samples += max(int(is_pos.sum()), 1) + max(int((~is_pos).sum()), 1)
+        norm = num_samples
         loss_bbox = torch.stack(box_losses).sum() if box_losses else deltas.sum() * 0
         return {"rpn.loss_cls": torch.stack(cls_losses).sum() / norm * self.loss_scale,
                 "rpn.loss_bbox": loss_bbox / norm * self.loss_scale}
