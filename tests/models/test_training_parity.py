@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from codetr.config_parsing import load_config
 from codetr.convert.mmdet import convert_checkpoint
@@ -33,6 +34,10 @@ GRAD_RTOL = 1e-4
 GRAD_RTOL_FLOAT32 = {"backbone.layer2.": 2e-4}
 SCORE_ATOL = 1e-4  # float noise of the encoder's class logits (1e-5 between the release's own runs)
 BOX_ATOL = 1e-2  # pixels, float noise of the RPN's proposal boxes
+# the recordings (tests/data/release_parity/<name>.json) -> codetr's config
+CONFIGS = {"co_dino_r50_lsj": "co_dino_5scale_lsj_r50_1x_coco", "co_dino_r50": "co_dino_5scale_r50_1x_coco",
+           "dino_r50": "dino_5scale_r50_1x_coco", "co_deformable_detr_r50": "co_deformable_detr_r50_1x_coco",
+           "deformable_detr_r50": "deformable_detr_r50_1x_coco"}
 AUX_HEADS = {"0": "rcnn", "1": "atss"}  # the release numbers its auxiliary heads in config order
 
 
@@ -64,7 +69,7 @@ class ReplayedDraws:
     Two orders that nearly tied scores decide are replayed too, after checking that they are codetr's own up to
     float noise: the query selection's top-k (``topk``: the recorded indices must select scores equal to
     codetr's k best within ``SCORE_ATOL``) and the RPN proposals each RoI head samples from (``proposals``: each
-    recorded box must match one of codetr's within ``BOX_ATOL`` pixels, one to one; codetr's boxes are
+    recorded box must match one of codetr's within ``BOX_ATOL`` pixels, one to one (an optimal assignment); codetr's boxes are
     returned in the release's order). The release's own top-k order changes with the number of CPU threads."""
 
     def __init__(self, draws: list[dict], label_noise: float):
@@ -116,9 +121,10 @@ class ReplayedDraws:
         for own in boxes:
             recorded = self.proposal_lists.pop(0)["value"]
             assert recorded.shape == own.shape, (recorded.shape, own.shape)
-            distance, match = torch.cdist(recorded.double(), own.double(), p=float("inf")).min(1)
-            assert distance.max() < BOX_ATOL and len(match.unique()) == len(match), distance.max()
-            out.append(own[match])
+            distance = torch.cdist(recorded.double(), own.double(), p=float("inf"))
+            rows, match = linear_sum_assignment(distance.numpy())  # one to one (clipping makes equal boxes)
+            assert distance[rows, match].max() < BOX_ATOL, distance[rows, match].max()
+            out.append(own[torch.from_numpy(match)])
         return out
 
     def __enter__(self) -> ReplayedDraws:
@@ -130,8 +136,10 @@ class ReplayedDraws:
         torch.rand, torch.randint, torch.randperm, torch.topk = self.saved
 
     @property
-    def unused(self) -> int:
-        return len(self.denoising) + len(self.permutations) + len(self.selections) + len(self.proposal_lists)
+    def unused(self) -> list[tuple[str, list[int]]]:
+        """(source line, shape) of each recorded draw not replayed."""
+        left = self.denoising + self.permutations + self.selections + self.proposal_lists
+        return [(d["where"], d["shape"]) for d in left]
 
 
 def release_groups(sources: dict[str, list[str]]) -> list[tuple[list[str], list[str]]]:
@@ -159,8 +167,11 @@ def training_step(name: str) -> tuple[dict, dict[str, float], dict[str, list[flo
     codetr's losses, codetr's gradient digests by codetr name, the converter's name groups)."""
     reference = json.loads((DATA / f"{name}.json").read_text())
     draws = torch.load(DATA / f"{name}_draws.pt", weights_only=True)
-    cfg = load_config("co_dino_5scale_lsj_r50_1x_coco", ["model.num_classes=3", "model.backbone.weights=null"]).model
-    shapes = {k: tuple(s) for k, s in reference["state_dict"].items()}
+    cfg = load_config(CONFIGS[name], ["model.num_classes=3", "model.backbone.weights=null"]).model
+    # the release's query heads build the auxiliary pyramid's last level even without auxiliary heads, where
+    # nothing uses it (no gradient): a plain model leaves it out
+    shapes = {k: tuple(s) for k, s in reference["state_dict"].items()
+              if not (reference.get("plain") and k.startswith("query_head.downsample."))}
     weights = convert_checkpoint({k: release_tensor(k, s) for k, s in shapes.items()}, cfg, keep_aux=True)
     assert weights.ok, (weights.missing, weights.unused, weights.unexpected, weights.problems)
     params = set(reference["gradients"])
@@ -168,17 +179,20 @@ def training_step(name: str) -> tuple[dict, dict[str, float], dict[str, list[flo
                                  for k, s in shapes.items()}, cfg, keep_aux=True)
     model = build_model(cfg).train()
     model.load_state_dict(weights.state_dict)
-    data = parity_batch()
+    data = parity_batch(reference.get("padded", False))
     targets = [Target(b[~c], lab[~c]) for b, lab, c in zip(data["boxes"], data["labels"], data["crowd"])]
-    h, w = data["images"].shape[-2:]
-    batch = Batch(data["images"], torch.zeros(len(targets), h, w, dtype=torch.bool), torch.tensor([[h, w]] * 3), targets)
+    masks = torch.ones(len(targets), *data["images"].shape[-2:], dtype=torch.bool)
+    for mask, (h, w) in zip(masks, data["sizes"]):
+        mask[:h, :w] = False
+    batch = Batch(data["images"], masks, torch.tensor(data["sizes"]), targets)
     replay = ReplayedDraws(draws, cfg.dino.label_noise)
-    rpn = model.aux_heads[model.tags.index("rcnn")].rpn
-    proposals = rpn.proposals
-    rpn.proposals = lambda *args, **kwargs: replay.proposals(proposals(*args, **kwargs))
+    if "rcnn" in getattr(model, "tags", ()):
+        rpn = model.aux_heads[model.tags.index("rcnn")].rpn
+        proposals = rpn.proposals
+        rpn.proposals = lambda *args, **kwargs: replay.proposals(proposals(*args, **kwargs))
     with replay:
         losses = model.loss(batch)
-    assert not replay.unused  # every recorded draw was used
+    assert not replay.unused, replay.unused  # every recorded draw was used
     sum(losses.values()).backward()
     params = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter)}
     grads = {k: digest(p.grad, probes.state_dict[k]) for k, p in params.items() if p.grad is not None}
@@ -190,7 +204,7 @@ def step(request):
     return training_step(request.param)
 
 
-@pytest.mark.parametrize("step", ["co_dino_r50_lsj"], indirect=True)
+@pytest.mark.parametrize("step", list(CONFIGS), indirect=True)
 def test_training_parity_loss_terms(step):
     reference, losses, _, _ = step
     names = {c: k for k in reference["losses"] if (c := codetr_loss_name(k)) is not None}
@@ -202,9 +216,16 @@ def test_training_parity_loss_terms(step):
     assert not off, f"loss terms off the release by more than {LOSS_RTOL:g} relative: {off}"
 
 
+# a release tensor that codetr widens (an intended deviation, docs/co-detr.md): the released Co-Deformable-DETR's
+# (heads, 1) head_pos_embed is codetr's (heads, d_model) with the scalar in every channel, so the release's
+# gradient of a row is the sum of codetr's over that row's channels: the digest's sum and probe product (the
+# probe is converted like the weights) compare it, its sum of absolute values cannot
+WIDENED = {"query_head.transformer.head_pos_embed.weight"}
+
+
 def gradient_differences(reference: dict, grads: dict, groups: list) -> dict[str, float]:
-    """Per converter group (named by its first release tensor): the largest of |sum difference| and |probe
-    difference| over the release's sum of absolute values, and the relative difference of that sum."""
+    """Per converter group (named by its first release tensor): the largest of |sum difference|, |probe
+    difference| and |difference of the sums of absolute values|, over the release's sum of absolute values."""
     out = {}
     for release_names, codetr_names in groups:
         release_names = [n for n in release_names if n in reference["gradients"]]
@@ -212,13 +233,12 @@ def gradient_differences(reference: dict, grads: dict, groups: list) -> dict[str
             continue
         ref = [sum(reference["gradients"][n][i] for n in release_names) for i in range(3)]
         ours = [sum(grads[n][i] for n in codetr_names if n in grads) for i in range(3)]
-        scale = max(ref[1], 1e-30)
-        out[release_names[0]] = max(abs(ours[0] - ref[0]) / scale, abs(ours[1] - ref[1]) / scale,
-                                    abs(ours[2] - ref[2]) / scale)
+        compared = (0, 2) if set(release_names) <= WIDENED else (0, 1, 2)
+        out[release_names[0]] = max(abs(ours[i] - ref[i]) for i in compared) / max(ref[1], 1e-30)
     return out
 
 
-@pytest.mark.parametrize("step", ["co_dino_r50_lsj"], indirect=True)
+@pytest.mark.parametrize("step", list(CONFIGS), indirect=True)
 def test_training_parity_gradients(step):
     reference, _, grads, groups = step
     differences = gradient_differences(reference, grads, groups)
