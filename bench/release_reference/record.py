@@ -6,7 +6,7 @@ draw the step made (for codetr's side to replay). Runs inside the reference envi
     ~/.cache/codetr-reference/venv/bin/python bench/release_reference/record.py co_dino_r50_lsj \\
         --release ~/.cache/codetr-reference/co-detr
 
-Writes tests/data/release_parity/<model>.json (the state-dict names and shapes, losses, gradient digests,
+Writes tests/data/release_parity/<model>.json.gz (the state-dict names and shapes, losses, gradient digests,
 the release's package versions)
 and <model>_draws.pt (the random draws, in the order they were made, with the calling line; also the order
 decisions that nearly tied scores make: the query selection's top-k indices and the RPN proposals).
@@ -15,6 +15,7 @@ decisions that nearly tied scores make: the query selection's top-k indices and 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 import traceback
@@ -35,7 +36,12 @@ MODELS = {"co_dino_r50_lsj": ("projects/configs/co_dino/co_dino_5scale_lsj_r50_1
           "deformable_detr_r50": (CO_DEFORMABLE, True, True)}
 RANDOM_FUNCTIONS = ("rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "multinomial",
                     "normal", "bernoulli")
-PERMUTATION_PREFIX = 1024  # entries of a random permutation kept (the samplers take at most 512)
+PERMUTATION_PREFIX = 512  # entries of a random permutation kept (the samplers take at most 512)
+
+
+def indices(values: torch.Tensor, bound: int) -> torch.Tensor:
+    """Indices below ``bound`` in the smallest integer type that holds them (the recordings stay small)."""
+    return values.to(torch.int16 if bound <= torch.iinfo(torch.int16).max else torch.int32)
 
 
 class DrawRecorder:
@@ -55,7 +61,7 @@ class DrawRecorder:
             value = out.detach().cpu()
             draw = {"function": name, "where": where, "shape": list(value.shape)}
             # a sampler uses at most the first few hundred entries of a permutation
-            draw["value"] = value[:PERMUTATION_PREFIX].to(torch.int32) if name == "randperm" else value.clone()
+            draw["value"] = indices(value[:PERMUTATION_PREFIX], len(value)) if name == "randperm" else value.clone()
             self.draws.append(draw)
             return out
         return recorded
@@ -69,7 +75,7 @@ class DrawRecorder:
             if caller.filename.startswith(self.release) and caller.filename.endswith("transformer.py"):
                 where = f"{Path(caller.filename).relative_to(self.release)}:{caller.lineno}"
                 self.draws.append({"function": "topk", "where": where, "shape": list(out[1].shape),
-                                   "value": out[1].detach().cpu().to(torch.int32)})
+                                   "value": indices(out[1].detach().cpu(), args[0].shape[-1])})
             return out
         return recorded
 
@@ -172,7 +178,8 @@ def record(name: str, release: Path, out_dir: Path) -> None:
         "no_gradient": [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, separators=(",", ":"), sort_keys=True) + "\n")
+    with gzip.open(out_dir / f"{name}.json.gz", "wt") as f:
+        f.write(json.dumps(result, separators=(",", ":"), sort_keys=True) + "\n")
     torch.save(recorder.draws, out_dir / f"{name}_draws.pt")
     print(f"{name}: {len(result['losses'])} loss terms, {len(result['gradients'])} gradients, "
           f"{len(recorder.draws)} random draws -> {out_dir}")

@@ -10,6 +10,7 @@ training step and compares. See docs/co-detr.md, "Parity with the release".
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
@@ -34,7 +35,7 @@ GRAD_RTOL = 1e-4
 GRAD_RTOL_FLOAT32 = {"backbone.layer2.": 2e-4}
 SCORE_ATOL = 1e-4  # float noise of the encoder's class logits (1e-5 between the release's own runs)
 BOX_ATOL = 1e-2  # pixels, float noise of the RPN's proposal boxes
-# the recordings (tests/data/release_parity/<name>.json) -> codetr's config
+# the recordings (tests/data/release_parity/<name>.json.gz, <name>_draws.pt) -> codetr's config
 CONFIGS = {"co_dino_r50_lsj": "co_dino_5scale_lsj_r50_1x_coco", "co_dino_r50": "co_dino_5scale_r50_1x_coco",
            "dino_r50": "dino_5scale_r50_1x_coco", "co_deformable_detr_r50": "co_deformable_detr_r50_1x_coco",
            "deformable_detr_r50": "deformable_detr_r50_1x_coco"}
@@ -165,7 +166,8 @@ def release_groups(sources: dict[str, list[str]]) -> list[tuple[list[str], list[
 def training_step(name: str) -> tuple[dict, dict[str, float], dict[str, list[float]], list]:
     """codetr's training step on the parity batch with the release's weights and draws: (the release's record,
     codetr's losses, codetr's gradient digests by codetr name, the converter's name groups)."""
-    reference = json.loads((DATA / f"{name}.json").read_text())
+    with gzip.open(DATA / f"{name}.json.gz", "rt") as f:
+        reference = json.load(f)
     draws = torch.load(DATA / f"{name}_draws.pt", weights_only=True)
     cfg = load_config(CONFIGS[name], ["model.num_classes=3", "model.backbone.weights=null"]).model
     # the release's query heads build the auxiliary pyramid's last level even without auxiliary heads, where
