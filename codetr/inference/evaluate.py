@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as F
 from codetr import distributed as dist
 from codetr.config import DataConfig
 from codetr.data import build_dataloader
-from codetr.data.masks import encode_masks, rescale_masks
+from codetr.data.masks import encode_masks
 from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Batch, Detections
 
@@ -50,16 +50,17 @@ def coco_results(
     divided by the resize scale, ``Target.content_size`` (the resized image inside a padded
     canvas; by default the input image itself) over ``Target.orig_size``, as the released heads
     rescale; written as xywh in the image as stored. (With a padded canvas a box may reach
-    beyond the stored image, as released.) Masks (in the model input) are mapped to the image as
-    stored the same way (:func:`codetr.data.masks.rescale_masks`). Labels are mapped to the
-    dataset's category ids (``category_ids[label]``).
+    beyond the stored image, as released.) Masks are in the image as stored already (the model
+    pastes them there, as the release does). Labels are mapped to the dataset's category ids
+    (``category_ids[label]``).
     """
     records = []
     for det, (h, w), target in zip(detections, batch.image_sizes.tolist(), batch.targets):
         boxes = rescale_boxes(det.boxes.detach().float().cpu(), (h, w), target.orig_size, target.content_size)
-        masks = (None if det.masks is None else
-                 rescale_masks(det.masks.detach()[:, :h, :w], target.orig_size, target.content_size).cpu())
-        records += detection_records(Detections(boxes, det.scores, det.labels, masks), target.image_id, category_ids)
+        masks = None if det.masks is None else det.masks.detach().cpu()
+        mask_scores = None if det.mask_scores is None else det.mask_scores.detach().float().cpu()
+        records += detection_records(Detections(boxes, det.scores, det.labels, masks, mask_scores), target.image_id,
+                                     category_ids)
     return records
 
 
