@@ -66,8 +66,9 @@ def coco_results(
 
 def detection_records(det: Detections, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
     """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, and with
-    masks ``segmentation``: compressed RLE, ``counts`` a string) of the detections of one image,
-    boxes xyxy and masks (K, H, W) in pixels of the image as stored."""
+    masks ``segmentation``: compressed RLE, ``counts`` a string; with mask scores ``mask_score``, the
+    score of the mask's ``segm`` result) of the detections of one image, boxes xyxy and masks
+    (K, H, W) in pixels of the image as stored."""
     xywh = det.boxes.detach().float().cpu().clone()
     xywh[:, 2:] -= xywh[:, :2]
     records = [{"image_id": image_id, "category_id": int(category_ids[label]), "bbox": [round(v, 3) for v in box],
@@ -76,6 +77,9 @@ def detection_records(det: Detections, image_id: int, category_ids: Sequence[int
     if det.masks is not None:
         for record, rle in zip(records, encode_masks(det.masks)):
             record["segmentation"] = rle
+    if det.masks is not None and det.mask_scores is not None:
+        for record, score in zip(records, det.mask_scores.tolist()):
+            record["mask_score"] = round(float(score), 5)
     return records
 
 
@@ -165,7 +169,9 @@ def dataset_metrics(dataset: Any, results: list[dict[str, Any]], image_ids: Iter
         print(f"segm: no mask metrics: {missing} annotations of {dataset.annotations_file} have no 'segmentation'")
         return found
     print("segm:")
-    return {**found, **{SEGM_PREFIX + k: v for k, v in metrics(dataset.coco, results, image_ids, "segm").items()}}
+    # the masks' own scores rank the segm results (the release's _segm2json: box score x predicted mask IoU)
+    segm = [{**r, "score": r["mask_score"]} if "mask_score" in r else r for r in results]
+    return {**found, **{SEGM_PREFIX + k: v for k, v in metrics(dataset.coco, segm, image_ids, "segm").items()}}
 
 
 def _empty_results(coco_gt: COCO) -> COCO:

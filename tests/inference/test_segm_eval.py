@@ -17,7 +17,8 @@ from PIL import Image
 from codetr.config import DataConfig
 from codetr.data import build_dataloader
 from codetr.data.masks import encode_masks
-from codetr.inference.evaluate import METRIC_NAMES, coco_metrics, dataset_metrics, evaluate, lvis_metrics
+from codetr.inference.evaluate import (METRIC_NAMES, coco_metrics, dataset_metrics, detection_records, evaluate,
+                                      lvis_metrics)
 from codetr.models.mask.paste import crop_masks, paste_into_image
 from codetr.structures import Batch, Detections
 
@@ -142,6 +143,25 @@ def test_box_and_mask_metrics_side_by_side_and_a_note_without_ground_truth_masks
     assert set(dataset_metrics(_Dataset(gt), copy.deepcopy(results), [1, 2, 3, 4])) == set(METRIC_NAMES)
     missing = f"no mask metrics: {len(gt['annotations'])} annotations of gt.json have no 'segmentation'"
     assert missing in capsys.readouterr().out
+
+
+def test_masks_are_ranked_by_their_own_scores():
+    """Records with a ``mask_score`` (the release's box score x predicted IoU) are ranked by it in the segm
+    evaluation, as the release's ``_segm2json`` does, and by ``score`` in the bbox one."""
+    gt, masks = _ground_truth(seed=4)
+    results = _results(gt, masks, 14)
+    gen = np.random.default_rng(5)
+    scored = [{**r, "mask_score": float(gen.random())} for r in results]
+    both = dataset_metrics(_Dataset(gt), copy.deepcopy(scored), [1, 2, 3, 4])
+    by_mask_score = [{k: v for k, v in r.items() if k != "mask_score"} | {"score": r["mask_score"]} for r in scored]
+    expected = coco_metrics(COCO(copy.deepcopy(gt)), copy.deepcopy(by_mask_score), [1, 2, 3, 4], "segm")
+    assert {k: both["segm_" + k] for k in METRIC_NAMES} == expected
+    assert expected != coco_metrics(COCO(copy.deepcopy(gt)), copy.deepcopy(results), [1, 2, 3, 4], "segm")
+    assert both["AP"] == coco_metrics(COCO(copy.deepcopy(gt)), copy.deepcopy(results), [1, 2, 3, 4])["AP"]
+    det = Detections(torch.tensor([[1.0, 2.0, 5.0, 6.0]]), torch.tensor([0.9]), torch.tensor([0]),
+                     torch.ones(1, 8, 8, dtype=torch.bool), torch.tensor([0.25]))
+    [record] = detection_records(det, 1, [3])
+    assert record["score"] == 0.9 and record["mask_score"] == 0.25
 
 
 class _GroundTruthModel(torch.nn.Module):
