@@ -233,7 +233,9 @@ def record_fcn(release: Path) -> tuple[dict, dict]:
     summary = {"state_dict": {f"roi_head.0.{k}": list(v.shape) for k, v in head.state_dict().items()},
                "losses": {"loss_mask": float(loss)}, "gradients": gradient_digests(head, maps, "roi_head.0."),
                "outputs": {"mask_pred": output_digest("fcn.mask_pred", out["mask_pred"])}}
-    tensors = {"mask_targets": out["mask_targets"].detach().bool(),
+    rois = torch.cat([torch.cat([torch.full((len(r.pos_bboxes), 1), float(i)), r.pos_bboxes], 1)
+                      for i, r in enumerate(results)])
+    tensors = {"rois": rois, "mask_targets": out["mask_targets"].detach().bool(),
                "pos_assigned_gt": torch.cat([r.pos_assigned_gt_inds for r in results])}
     return summary, tensors
 

@@ -3,13 +3,13 @@
 ``simple_test_mask``, and the Co-Deformable-DETR mask config's ``FCNMaskHead`` path, were run by
 ``bench/release_reference/record_mask.py`` in the release's environment on the weights of
 :func:`release_parity.release_tensor` and the inputs of tests/release_mask_inputs.py; what they computed is
-in tests/data/release_parity/mask_{refine,fcn}.{json,pt}. Here codetr runs the same weights (the release's
-names, which codetr's converter maps one to one under ``mask_branch.``) on the same inputs.
+in tests/data/release_parity/mask_{refine,fcn}.{json,pt}. Here codetr runs the same weights, converted from
+the release's names by codetr's checkpoint converter, on the same inputs.
 
-Tolerances (float32): losses 1e-5 relative; gradients (every parameter's and the input feature maps')
-1e-4 of the release's sum of absolute values of the layer's gradients and forward outputs 1e-4 of their
-own, on each of the digest's three numbers (sum, sum of absolute values, dot product with a fixed probe);
-the sampled RoIs, the mask and IoU targets and the pasted masks exactly; mask scores 1e-5.
+Tolerances (float32), on each of a digest's three numbers (sum, sum of absolute values, dot product with a
+fixed probe): losses 1e-5 relative; gradients (every parameter's and the input feature maps') 1e-4 of the
+release's sum of absolute values of the layer's gradients; forward outputs 1e-4 of their own. Exactly: the
+sampled RoIs, the mask and IoU targets, the pasted masks. Mask scores 1e-5 relative.
 """
 
 from __future__ import annotations
@@ -96,17 +96,16 @@ def converted(state_dict: dict[str, list[int]], rules: list[Rule], prefix: str) 
             {k: v for k, [v] in names.items()})
 
 
-def refine_branch() -> MaskBranch:
+def refine_branch() -> tuple[MaskBranch, dict[str, str]]:
     """codetr's branch as the released instance config sets it, at the parity sizes, with the release's
     weights through codetr's converter (its mask rules: ``mask_head.*`` -> ``mask_branch.mask_head.*``, the
-    LN2d norms ``norm_layer`` -> ``norm``)."""
+    LN2d norms ``norm_layer`` -> ``norm``), and the release name of each of its tensors."""
     cfg = ModelConfig(num_classes=NUM_CLASSES, transformer=TransformerConfig(d_model=CHANNELS),
                       mask=MaskConfig(enabled=True, iou_fc_dim=IOU_FC))
     branch = MaskBranch(cfg, list(STRIDES), CoDETR.aux_loss_scale(cfg))
     state, names = converted(reference("mask_refine")[0]["train"]["state_dict"], MASK_BRANCH_MMDET2, MASK_BRANCH)
     branch.load_state_dict(state)  # strict: every tensor of codetr's branch filled
-    branch.release_names = names
-    return branch
+    return branch, names
 
 
 def train_targets(inputs: dict) -> list[Target]:
@@ -122,14 +121,14 @@ def sorted_rows(rows: torch.Tensor) -> torch.Tensor:
 def test_the_same_rois_are_sampled_and_their_targets_are_the_releases():
     """codetr's assigner and sampler keep the release's positives, with the release's mask and IoU targets."""
     summary, ref = reference("mask_refine")
-    inputs, branch = train_inputs(), refine_branch()
+    inputs, (branch, _) = train_inputs(), refine_branch()
     rois, gt_index = [], []
     for i, (cand, boxes) in enumerate(zip(inputs["candidates"], inputs["boxes"])):
         sample = branch.sampler(cand[:, :4], branch.assigner(cand[:, :4], boxes), boxes)
         pos = sample.gt >= 0
         rois.append(torch.cat([torch.full((int(pos.sum()), 1), float(i)), sample.boxes[pos]], 1))
         gt_index.append(sample.gt[pos])
-    assert summary["train"]["num_rois"] == 16
+    assert len(torch.cat(rois)) == summary["train"]["num_rois"] == len(ref["rois"])
     torch.testing.assert_close(sorted_rows(torch.cat(rois)), sorted_rows(ref["rois"]), rtol=0, atol=0)
     # on the release's RoIs (in its order): the 28 x 28 targets, area ratios and IoU targets
     release_rois, release_gt = ref["rois"], ref["pos_assigned_gt"]
@@ -142,12 +141,12 @@ def test_the_same_rois_are_sampled_and_their_targets_are_the_releases():
         iou_targets.append(mask_iou_targets(stage_logits[1][image == i, 0], crops, area_ratios(boxes, gt, target.masks),
                                             branch.cfg.threshold))
     torch.testing.assert_close(torch.cat(iou_targets), ref["iou_targets"], rtol=1e-6, atol=1e-6)
-    assert (ref["iou_targets"] > 0).sum() == 6  # the IoU loss sees some RoIs, not all
+    assert 0 < (ref["iou_targets"] > 0).sum() < len(ref["iou_targets"])  # the IoU loss sees some RoIs, not all
 
 
 def test_forward_outputs_match_the_release():
     summary, ref = reference("mask_refine")
-    inputs, branch = train_inputs(), refine_branch()
+    inputs, (branch, _) = train_inputs(), refine_branch()
     with torch.no_grad():
         stage_logits, feats = branch(inputs["maps"], ref["rois"], ref["roi_labels"])
         iou = branch.mask_iou_head(feats, stage_logits[1][:, 0])
@@ -160,12 +159,12 @@ def test_forward_outputs_match_the_release():
 @pytest.fixture(scope="module")
 def refine_step() -> tuple[dict[str, float], dict[str, list[float]]]:
     """codetr's training step of the mask branch on the parity batch: losses and gradient digests."""
-    inputs, branch = train_inputs(), refine_branch()
+    inputs, (branch, names) = train_inputs(), refine_branch()
     maps = [m.clone().requires_grad_(True) for m in inputs["maps"]]
     torch.manual_seed(0)
     losses = branch.forward_train(maps, [c[:, :4] for c in inputs["candidates"]], train_targets(inputs))
     sum(losses.values()).backward()
-    return {k: float(v) for k, v in losses.items()}, gradient_digests(branch, maps, branch.release_names)
+    return {k: float(v.detach()) for k, v in losses.items()}, gradient_digests(branch, maps, names)
 
 
 def test_losses_match_the_release(refine_step):
@@ -196,7 +195,7 @@ def test_pasted_masks_and_mask_scores_are_the_releases(index):
     the masks pasted there; codetr's predict gives the same masks, bit for bit, and the same mask scores."""
     summary, ref = reference("mask_refine")
     image = inference_inputs()[index]
-    branch = refine_branch().eval()
+    branch = refine_branch()[0].eval()
     det = Detections(image["boxes"], image["scores"], image["labels"])
     target = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), orig_size=image["orig_size"])
     [out] = branch.predict(image["maps"], torch.tensor([image["input_size"]]), [det], [target])
@@ -227,12 +226,13 @@ def test_fcn_mask_head_path_matches_the_release():
     torch.manual_seed(0)
     samples = [head.sampler(c[:, :4], head.assigner(c[:, :4], t.boxes), t.boxes)
                for c, t in zip(inputs["candidates"], targets)]
-    gt = torch.cat([s.gt[s.gt >= 0] for s in samples])
-    assert torch.equal(torch.sort(gt).values, torch.sort(ref["pos_assigned_gt"]).values)
-    # the same positives as the refine branch's: the logits of those RoIs, in the release's order
-    rois = reference("mask_refine")[1]["rois"]
+    rois = torch.cat([torch.cat([torch.full((int((s.gt >= 0).sum()), 1), float(i)), s.boxes[s.gt >= 0]], 1)
+                      for i, s in enumerate(samples)])
+    torch.testing.assert_close(sorted_rows(rois), sorted_rows(ref["rois"]), rtol=0, atol=0)
+    # the logits of the release's RoIs, in its order
     with torch.no_grad():
-        logits = head.mask_head(multilevel_roi_align(maps, list(FCN_STRIDES), rois, head.finest_scale, MASK_ROI_SIZE))
+        logits = head.mask_head(multilevel_roi_align(maps, list(FCN_STRIDES), ref["rois"], head.finest_scale,
+                                                     MASK_ROI_SIZE))
     assert digest_off(output_digest("fcn.mask_pred", logits), summary["outputs"]["mask_pred"]) < OUTPUT_RTOL
     loss = head.mask_loss(maps, samples, targets) * CoDETR.aux_loss_scale(ModelConfig())
     assert abs(float(loss) - summary["losses"]["loss_mask"]) <= LOSS_RTOL * summary["losses"]["loss_mask"]
