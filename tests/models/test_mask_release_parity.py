@@ -235,7 +235,7 @@ def test_fcn_mask_head_path_matches_the_release():
                                                      MASK_ROI_SIZE))
     assert digest_off(output_digest("fcn.mask_pred", logits), summary["outputs"]["mask_pred"]) < OUTPUT_RTOL
     loss = head.mask_loss(maps, samples, targets) * CoDETR.aux_loss_scale(ModelConfig())
-    assert abs(float(loss) - summary["losses"]["loss_mask"]) <= LOSS_RTOL * summary["losses"]["loss_mask"]
+    assert abs(loss.item() - summary["losses"]["loss_mask"]) <= LOSS_RTOL * summary["losses"]["loss_mask"]
     loss.backward()
     grads = gradient_digests(head.mask_head, maps, names)
     assert set(grads) == set(summary["gradients"])
