@@ -10,8 +10,10 @@ from released_mask import area_ratio, bar_loss, block_target, mask_iou_head, pas
 
 from codetr.models.mask.boundary import boundary_aware_loss, mask_boundary, refine_stages
 from codetr.models.mask.mask_iou import MaskIoUHead, area_ratios, mask_iou_targets
-from codetr.models.mask.paste import crop_masks, paste_masks
+from codetr.models.mask.paste import crop_masks, paste_into_image, paste_masks
 from codetr.models.mask.refine_head import RefineMaskHead
+from codetr.ops.boxes import rescale_boxes
+from codetr.structures import Target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,3 +160,20 @@ def test_paste_masks_is_the_released_paste() -> None:
     ys, xs = torch.meshgrid(torch.arange(40) + 0.5, torch.arange(50) + 0.5, indexing="ij")
     b = boxes[0]
     assert torch.equal(full, (xs >= b[0]) & (xs <= b[2]) & (ys >= b[1]) & (ys <= b[3]))
+
+
+@pytest.mark.parametrize(("content", "orig"), [(None, (40, 60)), ((20, 30), (40, 60)), ((20, 30), (20, 30)),
+                                               ((24, 16), (48, 32)), (None, (0, 0))])
+def test_masks_are_pasted_into_the_image_as_stored(content, orig):
+    """A constant mask of a box of the model input (a 32 x 32 canvas, the image in its ``content`` corner) fills
+    the box mapped as boxes are mapped to the image as stored (``orig_size``; unknown, (0, 0): the input), as the
+    release pastes into ``ori_shape`` with the boxes divided by the scale factor."""
+    boxes = torch.tensor([[6.0, 4.0, 14.0, 12.0], [2.5, 10.0, 9.0, 17.75]])
+    target = Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), orig_size=orig, content_size=content)
+    out = paste_into_image(torch.ones(2, 28, 28), boxes, (32, 32), target)
+    size = orig if min(orig) else (32, 32)
+    assert out.shape == (2, *size) and out.dtype == torch.bool
+    mapped = rescale_boxes(boxes, (32, 32), size, content)
+    ys, xs = torch.meshgrid(torch.arange(size[0]) + 0.5, torch.arange(size[1]) + 0.5, indexing="ij")
+    for mask, b in zip(out, mapped):
+        assert torch.equal(mask, (xs >= b[0]) & (xs <= b[2]) & (ys >= b[1]) & (ys <= b[3]))
