@@ -8,6 +8,7 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +53,13 @@ def append_result(bench: str, protocol: str, result: str) -> None:
     row = [datetime.date.today().isoformat(), bench, f"`{command()}`", protocol, result]
     with RESULTS.open("a") as f:
         f.write("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |\n")
+
+
+def timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Any) -> float:
+    """Seconds of one training step: the loss terms' sum, backward, optimizer step."""
+    start = time.perf_counter()
+    loss = sum(model.loss(batch).values())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return time.perf_counter() - start

@@ -1,5 +1,6 @@
-"""Plain versus Co- tiny detectors (Deformable-DETR; DINO with --variants plain_dino co_dino) on the
-built-in synthetic dataset: AP versus iteration.
+"""Plain versus Co- tiny detectors (Deformable-DETR; DINO with --variants plain_dino co_dino; DAB-DETR with
+plain_dab co_k1_dab co_dab, Conditional DETR likewise; the tiny Co-DINO-Inst's box and mask AP with co_dino_inst)
+on the built-in synthetic dataset: AP versus iteration.
 
 Both models are trained with the same seed, data, schedule and number of iterations; each is
 evaluated (COCO box AP on a 64-image synthetic val split) after every epoch, and the final
@@ -64,7 +65,18 @@ VARIANTS = {
     # the DINO pair: tiny DINO and tiny Co-DINO, differing only in the Co- parts
     "plain_dino": ("dino_tiny", []),
     "co_dino": ("co_dino_tiny", []),
+    # the single-scale base detectors (issue 32; the paper's Table 2): plain, K = 1 (ATSS), K = 2 (ATSS + Faster R-CNN)
+    "plain_dab": ("dab_detr_tiny", []),
+    "co_k1_dab": ("co_dab_detr_k1_tiny", []),
+    "co_dab": ("co_dab_detr_tiny", []),
+    "plain_conditional": ("conditional_detr_tiny", []),
+    "co_k1_conditional": ("co_conditional_detr_k1_tiny", []),
+    "co_conditional": ("co_conditional_detr_tiny", []),
+    # tiny Co-DINO-Inst on the synthetic instance masks (issue 31): box and mask AP
+    "co_dino_inst": ("co_dino_inst_tiny", ["data.with_masks=true"]),
 }
+# Co- variants compared with a plain variant other than plain<name[2:]>
+PLAIN_OF = {"co_k1_dab": "plain_dab", "co_k1_conditional": "plain_conditional"}
 
 
 def protocol_overrides(data_root: Path, epochs: int, lr: float, seed: int) -> list[str]:
@@ -120,8 +132,9 @@ def run(variant: str, seed: int, epochs: int, lr: float, data_root: Path, heldou
 
 
 def paired_variants(names: list[str]) -> list[tuple[str, str]]:
-    """(Co- variant, plain variant) pairs that differ only in the Co- parts: co<x> with plain<x>."""
-    return [(name, "plain" + name[2:]) for name in names if name.startswith("co") and "plain" + name[2:] in names]
+    """(Co- variant, plain variant) pairs that differ only in the Co- parts: co<x> with plain<x> (or PLAIN_OF's)."""
+    plain_of = {name: PLAIN_OF.get(name, "plain" + name[2:]) for name in names if name.startswith("co")}
+    return [(co, plain) for co, plain in plain_of.items() if plain in names]
 
 
 def paired_summary(diffs: list[float], target: float = 3.0) -> str:
@@ -213,10 +226,14 @@ def main() -> None:
 
     summary = (f"{VAL_IMAGES} val images: {describe(final)}. "
                f"{args.heldout} held-out images: {describe(final_heldout)}")
+    segm = {name: {seed: m["segm_AP"] for seed, m in per_seed.items()} for name, per_seed in heldout.items()
+            if all("segm_AP" in m for m in per_seed.values())}
+    if segm:
+        summary += f". Mask AP (segm), {args.heldout} held-out images: {describe(segm)}"
     backbone = plain_cfg.model.backbone
     protocol = (f"tiny configs ({backbone.name}, {backbone.norm}), {TRAIN_IMAGES} synthetic train images, batch 4, "
                 f"{args.epochs} epochs = {iters} iterations at lr {args.lr:g} (/10 after epoch {min(LR_STEP, args.epochs - 1)}), "
-                f"same seed/data/schedule per pair, final COCO box AP on {VAL_IMAGES} val images and on "
+                f"same seed/data/schedule per pair, final COCO box (and mask) AP on {VAL_IMAGES} val images and on "
                 f"{args.heldout} held-out images (generator seed {HELDOUT_SEED}), {args.jobs} jobs x {threads} threads; {machine()}")
     append_result(Path(sys.argv[0]).stem, protocol, summary)
     print(summary)

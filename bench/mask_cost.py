@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_result, machine, write_json  # noqa: E402
+from common import append_result, machine, timed_step, write_json  # noqa: E402
 
 VARIANTS = {"boxes": "co_dino_tiny", "masks": "co_dino_inst_tiny"}
 OVERRIDES = ["data.batch_size=4", "data.eval_batch_size=4", "data.num_workers=0"]
@@ -57,13 +57,9 @@ def measure_training(variant: str, warmup: int, repeats: int, threads: int) -> d
     optimizer = build_optimizer(model, cfg.train)
     times = []
     for i in range(warmup + repeats):
-        start = time.perf_counter()
-        loss = sum(model.loss(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        seconds = timed_step(model, optimizer, batch)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     return {"step_s": statistics.median(times), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "batch": int(batch.images.shape[0]), "image": list(batch.images.shape[-2:]),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}

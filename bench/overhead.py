@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_result, machine, write_json  # noqa: E402
+from common import append_result, machine, timed_step, write_json  # noqa: E402
 
 # scale -> (plain config, Co- config, overrides for both)
 SCALES = {
@@ -54,13 +54,9 @@ def measure_training(config: str, overrides: list[str], warmup: int, repeats: in
     optimizer = build_optimizer(model, cfg.train)
     step_times = []
     for i in range(warmup + repeats):
-        start = time.perf_counter()
-        loss = sum(model.loss(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        seconds = timed_step(model, optimizer, batch)
         if i >= warmup:
-            step_times.append(time.perf_counter() - start)
+            step_times.append(seconds)
     return {"step_s": statistics.median(step_times),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "batch": int(batch.images.shape[0]), "image": list(batch.images.shape[-2:]),

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_result, machine, write_json  # noqa: E402
+from common import append_result, machine, timed_step, write_json  # noqa: E402
 
 DETECTORS = {
     "conditional_detr": ("conditional_detr_tiny", "co_conditional_detr_k1_tiny", "co_conditional_detr_tiny"),
@@ -47,13 +46,9 @@ def step_times(configs: tuple[str, ...], overrides: list[str], warmup: int, repe
     times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
     for i in range(warmup + repeats):
         for variant, model, optimizer in runs[i % 3:] + runs[: i % 3]:
-            start = time.perf_counter()
-            loss = sum(model.loss(batch).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            seconds = timed_step(model, optimizer, batch)
             if i >= warmup:
-                times[variant].append(time.perf_counter() - start)
+                times[variant].append(seconds)
     return times
 
 

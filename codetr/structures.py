@@ -21,7 +21,8 @@ class Target:
     boxes:   (N, 4) float, xyxy absolute pixels.
     labels:  (N,) int64, contiguous labels 0..num_classes-1.
     image_id: the dataset's own image id.
-    orig_size: (height, width) of the image as stored on disk.
+    orig_size: (height, width) of the image as stored on disk; (0, 0): unknown (masks at inference are
+             then pasted into the input image).
     content_size: (height, width) of the resized image inside the input when the input is a canvas
              padded around it (LSJ test transform), which maps boxes back to ``orig_size``;
              None: the input is the resized image itself (``Batch.image_sizes``).
@@ -74,7 +75,9 @@ class Detections:
             (the caller rescales to the original image with ``orig_size``).
     scores: (K,) float in [0, 1].
     labels: (K,) int64, contiguous labels 0..num_classes-1.
-    masks:  (K, h, w) bool instance masks in the same frame as ``boxes``, or None (box-only model).
+    masks:  (K, H, W) bool instance masks in the image as stored (``Target.orig_size``; the input image
+            when that is unknown): pasted there from the boxes mapped as the caller maps ``boxes``, as the
+            release's ``simple_test_mask`` pastes into ``ori_shape``; or None (box-only model).
     mask_scores: (K,) float in [0, 1], the masks' own scores (the released Co-DINO-Inst: box score x
             predicted mask IoU; its segm results are ranked by them), or None (``scores`` rank the masks).
     """

@@ -253,14 +253,15 @@ def co_deformable_detr(backbone: list[tuple[str, Shape]], neck_in: list[int], nu
 
 def mask_branch(num_classes: int, d: int = 256, instance_convs: int = 1, semantic_convs: int = 2, stages: int = 3,
                 iou_convs: int = 2, iou_fc: int = 1024, roi_size: int = 14) -> list[tuple[str, Shape]]:
-    """Co-DINO-Inst's ``mask_head`` (``SimpleRefineMaskHead``, LN2d ConvModules: conv without bias, then ``norm``;
+    """Co-DINO-Inst's ``mask_head`` (``SimpleRefineMaskHead``, LN2d ConvModules: conv without bias, then the norm,
+    which mmcv names ``norm_layer``: its ``infer_abbr`` finds none of bn / gn / ln / in in the class name ``LN2d``;
     stages of ``SimpleSFMStage`` with ``MultiBranchFusionAvg``, plain-conv ConvModules with bias; the last
     stage's logits class-agnostic) and ``mask_iou_head`` (``MaskIoUHead``, LN2d convs, one FC), as the ViT-L
     ``*_instance`` configs build them; the RoI extractors hold no weights."""
     names: list[tuple[str, Shape]] = []
     for branch, count in (("instance", instance_convs), ("semantic", semantic_convs)):
         for i in range(count):
-            names += conv(f"mask_head.{branch}_convs.{i}.conv", d, d, 3, bias=False) + norm(f"mask_head.{branch}_convs.{i}.norm", d)
+            names += conv(f"mask_head.{branch}_convs.{i}.conv", d, d, 3, bias=False) + norm(f"mask_head.{branch}_convs.{i}.norm_layer", d)
     widths = [d // 2**i for i in range(stages + 1)]
     for i in range(stages):
         c, p = widths[i], f"mask_head.stages.{i}"
@@ -272,7 +273,7 @@ def mask_branch(num_classes: int, d: int = 256, instance_convs: int = 1, semanti
         names += conv(f"mask_head.stage_instance_logits.{i}", 1 if i == stages else num_classes, c, 1)
     for i in range(iou_convs):
         names += conv(f"mask_iou_head.convs.{i}.conv", d, d + 1 if i == 0 else d, 3, bias=False)
-        names += norm(f"mask_iou_head.convs.{i}.norm", d)
+        names += norm(f"mask_iou_head.convs.{i}.norm_layer", d)
     names += linear("mask_iou_head.fcs.0", iou_fc, d * (roi_size // 2) ** 2) + linear("mask_iou_head.fc_mask_iou", num_classes, iou_fc)
     return names
 

@@ -3,7 +3,8 @@ released key names (mmdet/models/roi_heads/mask_heads/refine_mask_head.py ``Simp
 maskiou_head.py ``MaskIoUHead``, losses/cross_entropy_loss.py ``BARCrossEntropyLoss`` and
 ``generate_block_target``, projects/models/co_detr.py ``simple_test_mask``, mmdet's
 ``BitmapMasks.crop`` / ``crop_and_resize`` and ``_do_paste_mask``), op by op, with mmcv's pieces
-spelt out: ``ConvModule`` (conv, then the norm, then ReLU; no conv bias with a norm), ``LN2d``,
+spelt out: ``ConvModule`` (conv, then the norm, then ReLU; no conv bias with a norm), ``LN2d`` (eps 1e-5, which
+mmcv's ``build_norm_layer`` sets),
 ``RoIAlign(aligned=True, sampling_ratio=0)`` (torchvision's aligned roi_align), nn.Upsample bilinear.
 The reference of tests/models/test_mask_branch.py (the released source needs mmcv; nothing of it is
 vendored: these are the formulas, as tests/models/test_vit.py does for the ViT)."""
@@ -19,7 +20,7 @@ from torchvision.ops import roi_align
 Weights = dict[str, Tensor]
 
 
-def ln2d(x: Tensor, sd: Weights, p: str, eps: float = 1e-6) -> Tensor:
+def ln2d(x: Tensor, sd: Weights, p: str, eps: float = 1e-5) -> Tensor:
     u = x.mean(1, keepdim=True)
     s = (x - u).pow(2).mean(1, keepdim=True)
     return sd[p + "weight"][:, None, None] * ((x - u) / torch.sqrt(s + eps)) + sd[p + "bias"][:, None, None]

@@ -97,13 +97,24 @@ DETERMINISTIC = ("model.co.aux_heads=[atss]", "model.co.zero_padding=true", "tra
 RUNS = {"ddp": (CONFIG, DETERMINISTIC), "straight": ("co_dino_tiny", ())}
 
 
-def torchrun(args: list[str]) -> str:
-    """``torchrun --nproc_per_node 2 ARGS`` on this checkout, one thread per process; its output."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+# Every training of these tests runs in a child process on ATen's and oneDNN's AVX2 kernels: on AVX-512 CPUs
+# the vectorised kernels round a batch of 2 and two batches of 1 differently, and AdamW's first step turns
+# that noise into moves of about lr (measured: step-2 classification losses 4% apart), which would hide
+# what the comparison is about.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def run_python(args: list[str]) -> str:
+    """``python ARGS`` on this checkout, one thread per process, AVX2 kernels; its output."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **PINNED_KERNELS}
+    run = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     return run.stdout
+
+
+def torchrun(args: list[str]) -> str:
+    """``torchrun --nproc_per_node 2 ARGS`` (:func:`run_python`)."""
+    return run_python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args])
 
 
 @pytest.fixture(scope="module")
@@ -123,25 +134,22 @@ def train_records(out: Path) -> list[dict]:
 def test_two_processes_train_as_one_process_with_their_global_batch(runs: Path, tmp_path: Path) -> None:
     """2 steps, the first with an empty rank: the same losses (logged: the means over the
     processes) and weights as one process with batches of 2, and the evaluation gathered."""
-    train(load_config(CONFIG, overrides(runs / "data", 2, *DETERMINISTIC)), tmp_path / "single")
+    run_python(["-m", "codetr", "train", CONFIG, *overrides(runs / "data", 2, *DETERMINISTIC), "--out",
+                str(tmp_path / "single")])
 
     single, ddp = train_records(tmp_path / "single"), train_records(runs / "ddp")
     assert [r["iter"] for r in ddp] == [1, 2]
-    # After one AdamW step, the elements whose gradient is rounding noise have moved by lr either way
-    # (below), which moves the classification losses of step 2 by up to 2e-4 (relative) where the
-    # vectorised kernels round differently for a batch of 2 and of 1 (AVX-512 CPUs; 1e-6 with AVX2).
-    for one, two, rel in zip(single, ddp, (1e-5, 1e-3)):
+    # On the AVX2 kernels (PINNED_KERNELS), measured: losses 2e-7 (step 1) and 3e-6 (step 2) relative apart,
+    # 0.1% of the weights by more than 1e-5 after the two AdamW steps (61% with the gradients not averaged):
+    # AdamW moves an element by about lr (5e-4) whatever the size of its gradient, so the few elements
+    # whose gradient is rounding noise (its true value ~0) move by lr either way.
+    for one, two in zip(single, ddp):
         assert one["losses"].keys() == two["losses"].keys()
-        assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=rel, abs=1e-6)
-    # AdamW moves an element by about lr (5e-4) whatever the size of its gradient, so the few
-    # elements whose gradient is rounding noise (its true value ~0) move by lr either way
-    # (measured: 0.07% of the elements by more than 1e-5 on an AVX2 CPU, 7.6% on an AVX-512 one, where
-    # every gradient carries rounding noise from the batch-dependent kernels; 61% with the gradients
-    # not averaged).
+        assert list(two["losses"].values()) == pytest.approx(list(one["losses"].values()), rel=1e-5, abs=1e-6)
     expected, weights = load_file(tmp_path / "single" / "model.safetensors"), load_file(runs / "ddp" / "model.safetensors")
     assert expected.keys() == weights.keys()
     differ = sum(int(((expected[k] - weights[k]).abs() > 1e-5).sum()) for k in expected)
-    assert differ / sum(v.numel() for v in expected.values()) < 0.2, differ
+    assert differ / sum(v.numel() for v in expected.values()) < 0.01, differ
     # rank 0 evaluated both validation images (one predicted by each process): the same AP
     evals = [[r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
              for run in (tmp_path / "single", runs / "ddp")]

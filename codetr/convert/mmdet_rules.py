@@ -287,8 +287,11 @@ TRAINING_STATE = [
 
 
 # Co-DINO-Inst's mask branch (projects/models/co_detr.py mask_head / mask_iou_head; the RoI extractors
-# have no weights): codetr keeps the released names under mask_branch.
+# have no weights): codetr keeps the released names under mask_branch., but for the LN2d norms of the
+# ConvModules, which mmcv names norm_layer (its infer_abbr knows no abbreviation for LN2d) and codetr norm.
 MASK_BRANCH_MMDET2 = [
+    Rule(r"^(mask_head\.(?:instance|semantic)_convs\.\d+|mask_iou_head\.convs\.\d+)\.norm_layer\.(weight|bias)$",
+         r"mask_branch.\1.norm.\2"),
     Rule(r"^mask_head\.(.+)$", r"mask_branch.mask_head.\1"),
     Rule(r"^mask_iou_head\.(.+)$", r"mask_branch.mask_iou_head.\1"),
 ]

@@ -18,9 +18,7 @@ import numpy as np
 import torch
 from faster_coco_eval.core import mask as coco_mask
 from torch import Tensor
-from torch.nn import functional as nnf
 
-RESIZE_CHUNK = 16  # masks resized together by rescale_masks
 MIN_POLYGON_NUMBERS = 6  # three points: fewer make no area (and pycocotools reads four numbers as a box)
 
 
@@ -107,20 +105,3 @@ def mask_boxes(masks: Tensor) -> Tensor:
     found = torch.stack([x1, y1, x2, y2], 1).float().cpu()
     boxes[filled.cpu()] = found[filled.cpu()]
     return boxes
-
-
-def rescale_masks(masks: Tensor, to_size: tuple[int, int], content_size: tuple[int, int] | None = None) -> Tensor:
-    """(K, h, w) bool masks of a model input -> (K, H, W) bool masks of the image as stored, of
-    ``to_size`` (H, W), as :func:`codetr.ops.boxes.rescale_boxes` maps boxes: the part of the input
-    that is the resized image (``content_size`` (h, w), top-left, inside an LSJ canvas; by default
-    the whole input) resized to ``to_size`` (bilinear on the 0 / 1 values, then >= 0.5)."""
-    content_h, content_w = content_size or tuple(masks.shape[-2:])
-    masks = masks[:, :content_h, :content_w]
-    if tuple(masks.shape[-2:]) == tuple(to_size) or len(masks) == 0:
-        return masks.bool().reshape(len(masks), *to_size)
-    out = torch.empty((len(masks), *to_size), dtype=torch.bool, device=masks.device)
-    for start in range(0, len(masks), RESIZE_CHUNK):  # float copies of a few masks at a time
-        chunk = masks[start:start + RESIZE_CHUNK][None].float()
-        out[start:start + RESIZE_CHUNK] = nnf.interpolate(chunk, size=tuple(to_size), mode="bilinear",
-                                                          align_corners=False)[0] >= 0.5
-    return out

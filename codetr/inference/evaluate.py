@@ -29,7 +29,7 @@ from torchvision.transforms.v2 import functional as F
 from codetr import distributed as dist
 from codetr.config import DataConfig
 from codetr.data import build_dataloader
-from codetr.data.masks import encode_masks, rescale_masks
+from codetr.data.masks import encode_masks
 from codetr.ops.boxes import rescale_boxes
 from codetr.structures import Batch, Detections
 
@@ -50,23 +50,25 @@ def coco_results(
     divided by the resize scale, ``Target.content_size`` (the resized image inside a padded
     canvas; by default the input image itself) over ``Target.orig_size``, as the released heads
     rescale; written as xywh in the image as stored. (With a padded canvas a box may reach
-    beyond the stored image, as released.) Masks (in the model input) are mapped to the image as
-    stored the same way (:func:`codetr.data.masks.rescale_masks`). Labels are mapped to the
-    dataset's category ids (``category_ids[label]``).
+    beyond the stored image, as released.) Masks are in the image as stored already (the model
+    pastes them there, as the release does). Labels are mapped to the dataset's category ids
+    (``category_ids[label]``).
     """
     records = []
     for det, (h, w), target in zip(detections, batch.image_sizes.tolist(), batch.targets):
         boxes = rescale_boxes(det.boxes.detach().float().cpu(), (h, w), target.orig_size, target.content_size)
-        masks = (None if det.masks is None else
-                 rescale_masks(det.masks.detach()[:, :h, :w], target.orig_size, target.content_size).cpu())
-        records += detection_records(Detections(boxes, det.scores, det.labels, masks), target.image_id, category_ids)
+        masks = None if det.masks is None else det.masks.detach().cpu()
+        mask_scores = None if det.mask_scores is None else det.mask_scores.detach().float().cpu()
+        records += detection_records(Detections(boxes, det.scores, det.labels, masks, mask_scores), target.image_id,
+                                     category_ids)
     return records
 
 
 def detection_records(det: Detections, image_id: int, category_ids: Sequence[int]) -> list[dict[str, Any]]:
     """COCO result records (``image_id``, ``category_id``, ``bbox`` xywh, ``score``, and with
-    masks ``segmentation``: compressed RLE, ``counts`` a string) of the detections of one image,
-    boxes xyxy and masks (K, H, W) in pixels of the image as stored."""
+    masks ``segmentation``: compressed RLE, ``counts`` a string; with mask scores ``mask_score``, the
+    score of the mask's ``segm`` result) of the detections of one image, boxes xyxy and masks
+    (K, H, W) in pixels of the image as stored."""
     xywh = det.boxes.detach().float().cpu().clone()
     xywh[:, 2:] -= xywh[:, :2]
     records = [{"image_id": image_id, "category_id": int(category_ids[label]), "bbox": [round(v, 3) for v in box],
@@ -75,6 +77,9 @@ def detection_records(det: Detections, image_id: int, category_ids: Sequence[int
     if det.masks is not None:
         for record, rle in zip(records, encode_masks(det.masks)):
             record["segmentation"] = rle
+    if det.masks is not None and det.mask_scores is not None:
+        for record, score in zip(records, det.mask_scores.tolist()):
+            record["mask_score"] = round(float(score), 5)
     return records
 
 
@@ -164,7 +169,9 @@ def dataset_metrics(dataset: Any, results: list[dict[str, Any]], image_ids: Iter
         print(f"segm: no mask metrics: {missing} annotations of {dataset.annotations_file} have no 'segmentation'")
         return found
     print("segm:")
-    return {**found, **{SEGM_PREFIX + k: v for k, v in metrics(dataset.coco, results, image_ids, "segm").items()}}
+    # the masks' own scores rank the segm results (the release's _segm2json: box score x predicted mask IoU)
+    segm = [{**r, "score": r["mask_score"]} if "mask_score" in r else r for r in results]
+    return {**found, **{SEGM_PREFIX + k: v for k, v in metrics(dataset.coco, segm, image_ids, "segm").items()}}
 
 
 def _empty_results(coco_gt: COCO) -> COCO:

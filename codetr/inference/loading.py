@@ -15,7 +15,6 @@ from torchvision import tv_tensors
 from codetr.config import Config, DataConfig, ModelConfig
 from codetr.config_parsing import config_from_text, load_config
 from codetr.data import build_transforms, collate, transformed_sample
-from codetr.data.masks import rescale_masks
 from codetr.errors import UserError
 from codetr.files import CONFIG_NAME
 from codetr.inference.weights import load_state, read_weights_file
@@ -43,16 +42,16 @@ class LoadedModel:
         """Detections in ``image`` (3, H, W) RGB, uint8 or float in [0, 1]: the evaluation
         pre-processing, one image per forward (no batch partner's padding), boxes xyxy in
         pixels of ``image``, clipped to it; masks (a model that yields them) (K, H, W) bool in
-        ``image``, mapped back as the boxes are (:func:`codetr.data.masks.rescale_masks`)."""
+        ``image`` (the model pastes them there, as the release does) with their ``mask_scores``."""
         pixels, target = preprocess(self.cfg.data, image)
         device = next(self.model.parameters()).device
         batch = collate([(pixels, target)], self.cfg.data.pad_size_divisor).to(device)
         det = self.model.predict(batch)[0]
         (h, w) = pixels.shape[-2:]
         boxes = rescale_boxes(det.boxes.float().cpu(), (h, w), target.orig_size, target.content_size)
-        masks = None if det.masks is None else rescale_masks(det.masks[:, :h, :w], target.orig_size,
-                                                             target.content_size).cpu()
-        return Detections(boxes, det.scores.float().cpu(), det.labels.cpu(), masks)
+        masks = None if det.masks is None else det.masks.cpu()
+        mask_scores = None if det.mask_scores is None else det.mask_scores.float().cpu()
+        return Detections(boxes, det.scores.float().cpu(), det.labels.cpu(), masks, mask_scores)
 
 
 class ImageDetector(Protocol):

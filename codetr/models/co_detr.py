@@ -162,7 +162,7 @@ class CoDETR(nn.Module):
         if self.co.eval_head == "detr" and self.mask_branch is not None:
             detections, enc = self.detector.detect(batch)
             return self.mask_branch.predict(memory_to_maps(enc.memory, enc.spatial_shapes), batch.image_sizes,
-                                            detections)
+                                            detections, batch.targets)
         if self.co.eval_head == "detr":
             return self.detector.predict(batch)
         head = self.aux_heads[self.co.aux_heads.index(self.co.eval_head)]

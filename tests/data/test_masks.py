@@ -6,7 +6,7 @@ import pycocotools.mask as reference
 import pytest
 import torch
 
-from codetr.data.masks import decode_segmentation, encode_masks, mask_boxes, rescale_masks, rle_runs
+from codetr.data.masks import decode_segmentation, encode_masks, mask_boxes, rle_runs
 
 
 def _rng_masks(count: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -91,21 +91,3 @@ def test_mask_boxes_are_the_pixel_edge_extent_and_zero_when_empty():
         expected.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] if len(xs) else [0, 0, 0, 0])
     torch.testing.assert_close(mask_boxes(masks), torch.tensor(expected, dtype=torch.float32))
     assert mask_boxes(torch.zeros((0, 4, 4), dtype=torch.bool)).shape == (0, 4)
-
-
-@pytest.mark.parametrize(("content", "orig"), [(None, (40, 60)), ((20, 30), (40, 60)), ((20, 30), (20, 30)),
-                                               ((24, 16), (48, 32))])
-def test_rescaled_masks_land_where_rescaled_boxes_do(content, orig):
-    """A rectangle in the model input (a 32 x 32 canvas, the image in its ``content`` corner) maps to
-    the rectangle scaled as boxes are, within a pixel."""
-    from codetr.ops.boxes import rescale_boxes
-
-    masks = torch.zeros((2, 32, 32), dtype=torch.bool)
-    masks[0, 4:12, 6:14] = True
-    masks[1, 10:18, 2:9] = True
-    box = mask_boxes(masks)
-    out = rescale_masks(masks, orig, content)
-    assert out.shape == (2, *orig) and out.dtype == torch.bool
-    expected = rescale_boxes(box, (32, 32), orig, content)
-    torch.testing.assert_close(mask_boxes(out), expected, atol=1.0, rtol=0)
-    assert rescale_masks(masks[:0], orig, content).shape == (0, *orig)

@@ -23,14 +23,16 @@ from codetr.inference.loading import LoadedModel
 from codetr.inference.predict import predict_images
 from codetr.inference.tta import TTADetector
 from codetr.inference.visualize import MASK_OPACITY, draw_masks
+from codetr.models.mask.paste import crop_masks, paste_into_image
 from codetr.structures import Batch, Detections
 
 HEIGHT, WIDTH = 90, 120
 
 
 class RegionMaskDetector(nn.Module):
-    """Each connected bright region of the unpadded input: its box (xyxy), its mask, label 0 and
-    score 0.9 - 0.1 * k (k-th region), all in input pixels."""
+    """Each connected bright region of the unpadded input: its box (xyxy, input pixels), label 0, score
+    0.9 - 0.1 * k (k-th region) and its mask in the image as stored, pasted there as the mask branch pastes
+    (its crop in the box at 112 x 112, :func:`codetr.models.mask.paste.paste_into_image`)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -38,11 +40,13 @@ class RegionMaskDetector(nn.Module):
 
     def predict(self, batch: Batch) -> list[Detections]:
         out = []
-        for image, (h, w) in zip(batch.images, batch.image_sizes.tolist()):
+        for image, (h, w), target in zip(batch.images, batch.image_sizes.tolist(), batch.targets):
             regions, count = ndimage.label((image[:, :h, :w].mean(0) > 0.5).numpy())
             masks = torch.from_numpy(np.stack([regions == k + 1 for k in range(count)]).reshape(count, h, w))
-            out.append(Detections(mask_boxes(masks), 0.9 - 0.1 * torch.arange(count, dtype=torch.float32),
-                                  torch.zeros(count, dtype=torch.int64), masks))
+            boxes = mask_boxes(masks)
+            probs = crop_masks(masks, boxes, torch.arange(count), 112)
+            out.append(Detections(boxes, 0.9 - 0.1 * torch.arange(count, dtype=torch.float32),
+                                  torch.zeros(count, dtype=torch.int64), paste_into_image(probs, boxes, (h, w), target)))
         return out
 
 

@@ -1,5 +1,5 @@
 """Mask AP (``segm_*``) beside box AP: pycocotools' and the lvis package's numbers as the reference,
-and the evaluation path from a model's masks in its input frame to RLE in the stored image."""
+and the evaluation path from a model's masks (pasted into the stored image) to RLE."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from PIL import Image
 from codetr.config import DataConfig
 from codetr.data import build_dataloader
 from codetr.data.masks import encode_masks
-from codetr.inference.evaluate import METRIC_NAMES, coco_metrics, dataset_metrics, evaluate, lvis_metrics
+from codetr.inference.evaluate import (METRIC_NAMES, coco_metrics, dataset_metrics, detection_records, evaluate,
+                                      lvis_metrics)
+from codetr.models.mask.paste import crop_masks, paste_into_image
 from codetr.structures import Batch, Detections
 
 SIZE = (60, 80)  # (height, width) of every image
@@ -143,21 +145,46 @@ def test_box_and_mask_metrics_side_by_side_and_a_note_without_ground_truth_masks
     assert missing in capsys.readouterr().out
 
 
+def test_masks_are_ranked_by_their_own_scores():
+    """Records with a ``mask_score`` (the release's box score x predicted IoU) are ranked by it in the segm
+    evaluation, as the release's ``_segm2json`` does, and by ``score`` in the bbox one."""
+    gt, masks = _ground_truth(seed=4)
+    results = _results(gt, masks, 14)
+    gen = np.random.default_rng(5)
+    scored = [{**r, "mask_score": float(gen.random())} for r in results]
+    both = dataset_metrics(_Dataset(gt), copy.deepcopy(scored), [1, 2, 3, 4])
+    by_mask_score = [{k: v for k, v in r.items() if k != "mask_score"} | {"score": r["mask_score"]} for r in scored]
+    expected = coco_metrics(COCO(copy.deepcopy(gt)), copy.deepcopy(by_mask_score), [1, 2, 3, 4], "segm")
+    assert {k: both["segm_" + k] for k in METRIC_NAMES} == expected
+    assert expected != coco_metrics(COCO(copy.deepcopy(gt)), copy.deepcopy(results), [1, 2, 3, 4], "segm")
+    assert both["AP"] == coco_metrics(COCO(copy.deepcopy(gt)), copy.deepcopy(results), [1, 2, 3, 4])["AP"]
+    det = Detections(torch.tensor([[1.0, 2.0, 5.0, 6.0]]), torch.tensor([0.9]), torch.tensor([0]),
+                     torch.ones(1, 8, 8, dtype=torch.bool), torch.tensor([0.25]))
+    [record] = detection_records(det, 1, [3])
+    assert record["score"] == 0.9 and record["mask_score"] == 0.25
+
+
 class _GroundTruthModel(torch.nn.Module):
-    """Predicts each image's targets (boxes and masks in its input frame) with score 1."""
+    """Predicts each image's targets with score 1: their boxes (input frame) and masks, cropped to the boxes
+    at 112 x 112 and pasted into the stored image as the mask branch pastes them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1))
 
     def predict(self, batch: Batch) -> list[Detections]:
-        return [Detections(t.boxes, torch.ones(len(t.boxes)), t.labels, t.masks) for t in batch.targets]
+        out = []
+        for t, size in zip(batch.targets, batch.image_sizes.tolist()):
+            probs = crop_masks(t.masks, t.boxes, torch.arange(len(t.boxes)), 112)
+            out.append(Detections(t.boxes, torch.ones(len(t.boxes)), t.labels,
+                                  paste_into_image(probs, t.boxes, tuple(size), t)))
+        return out
 
 
 @pytest.mark.parametrize(("augment", "scale"), [("detr", 60), ("detr", 90), ("lsj", 96)])
 def test_masks_from_the_model_input_are_evaluated_in_the_stored_image(tmp_path, augment, scale):
-    """The model's masks (input frame, resized and for LSJ on a padded canvas) go back to the stored
-    image: ground truth predicted as such scores (almost) 100 mask AP."""
+    """The model's masks (of boxes in the input frame, resized and for LSJ on a padded canvas) are pasted into
+    the stored image: ground truth predicted as such scores (almost) 100 mask AP."""
     gt, _ = _ground_truth(seed=3)
     gt["annotations"] = [a for a in gt["annotations"] if not a["iscrowd"]]
     (tmp_path / "val").mkdir()
@@ -171,5 +198,5 @@ def test_masks_from_the_model_input_are_evaluated_in_the_stored_image(tmp_path, 
     assert metrics["AP"] == pytest.approx(100.0, abs=0.5)
     if scale == SIZE[0]:  # no resize: the exact masks
         assert metrics["segm_AP"] == 100.0
-    else:  # nearest resize there and bilinear back: borders move by under a pixel
+    else:  # nearest resize there, the box's crop pasted back: borders move by under a pixel
         assert metrics["segm_AP"] > 90 and metrics["segm_AP50"] == 100.0

@@ -176,6 +176,6 @@ def test_the_branch_learns_the_masks_of_a_batch() -> None:
     target = b.targets[0]
     det = Detections(target.boxes, torch.ones(2), target.labels)
     with torch.inference_mode():
-        masks = branch.predict([m[:1] for m in maps], b.image_sizes[:1], [det])[0].masks
+        masks = branch.predict([m[:1] for m in maps], b.image_sizes[:1], [det], b.targets[:1])[0].masks
     iou = (masks & target.masks).flatten(1).sum(1) / (masks | target.masks).flatten(1).sum(1)
     assert (iou > 0.8).all(), iou

@@ -10,8 +10,9 @@ IoU head (MSE on the IoU of the binarised mask with the object's whole mask, pos
 
 Inference (``simple_test_mask``): the final detections are the RoIs, with their predicted labels;
 the stages from the second on are merged (:func:`~codetr.models.mask.boundary.refine_stages`), the
-sigmoid pasted into the input image and binarised; a mask's score is its box score times the
-predicted IoU of its class (``Detections.mask_scores``).
+sigmoid pasted into the image as stored (the boxes mapped there, as the release pastes into
+``ori_shape``) and binarised; a mask's score is its box score times the predicted IoU of its class
+(``Detections.mask_scores``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from codetr.models.assigners import MaxIoUAssigner, RandomSampler
 from codetr.models.aux.roi import multilevel_roi_align, rois_of
 from codetr.models.mask.boundary import boundary_aware_loss, refine_stages
 from codetr.models.mask.mask_iou import MaskIoUHead, area_ratios, mask_iou_targets
-from codetr.models.mask.paste import crop_masks, paste_masks
+from codetr.models.mask.paste import crop_masks, paste_into_image
 from codetr.models.mask.refine_head import RefineMaskHead
 from codetr.structures import Detections, Target
 
@@ -98,19 +99,23 @@ class MaskBranch(nn.Module):
         return losses
 
     @torch.inference_mode()
-    def predict(self, maps: list[Tensor], image_sizes: Tensor, detections: list[Detections]) -> list[Detections]:
-        """The detections (boxes xyxy pixels of each unpadded input image) with ``masks`` (K, h, w) bool in
-        that frame and, with the mask IoU head, ``mask_scores`` (K,)."""
+    def predict(self, maps: list[Tensor], image_sizes: Tensor, detections: list[Detections],
+                targets: list[Target]) -> list[Detections]:
+        """The detections (boxes xyxy pixels of each unpadded input image) with ``masks`` (K, H, W) bool in
+        the image as stored (``Target.orig_size``, :func:`~codetr.models.mask.paste.paste_into_image`) and,
+        with the mask IoU head, ``mask_scores`` (K,)."""
         out = []
-        for i, det in enumerate(detections):
-            h, w = (int(v) for v in image_sizes[i])
-            masks = torch.zeros((len(det.boxes), h, w), dtype=torch.bool, device=det.boxes.device)
+        for i, (det, target) in enumerate(zip(detections, targets, strict=True)):
+            input_size = tuple(int(v) for v in image_sizes[i])
+            height, width = target.orig_size if min(target.orig_size) > 0 else input_size
+            masks = torch.zeros((len(det.boxes), height, width), dtype=torch.bool, device=det.boxes.device)
             mask_scores = det.scores.clone()
             image_maps = [level[i:i + 1] for level in maps]
             for start in range(0, len(det.boxes), PREDICT_CHUNK):
                 boxes, labels = det.boxes[start:start + PREDICT_CHUNK], det.labels[start:start + PREDICT_CHUNK]
                 probs, iou = self.mask_probs(image_maps, boxes, labels)
-                masks[start:start + PREDICT_CHUNK] = paste_masks(probs, boxes, h, w, self.cfg.threshold)
+                masks[start:start + PREDICT_CHUNK] = paste_into_image(probs, boxes, input_size, target,
+                                                                      self.cfg.threshold)
                 if iou is not None:
                     mask_scores[start:start + PREDICT_CHUNK] = iou * det.scores[start:start + PREDICT_CHUNK]
             out.append(Detections(det.boxes, det.scores, det.labels, masks,

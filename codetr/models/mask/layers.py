@@ -1,5 +1,5 @@
-"""Small convolution blocks of the released mask heads, named as mmcv names them (``conv``, ``norm``)
-so the released weights load by a prefix change."""
+"""Small convolution blocks of the released mask heads, named as mmcv names them (``conv``, and ``norm``
+for the norm, which mmcv calls ``norm_layer`` when it is the release's ``LN2d``: the converter renames it)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from torch import Tensor, nn
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of (N, C, H, W) maps, eps 1e-6 (the release's ``LN2d``)."""
+    """LayerNorm over the channels of (N, C, H, W) maps: the release's ``LN2d`` as its ConvModules build
+    it, with eps 1e-5 (``LN2d`` defaults to 1e-6, but mmcv's ``build_norm_layer`` sets eps 1e-5 when the
+    config names none, and the released mask heads' ``norm_cfg=dict(type='LN2d')`` names none)."""
 
-    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))

@@ -8,6 +8,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
+from codetr.ops.boxes import rescale_boxes
+from codetr.structures import Target
+
 # Pasting budget: detections x image pixels per grid_sample call (bounds the memory of inference).
 PASTE_CHUNK_PIXELS = 1 << 25
 
@@ -45,3 +48,16 @@ def paste_masks(probs: Tensor, boxes: Tensor, height: int, width: int, threshold
         pasted = F.grid_sample(probs[start:start + step, None].float(), grid, align_corners=False)
         out[start:start + step] = pasted[:, 0] >= threshold
     return out
+
+
+def paste_into_image(probs: Tensor, boxes: Tensor, input_size: tuple[int, int], target: Target,
+                     threshold: float = 0.5) -> Tensor:
+    """RoI mask probabilities (K, S, S) of boxes (K, 4) xyxy pixels of a model input of ``input_size``
+    (h, w) -> (K, H, W) bool masks of the image as stored, ``target.orig_size`` (the input itself when
+    that is unknown, (0, 0)): the boxes mapped there as :func:`codetr.ops.boxes.rescale_boxes` maps them
+    (``target.content_size``: the resized image inside an LSJ canvas), the probabilities pasted there
+    (the release's ``simple_test_mask`` with ``rescale=True``: its ``get_seg_masks`` pastes into
+    ``ori_shape`` with the boxes divided by the scale factor)."""
+    size = tuple(target.orig_size) if min(target.orig_size) > 0 else tuple(input_size)
+    boxes = rescale_boxes(boxes.float(), tuple(input_size), size, target.content_size)
+    return paste_masks(probs, boxes, size[0], size[1], threshold)
