@@ -63,15 +63,25 @@ def digest(grad: Tensor, probe: Tensor) -> list[float]:
     return [float(g.sum()), float(g.abs().sum()), float((g * probe.double()).sum())]
 
 
-def parity_batch() -> dict:
+PADDED_SIZES = [(160, 192), (158, 160), (120, 144)]  # (height, width) of each image of the padded batch
+
+
+def parity_batch(padded: bool = False) -> dict:
     """The fixed training batch: three images on one 160 x 192 canvas (ImageNet-normalised values), the first
-    with three objects of which one is a crowd, the second with two, the third with none. Boxes xyxy pixels.
-    Returns {"images": (3, 3, 160, 192), "boxes": [(n, 4)], "labels": [(n,)], "crowd": [(n,) bool]}."""
+    with three objects of which one is a crowd, the second with two, the third with none. Unpadded, each image
+    fills the canvas (the large-scale-jitter models, whose padded canvas is the image); ``padded``, the images
+    have the sizes of ``PADDED_SIZES`` and zeros beyond them (the DETR-augmentation models, with padding masks).
+    Boxes xyxy pixels. Returns {"images": (3, 3, 160, 192), "sizes": [(h, w)], "boxes": [(n, 4)],
+    "labels": [(n,)], "crowd": [(n,) bool]}."""
     g = torch.Generator().manual_seed(33)
     images = torch.randn(3, 3, 160, 192, generator=g)
+    sizes = PADDED_SIZES if padded else [tuple(images.shape[-2:])] * 3
+    for image, (h, w) in zip(images, sizes):
+        image[:, h:] = 0
+        image[:, :, w:] = 0
     boxes = [torch.tensor([[12.0, 20.5, 90.0, 110.0], [100.0, 30.0, 180.0, 70.25], [40.0, 60.0, 70.0, 150.0]]),
              torch.tensor([[5.0, 5.0, 60.0, 40.0], [70.5, 80.0, 150.0, 155.0]]),
              torch.zeros(0, 4)]
     labels = [torch.tensor([0, 2, 1]), torch.tensor([1, 1]), torch.zeros(0, dtype=torch.int64)]
     crowd = [torch.tensor([False, False, True]), torch.tensor([False, False]), torch.zeros(0, dtype=torch.bool)]
-    return {"images": images, "boxes": boxes, "labels": labels, "crowd": crowd}
+    return {"images": images, "sizes": sizes, "boxes": boxes, "labels": labels, "crowd": crowd}

@@ -6,7 +6,7 @@ draw the step made (for codetr's side to replay). Runs inside the reference envi
     ~/.cache/codetr-reference/venv/bin/python bench/release_reference/record.py co_dino_r50_lsj \\
         --release ~/.cache/codetr-reference/co-detr
 
-Writes tests/data/release_parity/<model>.json (the state-dict names and shapes, losses, gradient digests,
+Writes tests/data/release_parity/<model>.json.gz (the state-dict names and shapes, losses, gradient digests,
 the release's package versions)
 and <model>_draws.pt (the random draws, in the order they were made, with the calling line; also the order
 decisions that nearly tied scores make: the query selection's top-k indices and the RPN proposals).
@@ -15,6 +15,7 @@ decisions that nearly tied scores make: the query selection's top-k indices and 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 import traceback
@@ -23,12 +24,24 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-# model name -> (release config, with the attention mask of the unpadded images)
-MODELS = {"co_dino_r50_lsj": "projects/configs/co_dino/co_dino_5scale_lsj_r50_1x_coco.py",
-          "co_dino_r50": "projects/configs/co_dino/co_dino_5scale_r50_1x_coco.py"}
+CO_DINO = "projects/configs/co_dino/co_dino_5scale_r50_1x_coco.py"
+CO_DEFORMABLE = "projects/configs/co_deformable_detr/co_deformable_detr_r50_1x_coco.py"
+# model name -> (release config, plain: without the auxiliary heads and positive queries (the base detector),
+# padded: the batch of images of different sizes with padding masks (DETR augmentation) instead of the
+# large-scale-jitter one, whose images fill the canvas)
+MODELS = {"co_dino_r50_lsj": ("projects/configs/co_dino/co_dino_5scale_lsj_r50_1x_coco.py", False, False),
+          "co_dino_r50": (CO_DINO, False, True),
+          "dino_r50": (CO_DINO, True, True),
+          "co_deformable_detr_r50": (CO_DEFORMABLE, False, True),
+          "deformable_detr_r50": (CO_DEFORMABLE, True, True)}
 RANDOM_FUNCTIONS = ("rand", "rand_like", "randn", "randn_like", "randint", "randint_like", "randperm", "multinomial",
                     "normal", "bernoulli")
-PERMUTATION_PREFIX = 1024  # entries of a random permutation kept (the samplers take at most 512)
+PERMUTATION_PREFIX = 512  # entries of a random permutation kept (the samplers take at most 512)
+
+
+def indices(values: torch.Tensor, bound: int) -> torch.Tensor:
+    """Indices below ``bound`` in the smallest integer type that holds them (the recordings stay small)."""
+    return values.to(torch.int16 if bound <= torch.iinfo(torch.int16).max else torch.int32)
 
 
 class DrawRecorder:
@@ -48,7 +61,7 @@ class DrawRecorder:
             value = out.detach().cpu()
             draw = {"function": name, "where": where, "shape": list(value.shape)}
             # a sampler uses at most the first few hundred entries of a permutation
-            draw["value"] = value[:PERMUTATION_PREFIX].to(torch.int32) if name == "randperm" else value.clone()
+            draw["value"] = indices(value[:PERMUTATION_PREFIX], len(value)) if name == "randperm" else value.clone()
             self.draws.append(draw)
             return out
         return recorded
@@ -62,7 +75,7 @@ class DrawRecorder:
             if caller.filename.startswith(self.release) and caller.filename.endswith("transformer.py"):
                 where = f"{Path(caller.filename).relative_to(self.release)}:{caller.lineno}"
                 self.draws.append({"function": "topk", "where": where, "shape": list(out[1].shape),
-                                   "value": out[1].detach().cpu().to(torch.int32)})
+                                   "value": indices(out[1].detach().cpu(), args[0].shape[-1])})
             return out
         return recorded
 
@@ -108,9 +121,10 @@ def record_proposals(model, draws: list[dict]) -> None:
         head.forward_train = recorded
 
 
-def build_release_model(release: Path, config: str, num_classes: int = 3):
+def build_release_model(release: Path, config: str, plain: bool = False, num_classes: int = 3):
     """The release's detector from its config, ``num_classes`` classes, no pretrained backbone, weights
-    from :func:`release_parity.release_tensor`."""
+    from :func:`release_parity.release_tensor`; ``plain``: its query head alone (no auxiliary heads, no
+    positive-query embeddings)."""
     from mmcv import Config
     from mmdet.models import build_detector
 
@@ -120,9 +134,12 @@ def build_release_model(release: Path, config: str, num_classes: int = 3):
     cfg = Config.fromfile(str(release / config))
     cfg.model.backbone.init_cfg = None
     cfg.model.query_head.num_classes = num_classes
-    for head in cfg.model.roi_head:
+    if plain:
+        cfg.model.rpn_head, cfg.model.roi_head, cfg.model.bbox_head = None, [None], [None]
+        cfg.model.query_head.transformer.num_co_heads = 0
+    for head in filter(None, cfg.model.roi_head):
         head.bbox_head.num_classes = num_classes
-    for head in cfg.model.bbox_head:
+    for head in filter(None, cfg.model.bbox_head):
         head.num_classes = num_classes
     model = build_detector(cfg.model)
     state = {k: release_tensor(k, tuple(v.shape)) for k, v in model.state_dict().items()}
@@ -137,11 +154,13 @@ def record(name: str, release: Path, out_dir: Path) -> None:
     from release_parity import digest, parity_batch, release_probe
 
     torch.manual_seed(0)
-    model = build_release_model(release, MODELS[name]).train()
-    batch = parity_batch()
-    h, w = batch["images"].shape[-2:]
-    metas = [{"img_shape": (h, w, 3), "ori_shape": (h, w, 3), "pad_shape": (h, w, 3), "flip": False,
-              "scale_factor": torch.ones(4).numpy()} for _ in batch["boxes"]]
+    config, plain, padded = MODELS[name]
+    model = build_release_model(release, config, plain).train()
+    batch = parity_batch(padded)
+    # pad_shape as the released pipelines leave it: the image's own (Pad(size_divisor=1), then the batch is
+    # padded without updating it) or the LSJ canvas (which every unpadded parity image fills)
+    metas = [{"img_shape": (*size, 3), "ori_shape": (*size, 3), "pad_shape": (*size, 3), "flip": False,
+              "scale_factor": torch.ones(4).numpy()} for size in batch["sizes"]]
     # the released pipelines never hand crowd boxes to the model (Collect drops gt_bboxes_ignore)
     boxes = [b[~c] for b, c in zip(batch["boxes"], batch["crowd"])]
     labels = [label[~c] for label, c in zip(batch["labels"], batch["crowd"])]
@@ -152,14 +171,15 @@ def record(name: str, release: Path, out_dir: Path) -> None:
     total.backward()
     probes = {k: release_probe(k, tuple(p.shape)) for k, p in model.named_parameters()}
     result = {
-        "model": name, "config": MODELS[name], "torch": torch.__version__, "mmcv": mmcv.__version__,
+        "model": name, "config": config, "plain": plain, "padded": padded, "torch": torch.__version__, "mmcv": mmcv.__version__,
         "state_dict": {k: list(v.shape) for k, v in model.state_dict().items()},
         "losses": {k: float(v) for k, v in log_vars.items()},
         "gradients": {k: digest(p.grad, probes[k]) for k, p in model.named_parameters() if p.grad is not None},
         "no_gradient": [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    with gzip.open(out_dir / f"{name}.json.gz", "wt") as f:
+        f.write(json.dumps(result, separators=(",", ":"), sort_keys=True) + "\n")
     torch.save(recorder.draws, out_dir / f"{name}_draws.pt")
     print(f"{name}: {len(result['losses'])} loss terms, {len(result['gradients'])} gradients, "
           f"{len(recorder.draws)} random draws -> {out_dir}")

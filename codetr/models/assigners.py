@@ -174,7 +174,8 @@ class Sample:
 
 class RandomSampler:
     """Random subset of ``num`` candidates with at most ``pos_fraction`` positives, the rest
-    negatives; optionally the ground-truth boxes are added as (positive) candidates first."""
+    negatives, each part in candidate order; optionally the ground-truth boxes are added as (positive)
+    candidates first."""
 
     def __init__(self, num: int, pos_fraction: float, add_gt_as_proposals: bool) -> None:
         self.num, self.pos_fraction, self.add_gt = num, pos_fraction, add_gt_as_proposals
@@ -189,5 +190,7 @@ class RandomSampler:
         pos = pos[torch.randperm(pos.numel(), generator=generator)[: int(self.num * self.pos_fraction)].to(pos.device)]
         neg = torch.nonzero(gt == -1).squeeze(1)
         neg = neg[torch.randperm(neg.numel(), generator=generator)[: self.num - pos.numel()].to(neg.device)]
+        # in candidate order, as mmdet's samplers (the positive-query padding draws by position in the samples)
+        pos, neg = pos.sort().values, neg.sort().values
         keep = torch.cat([pos, neg])
         return Sample(boxes[keep], torch.cat([gt[pos], torch.full_like(neg, -1)]), keep)

@@ -103,3 +103,23 @@ def test_random_sampler_counts_fraction_and_ground_truth():
         assert len(hit) == 1 and sample.gt[hit[0, 0]] == j
     again = RandomSampler(512, 0.25, True)(boxes, assignment, gts, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again.index, sample.index)
+
+
+def test_random_sampler_keeps_candidate_order():
+    """As mmdet's samplers (``unique`` on the drawn indices): positives, then negatives, each in candidate
+    order, whatever order the permutation drew them in; the same permutation picks the same subset. The order
+    decides which samples the positive-query padding draws (tests/models/test_training_parity.py)."""
+    g = torch.Generator().manual_seed(2)
+    boxes, gts = random_boxes(300, g), random_boxes(3, g, min_wh=20, max_wh=60)
+    assignment = MaxIoUAssigner(0.5, 0.5, 0.5, False)(boxes, gts)
+    sample = RandomSampler(64, 0.25, add_gt_as_proposals=True)(boxes, assignment, gts,
+                                                               generator=torch.Generator().manual_seed(3))
+    gt = torch.cat([torch.arange(3), assignment.gt])
+    pos, neg = sample.index[sample.gt >= 0], sample.index[sample.gt == -1]
+    assert len(neg) > 1 and torch.equal(pos, pos.sort().values) and torch.equal(neg, neg.sort().values)
+    # the subset a direct draw makes with the same generator: positives first, then negatives
+    draw = torch.Generator().manual_seed(3)
+    all_pos, all_neg = torch.nonzero(gt >= 0).squeeze(1), torch.nonzero(gt == -1).squeeze(1)
+    want_pos = all_pos[torch.randperm(len(all_pos), generator=draw)[:16]]
+    want_neg = all_neg[torch.randperm(len(all_neg), generator=draw)[:64 - len(want_pos)]]
+    assert set(pos.tolist()) == set(want_pos.tolist()) and set(neg.tolist()) == set(want_neg.tolist())

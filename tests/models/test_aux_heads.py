@@ -205,3 +205,24 @@ def test_rpn_image_without_positives_counts_one_in_the_normaliser(monkeypatch):
     # the first image has positives and negatives: its 256 samples count 256
     torch.testing.assert_close(both["rpn.loss_cls"], (alone["rpn.loss_cls"] * 256 + empty_sum) / (256 + 257))
     torch.testing.assert_close(both["rpn.loss_bbox"], alone["rpn.loss_bbox"] * 256 / (256 + 257))
+
+
+def test_rcnn_exports_as_many_samples_per_image_as_the_image_with_fewest():
+    """As released (CoStandardRoIHead): every image's positive-query candidates are its first samples
+    (positives, then negatives in proposal order), as many as the image with the fewest samples has."""
+    head = FasterRCNNAux(4, 32, STRIDES).roi
+    feats = pyramid()[:-1]
+    g = torch.Generator().manual_seed(5)
+    proposals = []
+    for n, (h, w) in zip((700, 150), SIZES.tolist()):
+        xy = torch.rand(n, 2, generator=g) * torch.tensor([w - 20.0, h - 20.0])
+        proposals.append(torch.cat([xy, xy + 4 + torch.rand(n, 2, generator=g) * 60], 1).clamp(max=min(h, w)))
+    torch.manual_seed(0)
+    _, exports = head.forward_train(feats, proposals, SIZES, TARGETS)
+    torch.manual_seed(0)  # the first image alone: the same draws, so the same samples
+    _, alone = head.forward_train([f[:1] for f in feats], proposals[:1], SIZES[:1], TARGETS[:1])
+    fewest = 150 + len(TARGETS[1].boxes)  # the second image's samples: all its proposals and its ground truth
+    assert len(alone[0].boxes) == 512 and [len(e.boxes) for e in exports] == [fewest, fewest]
+    torch.testing.assert_close(exports[0].boxes, alone[0].boxes[:fewest])
+    torch.testing.assert_close(exports[0].labels, alone[0].labels[:fewest])
+    torch.testing.assert_close(exports[0].feats, alone[0].feats[:fewest])

@@ -4,17 +4,20 @@
 that are a function of each release parameter's name, and stored every loss term, a digest of every parameter
 gradient and every random draw (tests/data/release_parity/). Here codetr converts the same release-format
 weights with its checkpoint converter, replays the release's draws (denoising noise, RPN / RoI samplers,
-positive-query padding), runs its training step and compares. See docs/co-detr.md, "Parity with the release".
+positive-query padding) and the orders that float noise decides (query selection, RPN proposals), runs its
+training step and compares. See docs/co-detr.md, "Parity with the release".
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from codetr.config_parsing import load_config
 from codetr.convert.mmdet import convert_checkpoint
@@ -26,19 +29,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 DATA = Path(__file__).parents[2] / DATA_DIR
 LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
+# float32 rounding, not a deviation: codetr's step in float64 agrees with the release's (float32) within 6.4e-5 on
+# every gradient, while codetr's own float32 step is up to 1.6e-4 off its float64 one on the stride-8 backbone
+# stage (its frozen batch norm folds scale and shift in another order than torch's batch_norm kernel)
+GRAD_RTOL_FLOAT32 = {"backbone.layer2.": 2e-4}
+SCORE_ATOL = 1e-4  # float noise of the encoder's class logits (1e-5 between the release's own runs)
+BOX_ATOL = 1e-2  # pixels, float noise of the RPN's proposal boxes
+# the recordings (tests/data/release_parity/<name>.json.gz, <name>_draws.pt) -> codetr's config
+CONFIGS = {"co_dino_r50_lsj": "co_dino_5scale_lsj_r50_1x_coco", "co_dino_r50": "co_dino_5scale_r50_1x_coco",
+           "dino_r50": "dino_5scale_r50_1x_coco", "co_deformable_detr_r50": "co_deformable_detr_r50_1x_coco",
+           "deformable_detr_r50": "deformable_detr_r50_1x_coco"}
 AUX_HEADS = {"0": "rcnn", "1": "atss"}  # the release numbers its auxiliary heads in config order
-# Differences measured and not yet explained (docs/co-detr.md): each test below xfails strictly, so that a fix
-# (or a new difference) shows up.
-OPEN = {
-    # the main decoder pass (matching + denoising queries): 1e-5 to 1e-3 relative from the first layer on,
-    # while the encoder losses and the ATSS positive-query pass through the same decoder agree to 1e-7; its
-    # matching queries come out in another order (the same boxes at other indices)
-    "decoder": re.compile(r"^(d\d\.)?(dn\.)?loss_(cls|bbox|giou)$"),
-    # the RoI samples: the RPN proposals are the same set, but a few pairs with equal scores come in the
-    # other order, so the replayed sampler permutation picks a few other negatives: the RoI classification
-    # loss (1e-5) and the Faster R-CNN positive-query pass (0.1 % to 30 %)
-    "rcnn samples": re.compile(r"_pos_rcnn$|^rcnn\.loss_cls$"),
-}
 
 
 def codetr_loss_name(name: str) -> str | None:
@@ -60,15 +61,23 @@ def codetr_loss_name(name: str) -> str | None:
 
 
 class ReplayedDraws:
-    """Patches torch.rand / randint / randperm for the duration of codetr's step so that each returns the
+    """Patches torch.rand / randint / randperm / topk for the duration of codetr's step so that each returns the
     release's recorded draw: the denoising noise in the release's order (label flips, flipped labels, box signs,
     box factors; the release draws a new label only where a label flips), and each sampler permutation by its
     length (a permutation the release did not draw, because its sampler kept the whole pool, is the identity:
-    the same subset)."""
+    the same subset).
+
+    Two orders that nearly tied scores decide are replayed too, after checking that they are codetr's own up to
+    float noise: the query selection's top-k (``topk``: the recorded indices must select scores equal to
+    codetr's k best within ``SCORE_ATOL``) and the RPN proposals each RoI head samples from (``proposals``: each
+    recorded box must match one of codetr's within ``BOX_ATOL`` pixels, one to one (an optimal assignment); codetr's boxes are
+    returned in the release's order). The release's own top-k order changes with the number of CPU threads."""
 
     def __init__(self, draws: list[dict], label_noise: float):
         self.denoising = [d for d in draws if "query_denoising" in d["where"]]
         self.permutations = [d for d in draws if d["function"] == "randperm"]
+        self.selections = [d for d in draws if d["function"] == "topk"]
+        self.proposal_lists = [d for d in draws if d["function"] == "proposals"]
         self.label_noise = label_noise
         self.flip_draw: torch.Tensor | None = None
 
@@ -97,13 +106,41 @@ class ReplayedDraws:
                 return torch.cat([head, torch.nonzero(rest).squeeze(1)])
         return torch.arange(n)
 
+    def topk(self, scores: torch.Tensor, k: int, dim: int = -1, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query selection's top-k: scores (B, N) -> (values, indices) (B, k) at the release's indices."""
+        draw = self.selections.pop(0)
+        assert dim == 1 and list(draw["shape"]) == [scores.shape[0], k], (draw["where"], scores.shape, k)
+        index = draw["value"].long()
+        values = scores.gather(1, index)
+        own = self.saved[3](scores, k, dim=1)[0]
+        assert torch.allclose(values, own, rtol=0, atol=SCORE_ATOL), (values - own).abs().max()
+        return values, index
+
+    def proposals(self, boxes: list[torch.Tensor]) -> list[torch.Tensor]:
+        """codetr's RPN proposals (P, 4) xyxy per image, put in the release's order."""
+        out = []
+        for own in boxes:
+            recorded = self.proposal_lists.pop(0)["value"]
+            assert recorded.shape == own.shape, (recorded.shape, own.shape)
+            distance = torch.cdist(recorded.double(), own.double(), p=float("inf"))
+            rows, match = linear_sum_assignment(distance.numpy())  # one to one (clipping makes equal boxes)
+            assert distance[rows, match].max() < BOX_ATOL, distance[rows, match].max()
+            out.append(own[torch.from_numpy(match)])
+        return out
+
     def __enter__(self) -> ReplayedDraws:
-        self.saved = torch.rand, torch.randint, torch.randperm
-        torch.rand, torch.randint, torch.randperm = self.rand, self.randint, self.randperm
+        self.saved = torch.rand, torch.randint, torch.randperm, torch.topk
+        torch.rand, torch.randint, torch.randperm, torch.topk = self.rand, self.randint, self.randperm, self.topk
         return self
 
     def __exit__(self, *exc) -> None:
-        torch.rand, torch.randint, torch.randperm = self.saved
+        torch.rand, torch.randint, torch.randperm, torch.topk = self.saved
+
+    @property
+    def unused(self) -> list[tuple[str, list[int]]]:
+        """(source line, shape) of each recorded draw not replayed."""
+        left = self.denoising + self.permutations + self.selections + self.proposal_lists
+        return [(d["where"], d["shape"]) for d in left]
 
 
 def release_groups(sources: dict[str, list[str]]) -> list[tuple[list[str], list[str]]]:
@@ -126,13 +163,17 @@ def release_groups(sources: dict[str, list[str]]) -> list[tuple[list[str], list[
     return list(groups.values())
 
 
-@pytest.fixture(scope="module")
-def step(request):
-    name = request.param
-    reference = json.loads((DATA / f"{name}.json").read_text())
+def training_step(name: str) -> tuple[dict, dict[str, float], dict[str, list[float]], list]:
+    """codetr's training step on the parity batch with the release's weights and draws: (the release's record,
+    codetr's losses, codetr's gradient digests by codetr name, the converter's name groups)."""
+    with gzip.open(DATA / f"{name}.json.gz", "rt") as f:
+        reference = json.load(f)
     draws = torch.load(DATA / f"{name}_draws.pt", weights_only=True)
-    cfg = load_config("co_dino_5scale_lsj_r50_1x_coco", ["model.num_classes=3", "model.backbone.weights=null"]).model
-    shapes = {k: tuple(s) for k, s in reference["state_dict"].items()}
+    cfg = load_config(CONFIGS[name], ["model.num_classes=3", "model.backbone.weights=null"]).model
+    # the release's query heads build the auxiliary pyramid's last level even without auxiliary heads, where
+    # nothing uses it (no gradient): a plain model leaves it out
+    shapes = {k: tuple(s) for k, s in reference["state_dict"].items()
+              if not (reference.get("plain") and k.startswith("query_head.downsample."))}
     weights = convert_checkpoint({k: release_tensor(k, s) for k, s in shapes.items()}, cfg, keep_aux=True)
     assert weights.ok, (weights.missing, weights.unused, weights.unexpected, weights.problems)
     params = set(reference["gradients"])
@@ -140,47 +181,53 @@ def step(request):
                                  for k, s in shapes.items()}, cfg, keep_aux=True)
     model = build_model(cfg).train()
     model.load_state_dict(weights.state_dict)
-    data = parity_batch()
+    data = parity_batch(reference.get("padded", False))
     targets = [Target(b[~c], lab[~c]) for b, lab, c in zip(data["boxes"], data["labels"], data["crowd"])]
-    h, w = data["images"].shape[-2:]
-    batch = Batch(data["images"], torch.zeros(len(targets), h, w, dtype=torch.bool), torch.tensor([[h, w]] * 3), targets)
-    with ReplayedDraws(draws, cfg.dino.label_noise) as replay:
+    masks = torch.ones(len(targets), *data["images"].shape[-2:], dtype=torch.bool)
+    for mask, (h, w) in zip(masks, data["sizes"]):
+        mask[:h, :w] = False
+    batch = Batch(data["images"], masks, torch.tensor(data["sizes"]), targets)
+    replay = ReplayedDraws(draws, cfg.dino.label_noise)
+    if "rcnn" in getattr(model, "tags", ()):
+        rpn = model.aux_heads[model.tags.index("rcnn")].rpn
+        proposals = rpn.proposals
+        rpn.proposals = lambda *args, **kwargs: replay.proposals(proposals(*args, **kwargs))
+    with replay:
         losses = model.loss(batch)
-    assert not replay.denoising and not replay.permutations  # every recorded draw was used
+    assert not replay.unused, replay.unused  # every recorded draw was used
     sum(losses.values()).backward()
     params = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter)}
     grads = {k: digest(p.grad, probes.state_dict[k]) for k, p in params.items() if p.grad is not None}
     return reference, {k: float(v.detach()) for k, v in losses.items()}, grads, release_groups(weights.sources)
 
 
-# parameters that only the auxiliary heads' own losses reach (the RPN, the RoI head, the ATSS head)
-GRADIENT_CLOSED = ("rpn_head.", "roi_head.", "bbox_head.")
+@pytest.fixture(scope="module")
+def step(request):
+    return training_step(request.param)
 
 
-def open_difference(codetr_name: str) -> str | None:
-    return next((why for why, pattern in OPEN.items() if pattern.search(codetr_name)), None)
-
-
-@pytest.mark.parametrize("step", ["co_dino_r50_lsj"], indirect=True)
-def test_training_parity_loss_terms(step, request):
+@pytest.mark.parametrize("step", list(CONFIGS), indirect=True)
+def test_training_parity_loss_terms(step):
     reference, losses, _, _ = step
     names = {c: k for k in reference["losses"] if (c := codetr_loss_name(k)) is not None}
     assert set(names) == set(losses)
-    failures = {}
-    for name, release_name in names.items():
-        expected = reference["losses"][release_name]
-        relative = abs(losses[name] - expected) / abs(expected)
-        if relative > LOSS_RTOL:
-            failures[name] = relative
-    closed = {k: v for k, v in failures.items() if open_difference(k) is None}
-    assert not closed, f"loss terms off the release by more than {LOSS_RTOL:g} relative: {closed}"
-    still_open = {why for why in map(open_difference, failures) if why}
-    assert still_open == set(OPEN), f"documented differences that no longer show: {set(OPEN) - still_open}"
+    relative = {name: abs(losses[name] - reference["losses"][k]) / abs(reference["losses"][k])
+                for name, k in names.items()}
+    print(f"largest loss difference: {max(relative.values()):.2e} relative ({max(relative, key=relative.get)})")
+    off = {k: v for k, v in relative.items() if v > LOSS_RTOL}
+    assert not off, f"loss terms off the release by more than {LOSS_RTOL:g} relative: {off}"
+
+
+# a release tensor that codetr widens (an intended deviation, docs/co-detr.md): the released Co-Deformable-DETR's
+# (heads, 1) head_pos_embed is codetr's (heads, d_model) with the scalar in every channel, so the release's
+# gradient of a row is the sum of codetr's over that row's channels: the digest's sum and probe product (the
+# probe is converted like the weights) compare it, its sum of absolute values cannot
+WIDENED = {"query_head.transformer.head_pos_embed.weight"}
 
 
 def gradient_differences(reference: dict, grads: dict, groups: list) -> dict[str, float]:
-    """Per converter group (named by its first release tensor): the largest of |sum difference| and |probe
-    difference| over the release's sum of absolute values, and the relative difference of that sum."""
+    """Per converter group (named by its first release tensor): the largest of |sum difference|, |probe
+    difference| and |difference of the sums of absolute values|, over the release's sum of absolute values."""
     out = {}
     for release_names, codetr_names in groups:
         release_names = [n for n in release_names if n in reference["gradients"]]
@@ -188,22 +235,18 @@ def gradient_differences(reference: dict, grads: dict, groups: list) -> dict[str
             continue
         ref = [sum(reference["gradients"][n][i] for n in release_names) for i in range(3)]
         ours = [sum(grads[n][i] for n in codetr_names if n in grads) for i in range(3)]
-        scale = max(ref[1], 1e-30)
-        out[release_names[0]] = max(abs(ours[0] - ref[0]) / scale, abs(ours[1] - ref[1]) / scale,
-                                    abs(ours[2] - ref[2]) / scale)
+        compared = (0, 2) if set(release_names) <= WIDENED else (0, 1, 2)
+        out[release_names[0]] = max(abs(ours[i] - ref[i]) for i in compared) / max(ref[1], 1e-30)
     return out
 
 
-@pytest.mark.parametrize("step", ["co_dino_r50_lsj"], indirect=True)
+@pytest.mark.parametrize("step", list(CONFIGS), indirect=True)
 def test_training_parity_gradients(step):
     reference, _, grads, groups = step
     differences = gradient_differences(reference, grads, groups)
     assert set(reference["gradients"]) <= {n for names, _ in groups for n in names}  # every release gradient
     assert set(grads) <= {n for _, names in groups for n in names}  # and every codetr gradient is compared
-    off = {k for k, v in differences.items() if v > GRAD_RTOL}
-    # the auxiliary heads' own layers see none of the open loss differences: they must agree
-    heads = {k for k in differences if k.startswith(GRADIENT_CLOSED)}
-    assert len(heads) > 20 and not off & heads, {k: differences[k] for k in off & heads}
-    # the rest reaches the decoder's open differences (OPEN) through the shared trunk; once those are fixed,
-    # tighten this test to every gradient
-    assert off, "every gradient agrees now: drop the open differences of this test"
+    print(f"largest gradient difference: {max(differences.values()):.2e} ({max(differences, key=differences.get)})")
+    tolerance = {k: next((t for p, t in GRAD_RTOL_FLOAT32.items() if k.startswith(p)), GRAD_RTOL) for k in differences}
+    off = {k: v for k, v in differences.items() if v > tolerance[k]}
+    assert not off, f"gradients off the release by more than their tolerance ({GRAD_RTOL:g}): {off}"

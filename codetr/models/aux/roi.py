@@ -1,6 +1,7 @@
 """Faster R-CNN auxiliary head (one-to-many): RPN proposals, then a RoI box head, as Co-DETR's
 ``CoStandardRoIHead`` with ``Shared2FCBBoxHead``. It exports its sampled proposals (ground
-truth added as proposals included) with their assignment and mean-pooled RoI features."""
+truth added as proposals included) with their assignment and mean-pooled RoI features, per image as many
+as the image with the fewest samples has."""
 
 from __future__ import annotations
 
@@ -143,11 +144,14 @@ class RoIHead(nn.Module):
         if self.mask_head is not None:
             losses["rcnn.loss_mask"] = self.mask_loss(feats, samples, targets) * self.loss_scale
         pooled = roi_feats.mean((2, 3))
+        # as released: each image exports its first samples (positives first), as many as the image with the
+        # fewest samples has
+        keep = min(len(r) for r in rois)
         exports, start = [], 0
         for r in rois:
-            end = start + len(r)
-            exports.append(PositiveSet(r, labels[start:end], gt_boxes[start:end], pooled[start:end]))
-            start = end
+            end = start + keep
+            exports.append(PositiveSet(r[:keep], labels[start:end], gt_boxes[start:end], pooled[start:end]))
+            start += len(r)
         return losses, exports
 
     def mask_loss(self, feats: list[Tensor], samples: list[Sample], targets: list[Target]) -> Tensor:
