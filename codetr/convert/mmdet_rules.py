@@ -119,18 +119,16 @@ def unfold_to_concat(tensor: Tensor, shape: tuple[int, ...], layout: Layout | No
     return tensor.index_select(-1, order.to(tensor.device))
 
 
-def head_pos_embed_per_channel(tensor: Tensor, shape: tuple[int, ...], layout: Layout) -> Tensor:
-    """Released Co-Deformable-DETR: ``head_pos_embed`` is an (heads, 1) table, and row ``h`` is added
-    to every channel of head h's positional queries (its padding_idx never acts: the transformer's
-    xavier init overwrites it, and the row is indexed directly). codetr keeps (heads, d), one row per
-    entry of model.co.aux_heads: the scalar broadcast to every channel gives the same sum."""
+def head_pos_embed_rows(tensor: Tensor, shape: tuple[int, ...], layout: Layout) -> Tensor:
+    """Released Co-Deformable-DETR: ``head_pos_embed`` is an (heads, 1) table, row ``h`` added to every
+    channel of head h's positional queries, as codetr's ``positive_queries.head_embed``; its rows follow
+    the order of model.co.aux_heads."""
     heads = len(layout.checkpoint_heads)
-    if tensor.shape != (heads, 1) or shape[0] != heads:
+    if tensor.shape != (heads, 1) or shape != (heads, 1):
         raise CheckpointError(f"head_pos_embed.weight is {tuple(tensor.shape)}; expected ({heads}, 1), one row per "
                               f"auxiliary head of the checkpoint, for a model with {shape[0]}")
-    rows = [layout.positive_index(i) for i in range(heads)]
     out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
-    out[rows] = tensor.expand(-1, shape[1])
+    out[[layout.positive_index(i) for i in range(heads)]] = tensor
     return out
 
 
@@ -249,7 +247,7 @@ CO_DEFORMABLE_AUX_MMDET2 = [
     Rule(_T + r"pos_feats_trans\.(\d+)\.(weight|bias)$", _positive("feat_proj"), "aux"),
     Rule(_T + r"pos_feats_norm\.(\d+)\.(weight|bias)$", _positive("feat_norm"), "aux"),
     Rule(_T + r"head_pos_embed\.weight$", f"{POSITIVE_QUERIES}head_embed.weight", "aux",
-         transform=head_pos_embed_per_channel),
+         transform=head_pos_embed_rows),
 ]
 
 

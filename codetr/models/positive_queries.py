@@ -143,7 +143,10 @@ class PositiveQueryEmbedding(nn.Module):
     """Queries from auxiliary boxes, one set of weights per auxiliary head (Co-Deformable-DETR).
 
     query_pos, query = split(LN(Linear(PE(box))), d); query += LN(Linear(feat));
-    query_pos += head_embed[head]. PE is the 2d-wide sine embedding of the box.
+    query_pos += head_embed[head]. PE is the 2d-wide sine embedding of the box. ``head_embed`` is one
+    scalar per head added to every channel, as released (``nn.Embedding(num_co_heads, 1, 1, embed_dims)``:
+    embedding_dim 1, the "bug kept on purpose"; xavier-initialised and indexed directly, so its padding
+    index never acts), and it trains as one scalar.
     """
 
     def __init__(self, d_model: int, num_heads: int) -> None:
@@ -153,7 +156,7 @@ class PositiveQueryEmbedding(nn.Module):
         self.box_norm = nn.ModuleList(nn.LayerNorm(2 * d_model) for _ in range(num_heads))
         self.feat_proj = nn.ModuleList(nn.Linear(d_model, d_model) for _ in range(num_heads))
         self.feat_norm = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(num_heads))
-        self.head_embed = nn.Embedding(num_heads, d_model)
+        self.head_embed = nn.Embedding(num_heads, 1)
         _xavier_matrices(self)
 
     def forward(self, head: int, reference: Tensor, feats: Tensor) -> tuple[Tensor, Tensor]:

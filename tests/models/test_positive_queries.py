@@ -110,9 +110,25 @@ def test_embedding_weights_use_the_official_xavier_init():
     # bound 1 / sqrt(fan_in): the largest weight lands between the two only under xavier
     torch.manual_seed(0)
     emb = PositiveQueryEmbedding(d_model=64, num_heads=2)
-    for w in [*(m.weight for m in emb.box_proj), *(m.weight for m in emb.feat_proj), emb.head_embed.weight]:
+    for w in [*(m.weight for m in emb.box_proj), *(m.weight for m in emb.feat_proj)]:
         fan_out, fan_in = w.shape
         xavier = (6 / (fan_in + fan_out)) ** 0.5
-        assert w.abs().max() <= xavier
-        if w is not emb.head_embed.weight:
-            assert w.abs().max() > 1.2 / fan_in**0.5
+        assert xavier >= w.abs().max() > 1.2 / fan_in**0.5
+    # the released head table: one scalar per head (heads, 1), xavier bound sqrt(6 / (1 + heads))
+    assert emb.head_embed.weight.shape == (2, 1) and emb.head_embed.weight.abs().max() <= (6 / 3) ** 0.5
+
+
+def test_the_head_scalar_is_added_to_every_channel_and_trains_as_one() -> None:
+    """As released: head h adds its one scalar to each channel of its positional queries, so the
+    scalar's gradient is the sum of the positional queries' gradients over channels."""
+    torch.manual_seed(0)
+    emb = PositiveQueryEmbedding(d_model=16, num_heads=2)
+    ref, feats = torch.rand(1, 3, 4) * 0.5 + 0.25, torch.randn(1, 3, 16)
+    _, base = emb(1, ref, feats)
+    with torch.no_grad():
+        emb.head_embed.weight[1] += 0.5
+    _, shifted = emb(1, ref, feats)
+    torch.testing.assert_close(shifted - base, torch.full_like(base, 0.5))
+    weights = torch.randn_like(base)
+    (emb(1, ref, feats)[1] * weights).sum().backward()
+    torch.testing.assert_close(emb.head_embed.weight.grad, torch.tensor([[0.0], [float(weights.sum())]]))
