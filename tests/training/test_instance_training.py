@@ -1,6 +1,6 @@
 """``codetr train`` of the tiny Co-DINO-Inst (co_dino_inst_tiny) on the synthetic data with its exact masks,
 fine-tuned from box-only Co-DINO weights: the mask branch starts afresh and the log says so, the mask losses
-are logged, and the weights written hold the branch (the masks come from ``data.with_masks``)."""
+are logged, and the weights written hold the branch (the config reads the masks: ``data.with_masks``)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_train_instance_tiny_from_box_only_weights(tmp_path: Path, capsys: pytes
     boxes = build_model(load_config("co_dino_tiny").model).inference_state_dict()
     assert not any(k.startswith("mask_branch.") for k in boxes)
     save_file({k: v.contiguous() for k, v in boxes.items()}, str(tmp_path / "boxes.safetensors"))
-    cfg = {"base": "co_dino_inst_tiny", "data": {**synthetic_data(tmp_path / "synth"), "with_masks": True},
+    cfg = {"base": "co_dino_inst_tiny", "data": synthetic_data(tmp_path / "synth"),  # masks: the config asks for them
            "train": {"epochs": 1, "device": "cpu", "log_every": 1, "eval_every": 1, "max_iters": 2}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
