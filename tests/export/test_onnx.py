@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,17 @@ def small_config(base: str, folder: Path) -> Path:
     return path
 
 
+def pytorch_and_onnxruntime(model: torch.nn.Module, session: ort.InferenceSession) -> Iterator[tuple]:
+    """PyTorch's detections and onnxruntime's (boxes, scores, labels) of a batch of 1 and of 2 random
+    images (the two SIZES): (PyTorch's list of Detections, boxes, scores, labels)."""
+    g = torch.Generator().manual_seed(1)
+    for batch, (h, w) in [(1, SIZES[0]), (2, SIZES[1])]:
+        images = torch.randn(batch, 3, h, w, generator=g)
+        orig = torch.tensor([[h, w]] * batch)
+        ref = model.predict(Batch(images, torch.zeros(batch, h, w, dtype=torch.bool), orig))
+        yield ref, *session.run(None, {"images": images.numpy(), "orig_sizes": orig.numpy()})
+
+
 @pytest.fixture(scope="module", params=["deformable_detr_tiny", "co_deformable_detr_tiny"])
 def detector(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Detector:
     """A tiny detector with random weights (the config's initialisation)."""
@@ -62,12 +74,8 @@ def test_onnxruntime_matches_pytorch(detector: Detector, grid_sample: bool, tmp_
         sum(v.numel() for v in detector.model.inference_state_dict().values())
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    g = torch.Generator().manual_seed(1)
-    for batch, (h, w) in [(1, SIZES[0]), (2, SIZES[1])]:
-        images = torch.randn(batch, 3, h, w, generator=g)
-        orig = torch.tensor([[h, w]] * batch)
-        ref = detector.model.predict(Batch(images, torch.zeros(batch, h, w, dtype=torch.bool), orig))
-        boxes, scores, labels = session.run(None, {"images": images.numpy(), "orig_sizes": orig.numpy()})
+    for ref, boxes, scores, labels in pytorch_and_onnxruntime(detector.model, session):
+        batch = len(ref)
         assert boxes.shape == (batch, 100, 4) and scores.shape == (batch, 100) and labels.dtype == np.int64
         for b, det in enumerate(ref):
             box_diff = float(np.abs(boxes[b] - det.boxes.numpy()).max())
@@ -75,10 +83,10 @@ def test_onnxruntime_matches_pytorch(detector: Detector, grid_sample: bool, tmp_
             key = f"{'co_' if detector.cfg.model.co.aux_heads else ''}{'grid_sample' if grid_sample else 'gather'}"
             MEASURED[f"{key} boxes"] = max(MEASURED.get(f"{key} boxes", 0.0), box_diff)
             MEASURED[f"{key} scores"] = max(MEASURED.get(f"{key} scores", 0.0), score_diff)
-            assert box_diff < TOLERANCE and score_diff < TOLERANCE, (h, w, b, box_diff, score_diff)
+            assert box_diff < TOLERANCE and score_diff < TOLERANCE, (batch, b, box_diff, score_diff)
             np.testing.assert_array_equal(labels[b], det.labels.numpy())
     # boxes scaled to the original sizes given: twice the size, twice the (unclipped) boxes
-    images = torch.randn(1, 3, *SIZES[0], generator=g)
+    images = torch.randn(1, 3, *SIZES[0], generator=torch.Generator().manual_seed(2))
     small, = session.run(["boxes"], {"images": images.numpy(), "orig_sizes": np.array([SIZES[0]])})
     large, = session.run(["boxes"], {"images": images.numpy(), "orig_sizes": 2 * np.array([SIZES[0]])})
     np.testing.assert_allclose(large, 2 * small, rtol=1e-5, atol=1e-4)
@@ -250,16 +258,11 @@ def test_single_scale_detectors_on_onnxruntime(name: str, tmp_path: Path) -> Non
     names = [init.name for init in onnx.load(str(onnx_path)).graph.initializer]
     assert not [n for n in names if any(part in n for part in ("aux_heads", "adapter", "positive_queries"))]
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    g = torch.Generator().manual_seed(1)
-    for batch, (h, w) in [(1, SIZES[0]), (2, SIZES[1])]:
-        images = torch.randn(batch, 3, h, w, generator=g)
-        orig = torch.tensor([[h, w]] * batch)
-        ref = det.model.predict(Batch(images, torch.zeros(batch, h, w, dtype=torch.bool), orig))
-        boxes, scores, labels = session.run(None, {"images": images.numpy(), "orig_sizes": orig.numpy()})
-        assert scores.shape == (batch, 300)
+    for ref, boxes, scores, labels in pytorch_and_onnxruntime(det.model, session):
+        assert scores.shape == (len(ref), 300)
         for b, theirs in enumerate(ref):
             same_class = torch.from_numpy(labels[b])[:, None] == theirs.labels[None]
             score_diff = (torch.from_numpy(scores[b])[:, None] - theirs.scores[None]).abs()
             box_diff = (torch.from_numpy(boxes[b])[:, None] - theirs.boxes[None]).abs().amax(-1)
             close = same_class & (score_diff < TOLERANCE) & (box_diff < TOLERANCE)
-            assert close.any(1).all() and close.any(0).all(), (name, h, w, b)
+            assert close.any(1).all() and close.any(0).all(), (name, len(ref), b)
