@@ -79,21 +79,22 @@ VARIANTS = {
 PLAIN_OF = {"co_k1_dab": "plain_dab", "co_k1_conditional": "plain_conditional"}
 
 
-def protocol_overrides(data_root: Path, epochs: int, lr: float, seed: int) -> list[str]:
+def protocol_overrides(data_root: Path, epochs: int, lr: float, seed: int, lr_step: int = LR_STEP) -> list[str]:
     """The config overrides every benchmark run shares: data, schedule, evaluation, seed."""
     return [
         f"data.train_images={data_root / 'train'}", f"data.val_images={data_root / 'val'}",
         f"data.train_annotations={data_root / 'annotations/instances_train.json'}",
         f"data.val_annotations={data_root / 'annotations/instances_val.json'}",
         f"data.synthetic_train={TRAIN_IMAGES}", f"data.synthetic_val={VAL_IMAGES}",
-        f"train.epochs={epochs}", f"train.lr={lr}", f"train.lr_steps=[{min(LR_STEP, epochs - 1)}]",
+        f"train.epochs={epochs}", f"train.lr={lr}", f"train.lr_steps=[{min(lr_step, epochs - 1)}]",
         "train.eval_every=1", f"train.seed={seed}",
     ]
 
 
-def run_dir(work: Path, epochs: int, lr: float, variant: str, seed: int) -> Path:
+def run_dir(work: Path, epochs: int, lr: float, variant: str, seed: int, lr_step: int = LR_STEP) -> Path:
     """Where one training of the protocol lives (its schedule and learning rate in the path)."""
-    return work / f"{epochs}ep_lr{lr:g}" / f"{variant}_seed{seed}"
+    step = "" if lr_step == LR_STEP else f"_step{lr_step}"
+    return work / f"{epochs}ep_lr{lr:g}{step}" / f"{variant}_seed{seed}"
 
 
 def heldout_overrides(heldout_root: Path) -> list[str]:
@@ -116,7 +117,7 @@ def ensure_heldout(heldout_root: Path, count: int, size: int) -> None:
 
 
 def run(variant: str, seed: int, epochs: int, lr: float, data_root: Path, heldout_root: Path, out: Path,
-        threads: int) -> tuple[list[dict], dict]:
+        threads: int, lr_step: int = LR_STEP) -> tuple[list[dict], dict]:
     """Train one variant (resuming a finished or interrupted run).
 
     Returns its per-epoch evaluations [{iter, AP, ...}] and the metrics of its final weights on
@@ -124,7 +125,7 @@ def run(variant: str, seed: int, epochs: int, lr: float, data_root: Path, heldou
     """
     torch.set_num_threads(threads)
     config, overrides = VARIANTS[variant]
-    cfg = load_config(config, [*overrides, *protocol_overrides(data_root, epochs, lr, seed)])
+    cfg = load_config(config, [*overrides, *protocol_overrides(data_root, epochs, lr, seed, lr_step)])
     train(cfg, out, resume=(out / "last.pt").exists())
     evals = {e["iter"]: e for e in read_metrics(out / "metrics.jsonl") if e.get("type") == "eval"}
     final, loader = load_on_heldout(out, heldout_root)
@@ -175,6 +176,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=EPOCHS, help=f"{TRAIN_IMAGES // 4} iterations each")
     parser.add_argument("--lr", type=float, default=LR, help="learning rate of every run (the tiny configs': 5e-4)")
+    parser.add_argument("--lr-step", type=int, default=LR_STEP,
+                        help=f"epoch after which the lr drops /10 (default {LR_STEP}, at most --epochs - 1; the "
+                        "single-scale DETRs' 30-epoch schedule: 25)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--variants", nargs="+", default=["plain", "co"], help=f"from {list(VARIANTS)}")
     parser.add_argument("--out", type=Path, help="JSON and plot (default: bench/results/convergence, "
@@ -204,7 +208,8 @@ def main() -> None:
     runs = [(name, seed) for seed in args.seeds for name in args.variants]
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         futures = {key: pool.submit(run, *key, args.epochs, args.lr, data_root, heldout_root,
-                                    run_dir(args.work, args.epochs, args.lr, *key), threads) for key in runs}
+                                    run_dir(args.work, args.epochs, args.lr, *key, args.lr_step), threads, args.lr_step)
+                   for key in runs}
         results: dict[str, dict[int, list[dict]]] = {}
         heldout: dict[str, dict[int, dict]] = {}
         for (name, seed), future in futures.items():
@@ -232,7 +237,7 @@ def main() -> None:
         summary += f". Mask AP (segm), {args.heldout} held-out images: {describe(segm)}"
     backbone = plain_cfg.model.backbone
     protocol = (f"tiny configs ({backbone.name}, {backbone.norm}), {TRAIN_IMAGES} synthetic train images, batch 4, "
-                f"{args.epochs} epochs = {iters} iterations at lr {args.lr:g} (/10 after epoch {min(LR_STEP, args.epochs - 1)}), "
+                f"{args.epochs} epochs = {iters} iterations at lr {args.lr:g} (/10 after epoch {min(args.lr_step, args.epochs - 1)}), "
                 f"same seed/data/schedule per pair, final COCO box (and mask) AP on {VAL_IMAGES} val images and on "
                 f"{args.heldout} held-out images (generator seed {HELDOUT_SEED}), {args.jobs} jobs x {threads} threads; {machine()}")
     append_result(Path(sys.argv[0]).stem, protocol, summary)
