@@ -23,6 +23,9 @@ Training runs go to runs/bench/<epochs>ep_lr<lr>/<variant>_seed<k> and are resum
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import multiprocessing.synchronize
+import signal
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -116,6 +119,16 @@ def ensure_heldout(heldout_root: Path, count: int, size: int) -> None:
         generate_synthetic_coco(heldout_root, 0, count, size, HELDOUT_SEED)
 
 
+# Set by the parent when it stops (stop_workers); a worker's copy, given by ``share_stop``.
+stop_requested: multiprocessing.synchronize.Event | None = None
+
+
+def share_stop(event: multiprocessing.synchronize.Event) -> None:
+    """Pool worker initializer: the parent's stop event."""
+    global stop_requested
+    stop_requested = event
+
+
 def run(variant: str, seed: int, epochs: int, lr: float, data_root: Path, heldout_root: Path, out: Path,
         threads: int, lr_step: int = LR_STEP) -> tuple[list[dict], dict]:
     """Train one variant (resuming a finished or interrupted run).
@@ -123,6 +136,8 @@ def run(variant: str, seed: int, epochs: int, lr: float, data_root: Path, heldou
     Returns its per-epoch evaluations [{iter, AP, ...}] and the metrics of its final weights on
     the held-out split.
     """
+    if stop_requested is not None and stop_requested.is_set():  # queued before the stop
+        raise RuntimeError(f"{variant} seed {seed}: not started, the benchmark was stopped")
     torch.set_num_threads(threads)
     config, overrides = VARIANTS[variant]
     cfg = load_config(config, [*overrides, *protocol_overrides(data_root, epochs, lr, seed, lr_step)])
@@ -130,6 +145,22 @@ def run(variant: str, seed: int, epochs: int, lr: float, data_root: Path, heldou
     evals = {e["iter"]: e for e in read_metrics(out / "metrics.jsonl") if e.get("type") == "eval"}
     final, loader = load_on_heldout(out, heldout_root)
     return [evals[k] for k in sorted(evals)], evaluate(final.model, loader.dataset, loader)
+
+
+def stop_workers(pool: ProcessPoolExecutor, stop: multiprocessing.synchronize.Event) -> None:
+    """On an error or a stop (Ctrl-C, SIGTERM): no queued training starts (those already handed to the pool
+    see ``stop``), and the running ones stop after their current step with a checkpoint (SIGTERM is codetr's
+    stop signal; a later run resumes them). No worker outlives the script: a pool worker whose parent is
+    gone would go on with the queued runs."""
+    stop.set()
+    pool.shutdown(wait=False, cancel_futures=True)
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.join(timeout=300)
+        if worker.is_alive():
+            worker.kill()
 
 
 def paired_variants(names: list[str]) -> list[tuple[str, str]]:
@@ -206,14 +237,20 @@ def main() -> None:
     heldout_root = args.work / f"heldout{args.heldout}"
     ensure_heldout(heldout_root, args.heldout, data_cfg.synthetic_size)
     runs = [(name, seed) for seed in args.seeds for name in args.variants]
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {key: pool.submit(run, *key, args.epochs, args.lr, data_root, heldout_root,
-                                    run_dir(args.work, args.epochs, args.lr, *key, args.lr_step), threads, args.lr_step)
-                   for key in runs}
-        results: dict[str, dict[int, list[dict]]] = {}
-        heldout: dict[str, dict[int, dict]] = {}
-        for (name, seed), future in futures.items():
-            results.setdefault(name, {})[seed], heldout.setdefault(name, {})[seed] = future.result()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a stop runs stop_workers, as Ctrl-C does
+    stop = multiprocessing.Event()
+    with ProcessPoolExecutor(max_workers=args.jobs, initializer=share_stop, initargs=(stop,)) as pool:
+        try:
+            futures = {key: pool.submit(run, *key, args.epochs, args.lr, data_root, heldout_root,
+                                        run_dir(args.work, args.epochs, args.lr, *key, args.lr_step), threads,
+                                        args.lr_step) for key in runs}
+            results: dict[str, dict[int, list[dict]]] = {}
+            heldout: dict[str, dict[int, dict]] = {}
+            for (name, seed), future in futures.items():
+                results.setdefault(name, {})[seed], heldout.setdefault(name, {})[seed] = future.result()
+        except BaseException:
+            stop_workers(pool, stop)
+            raise
     iters = results[args.variants[0]][args.seeds[0]][-1]["iter"]
     final = {name: {seed: evals[-1]["AP"] for seed, evals in per_seed.items()} for name, per_seed in results.items()}
     final_heldout = {name: {seed: m["AP"] for seed, m in per_seed.items()} for name, per_seed in heldout.items()}
