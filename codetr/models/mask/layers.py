@@ -3,35 +3,22 @@ for the norm, which mmcv calls ``norm_layer`` when it is the release's ``LN2d``:
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
+from timm.layers import LayerNorm2d
 from torch import Tensor, nn
-
-
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of (N, C, H, W) maps: the release's ``LN2d`` as its ConvModules build
-    it, with eps 1e-5 (``LN2d`` defaults to 1e-6, but mmcv's ``build_norm_layer`` sets eps 1e-5 when the
-    config names none, and the released mask heads' ``norm_cfg=dict(type='LN2d')`` names none)."""
-
-    def __init__(self, channels: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.channels, self.eps = channels, eps
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x.permute(0, 2, 3, 1), (self.channels,), self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
 
 
 class ConvBlock(nn.Module):
     """mmcv's ``ConvModule``: conv (bias only without a norm), optional LayerNorm2d, optional ReLU.
-    Conv weights kaiming-normal (fan_out, relu) as mmcv initialises them."""
+    Conv weights kaiming-normal (fan_out, relu) as mmcv initialises them. The norm is the release's ``LN2d``
+    as its ConvModules build it, eps 1e-5 (``LN2d`` defaults to 1e-6, but mmcv's ``build_norm_layer`` sets
+    1e-5 when the config names none, and the released mask heads' ``norm_cfg=dict(type='LN2d')`` names none)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
                  dilation: int = 1, norm: bool = False, relu: bool = True) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=not norm)
-        self.norm = LayerNorm2d(out_channels) if norm else None
+        self.norm = LayerNorm2d(out_channels, eps=1e-5) if norm else None
         self.relu = relu
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
         if self.conv.bias is not None:

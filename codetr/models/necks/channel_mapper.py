@@ -86,8 +86,7 @@ class SingleScaleAdapter(nn.Module):
     def forward(self, memory: Tensor, spatial_shapes: list[tuple[int, int]]) -> list[Tensor]:
         """memory (B, H * W, d) of one level -> [(B, d, 4H, 4W), (2H, 2W), (H, W), (ceil(H/2), ceil(W/2)),
         (ceil(H/4), ceil(W/4))]."""
-        (h, w), = spatial_shapes
-        base = memory.transpose(1, 2).reshape(memory.shape[0], memory.shape[2], h, w)
+        base, = memory_to_maps(memory, spatial_shapes)
         finer, coarser = [base], [base]
         for conv in self.up:
             finer.append(conv(F.interpolate(finer[-1], scale_factor=2.0, mode="bilinear", align_corners=False)))
