@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from codetr.models.deformable_detr import EncoderOutput, QuerySet, refine
 from codetr.models.single_scale_detr import SingleScaleDETR, zeros_query
-from codetr.models.transformer.conditional import mlp
+from codetr.models.transformer.mlp import mlp
 from codetr.models.transformer.position import box_sine_embed
 from codetr.ops.boxes import inverse_sigmoid
 from codetr.structures import DetrOutput

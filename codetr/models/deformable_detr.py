@@ -25,6 +25,7 @@ from codetr.models.losses.detr_loss import DetrCriterion
 from codetr.models.necks.channel_mapper import build_neck
 from codetr.models.transformer.decoder import DeformableDecoderLayer
 from codetr.models.transformer.encoder import DeformableEncoder, check_with_cp
+from codetr.models.transformer.mlp import mlp
 from codetr.models.transformer.position import proposal_pos_embed, sine_position_embedding
 from codetr.ops.boxes import inverse_sigmoid
 from codetr.structures import Batch, Detections, DetrOutput
@@ -62,8 +63,7 @@ class QuerySet:
 
 def box_branch(d_model: int) -> nn.Sequential:
     """Linear-ReLU-Linear-ReLU-Linear(4): box deltas in logit space."""
-    return nn.Sequential(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model), nn.ReLU(),
-                         nn.Linear(d_model, 4))
+    return mlp(d_model, d_model, 4, 3)
 
 
 def refine(delta: Tensor, reference: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from codetr.models.activation_checkpoint import maybe_checkpoint
 from codetr.models.deformable_detr import DeformableDETR, EncoderOutput, QuerySet
 from codetr.models.losses.detr_loss import DetrCriterion, normalised_targets
 from codetr.models.transformer.denoising import ContrastiveDenoising, DenoisingGroups
+from codetr.models.transformer.mlp import mlp
 from codetr.models.transformer.position import box_sine_embed
 from codetr.ops.boxes import inverse_sigmoid
 from codetr.ops.soft_nms import batched_soft_nms
@@ -51,8 +52,7 @@ class DINO(DeformableDETR):
         self.enc_output = nn.Linear(t.d_model, t.d_model)
         self.enc_output_norm = nn.LayerNorm(t.d_model)
         self.query_embedding = nn.Embedding(t.num_queries, t.d_model)
-        self.ref_point_head = nn.Sequential(nn.Linear(2 * t.d_model, t.d_model), nn.ReLU(),
-                                            nn.Linear(t.d_model, t.d_model))
+        self.ref_point_head = mlp(2 * t.d_model, t.d_model, t.d_model, 2)
         self.decoder_norm = nn.LayerNorm(t.d_model)
         self.denoising = ContrastiveDenoising(self.cfg.num_classes, t.d_model, dino.num_dn_queries,
                                               dino.label_noise, dino.box_noise)

@@ -23,7 +23,8 @@ from codetr.config import ModelConfig
 from codetr.models.backbones.build import build_backbone
 from codetr.models.deformable_detr import DeformableDETR, EncoderOutput, box_branch, level_masks, valid_ratio
 from codetr.models.losses.detr_loss import DetrCriterion
-from codetr.models.transformer.conditional import ConditionalDecoderLayer, DetrEncoder, mlp
+from codetr.models.transformer.conditional import ConditionalDecoderLayer, DetrEncoder
+from codetr.models.transformer.mlp import mlp
 from codetr.models.transformer.position import sine_position_embedding
 from codetr.structures import DetrOutput
 

@@ -16,15 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from codetr.models.transformer.encoder import feed_forward
-
-
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> nn.Sequential:
-    """``num_layers`` Linear layers with ReLU between them (layer k at Sequential index 2k)."""
-    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-    layers: list[nn.Module] = []
-    for k in range(num_layers):
-        layers += [nn.Linear(dims[k], dims[k + 1])] + ([nn.ReLU()] if k < num_layers - 1 else [])
-    return nn.Sequential(*layers)
+from codetr.models.transformer.mlp import mlp
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, num_heads: int, blocked: Tensor | None = None,
