@@ -80,6 +80,8 @@ VARIANTS = {
 }
 # Co- variants compared with a plain variant other than plain<name[2:]>
 PLAIN_OF = {"co_k1_dab": "plain_dab", "co_k1_conditional": "plain_conditional"}
+# K = 2 against K = 1 as well (the paper's Table 2 orders plain < K = 1 < K = 2)
+K2_OVER_K1 = [("co_dab", "co_k1_dab"), ("co_conditional", "co_k1_conditional")]
 
 
 def protocol_overrides(data_root: Path, epochs: int, lr: float, seed: int, lr_step: int = LR_STEP) -> list[str]:
@@ -164,19 +166,21 @@ def stop_workers(pool: ProcessPoolExecutor, stop: multiprocessing.synchronize.Ev
 
 
 def paired_variants(names: list[str]) -> list[tuple[str, str]]:
-    """(Co- variant, plain variant) pairs that differ only in the Co- parts: co<x> with plain<x> (or PLAIN_OF's)."""
+    """(Co- variant, plain variant) pairs that differ only in the Co- parts: co<x> with plain<x> (or PLAIN_OF's);
+    then (K = 2, K = 1) pairs of K2_OVER_K1."""
     plain_of = {name: PLAIN_OF.get(name, "plain" + name[2:]) for name in names if name.startswith("co")}
-    return [(co, plain) for co, plain in plain_of.items() if plain in names]
+    pairs = [(co, plain) for co, plain in plain_of.items() if plain in names]
+    return pairs + [(k2, k1) for k2, k1 in K2_OVER_K1 if k2 in names and k1 in names]
 
 
-def paired_summary(diffs: list[float], target: float = 3.0) -> str:
+def paired_summary(diffs: list[float], target: float = 3.0, digits: int = 1) -> str:
     """Per-seed differences, then (from 3 seeds) their mean, std, 95% t-interval and how many reach ``target``."""
-    text = ", ".join(f"{d:+.1f}" for d in diffs)
+    text = ", ".join(f"{d:+.{digits}f}" for d in diffs)
     if len(diffs) >= 3:
         ci = scipy.stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
         reached = sum(d >= target for d in diffs)
-        text += (f" (mean {statistics.mean(diffs):+.1f} +- {statistics.stdev(diffs):.1f}, "
-                 f"95% CI [{ci.low:+.1f}, {ci.high:+.1f}], >= {target:+.0f} on {reached} of {len(diffs)})")
+        text += (f" (mean {statistics.mean(diffs):+.{digits}f} +- {statistics.stdev(diffs):.{digits}f}, "
+                 f"95% CI [{ci.low:+.{digits}f}, {ci.high:+.{digits}f}], >= {target:+.0f} on {reached} of {len(diffs)})")
     return text
 
 
@@ -219,6 +223,8 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=500, help="images of the held-out split for the final AP")
     parser.add_argument("--jobs", type=int, default=1, help="trainings run in parallel processes")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per training (default: cores / jobs)")
+    parser.add_argument("--digits", type=int, default=1,
+                        help="decimals of the APs in the RESULTS.md row (2 for models near AP 0, as the tiny single-scale DETRs)")
     args = parser.parse_args()
     unknown = sorted(set(args.variants) - set(VARIANTS))
     if unknown:
@@ -261,13 +267,17 @@ def main() -> None:
          f"{Path(sys.argv[0]).stem}: tiny configs, {args.epochs} epochs, lr {args.lr:g}, CPU")
 
     def describe(aps: dict[str, dict[int, float]]) -> str:
-        text = "; ".join(f"seed {s}: " + ", ".join(f"{n} {aps[n][s]:.1f}" for n in aps) for s in args.seeds)
+        text = "; ".join(f"seed {s}: " + ", ".join(f"{n} {aps[n][s]:.{args.digits}f}" for n in aps)
+                         for s in args.seeds)
         for co, plain in paired_variants(list(aps)):
-            text += f"; {co} minus {plain}: " + paired_summary([aps[co][s] - aps[plain][s] for s in args.seeds])
+            text += f"; {co} minus {plain}: " + paired_summary([aps[co][s] - aps[plain][s] for s in args.seeds],
+                                                               digits=args.digits)
         return text
 
+    heldout_ap50 = {name: {seed: m["AP50"] for seed, m in per_seed.items()} for name, per_seed in heldout.items()}
     summary = (f"{VAL_IMAGES} val images: {describe(final)}. "
-               f"{args.heldout} held-out images: {describe(final_heldout)}")
+               f"{args.heldout} held-out images: {describe(final_heldout)}. "
+               f"AP50, {args.heldout} held-out images: {describe(heldout_ap50)}")
     segm = {name: {seed: m["segm_AP"] for seed, m in per_seed.items()} for name, per_seed in heldout.items()
             if all("segm_AP" in m for m in per_seed.values())}
     if segm:
