@@ -70,6 +70,7 @@ KINDS: dict[str, tuple[str, str]] = {
 MASK_ERRORS = ("segmentation_missing", "segmentation_field", "segmentation_rle_size")
 MAX_EXAMPLES = 20  # occurrences kept per kind
 BOX_TOLERANCE = 1.0  # px a box may reach beyond its image before it is reported as clipped
+SMALL_AREA, LARGE_AREA = 32**2, 96**2  # COCO's object size split, here of the box area w*h in image pixels
 
 
 @dataclass
@@ -127,6 +128,10 @@ class DatasetReport:
     def format(self, examples: int = 3) -> str:
         """The report ``codetr data check`` prints."""
         out = [f"annotations  {self.annotations_file}", f"images       {self.images_dir}", f"contents     {self.summary()}"]
+        s = self.stats
+        if s["small"] + s["medium"] + s["large"]:
+            out.append(f"box sizes    {s['small']} small (area < 32 x 32 px), {s['medium']} medium, {s['large']} large "
+                       f"(>= 96 x 96 px): COCO's split, of the usable non-crowd boxes in the images' own pixels")
         for severity, title in ((ERROR, "errors"), (WARNING, "warnings"), (NOTE, "notes")):
             kinds = self.kinds(severity)
             if kinds:
@@ -362,6 +367,7 @@ def _check_annotation_records(data: dict[str, Any], annotations: list[Any], imag
             report.add(problem, f"{where} (image id {image_id}, {img['width']}x{img['height']}): bbox {bbox}")
         if problem in (None, "box_clipped"):
             usable += 1
+            report.stats[box_size(bbox)] += 1
     report.stats.update(annotations=len(annotations), crowd=crowd,
                         images_without_annotations=len(image_ids - annotated))
     if not usable and image_ids:
@@ -379,6 +385,12 @@ def _check_annotation_records(data: dict[str, Any], annotations: list[Any], imag
         for cat_id, name in categories.items():
             if cat_id not in used:
                 report.add("category_unused", f"category id {cat_id} ({name!r})")
+
+
+def box_size(bbox: list[float]) -> str:
+    """COCO's size class of an [x, y, w, h] box by its area w*h: "small", "medium" or "large"."""
+    area = bbox[2] * bbox[3]
+    return "small" if area < SMALL_AREA else "medium" if area < LARGE_AREA else "large"
 
 
 def _check_segmentation(segmentation: Any, img: dict[str, Any], where: str, report: DatasetReport) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
+from faster_coco_eval.core.cocoeval import Params
 from PIL import Image
 
 from codetr.cli import main
@@ -221,6 +222,28 @@ def test_data_check_command(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{")
     assert main(["data", "check", str(tmp_path / "broken.json"), "--images", str(folder)]) == 2
     assert "broken.json is not valid JSON" in capsys.readouterr().out
+
+
+def test_data_check_counts_boxes_by_coco_size_as_faster_coco_eval_splits_them(tmp_path, capsys):
+    """The size split of the usable non-crowd boxes, against faster-coco-eval's own area ranges
+    (areas chosen off the boundaries, which COCO's inclusive ranges count twice)."""
+    sizes = [(4, 4), (30, 30), (31, 33), (33, 33), (60, 20), (90, 100), (97, 97), (150, 40), (8, 200), (63, 47)]
+    images = [{"id": 1, "file_name": "1.png", "width": 400, "height": 300}]
+    annotations = [_ann(k, 1, [1, 1, w, h]) for k, (w, h) in enumerate(sizes, start=1)]
+    annotations += [_ann(20, 1, [1, 1, 200, 200], iscrowd=1), _ann(21, 1, [500, 10, 50, 50])]  # crowd; outside the image
+    folder, ann_file = _dataset(tmp_path, annotations, images)
+    Image.new("RGB", (400, 300)).save(folder / "1.png")
+
+    params = Params(iouType="bbox")
+    ranges = dict(zip(params.areaRngLbl, params.areaRng))
+    expected = {label: sum(ranges[label][0] <= w * h < ranges[label][1] for w, h in sizes)
+                for label in ("small", "medium", "large")}
+    assert all(expected.values())
+    report = check_dataset(ann_file, folder)
+    assert {label: report.stats[label] for label in expected} == expected
+    assert main(["data", "check", str(ann_file), "--images", str(folder)]) == 0
+    assert (f"box sizes    {expected['small']} small (area < 32 x 32 px), {expected['medium']} medium, "
+            f"{expected['large']} large (>= 96 x 96 px)") in capsys.readouterr().out
 
 
 def test_loading_errors_are_user_errors_with_the_old_types():
