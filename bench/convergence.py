@@ -184,6 +184,12 @@ def paired_summary(diffs: list[float], target: float = 3.0, digits: int = 1) -> 
     return text
 
 
+def per_run(metrics: dict[str, dict[int, dict]], key: str) -> dict[str, dict[int, float]]:
+    """``key`` of each run's metrics {variant: {seed: value}}, for the variants whose every run has it."""
+    return {name: {seed: m[key] for seed, m in per_seed.items()} for name, per_seed in metrics.items()
+            if all(key in m for m in per_seed.values())}
+
+
 def plot(results: dict[str, dict[int, list[dict]]], heldout: dict[str, dict[int, float]], png: Path,
          title: str) -> None:
     """AP versus iteration: one colour per variant, one line style per seed; the final held-out
@@ -259,7 +265,7 @@ def main() -> None:
             raise
     iters = results[args.variants[0]][args.seeds[0]][-1]["iter"]
     final = {name: {seed: evals[-1]["AP"] for seed, evals in per_seed.items()} for name, per_seed in results.items()}
-    final_heldout = {name: {seed: m["AP"] for seed, m in per_seed.items()} for name, per_seed in heldout.items()}
+    final_heldout = per_run(heldout, "AP")
     write_json(args.out.with_suffix(".json"), {"iters": iters, "epochs": args.epochs, "results": results,
                                                "final_AP": final, "heldout_images": args.heldout,
                                                "heldout": heldout, "final_heldout_AP": final_heldout})
@@ -274,12 +280,11 @@ def main() -> None:
                                                                digits=args.digits)
         return text
 
-    heldout_ap50 = {name: {seed: m["AP50"] for seed, m in per_seed.items()} for name, per_seed in heldout.items()}
+    heldout_ap50 = per_run(heldout, "AP50")
     summary = (f"{VAL_IMAGES} val images: {describe(final)}. "
                f"{args.heldout} held-out images: {describe(final_heldout)}. "
                f"AP50, {args.heldout} held-out images: {describe(heldout_ap50)}")
-    segm = {name: {seed: m["segm_AP"] for seed, m in per_seed.items()} for name, per_seed in heldout.items()
-            if all("segm_AP" in m for m in per_seed.values())}
+    segm = per_run(heldout, "segm_AP")
     if segm:
         summary += f". Mask AP (segm), {args.heldout} held-out images: {describe(segm)}"
     backbone = plain_cfg.model.backbone
