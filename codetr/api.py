@@ -54,6 +54,8 @@ class Prediction:
     path:   the image file, when the input was one.
     masks:  (K, H, W) bool instance masks in pixels of the input image, or None (a box-only model,
             or test-time augmentation, which merges boxes only).
+    mask_scores: (K,) float32 in [0, 1], each mask's own score (box score x the mask IoU head's
+            predicted IoU; the released Co-DINO-Inst ranks its ``segm`` results by it), or None.
     """
 
     boxes: Tensor
@@ -62,6 +64,7 @@ class Prediction:
     names: list[str]
     path: Path | None = None
     masks: Tensor | None = None
+    mask_scores: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -186,7 +189,7 @@ class Detector:
             det: Detections = runner.detect(image)
             det = select_detections(det, det.scores >= score_thr)
             results.append(Prediction(det.boxes, det.scores, det.labels, [names[i] for i in det.labels.tolist()],
-                                      path, det.masks))
+                                      path, det.masks, det.mask_scores))
         return results
 
     # ---- training, evaluation, saving, export ----------------------------------------------------

@@ -69,8 +69,10 @@ def check_prediction_outputs(images: list[Path], out_dir: str | Path, score_thr:
 
 
 def select_detections(det: Detections, keep: Tensor) -> Detections:
-    """The detections (and their masks, if any) that ``keep`` (bool (K,) or indices) selects."""
-    return Detections(det.boxes[keep], det.scores[keep], det.labels[keep], None if det.masks is None else det.masks[keep])
+    """The detections (and their masks and mask scores, if any) that ``keep`` (bool (K,) or indices) selects."""
+    return Detections(det.boxes[keep], det.scores[keep], det.labels[keep],
+                      None if det.masks is None else det.masks[keep],
+                      None if det.mask_scores is None else det.mask_scores[keep])
 
 
 def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | Path,
@@ -80,7 +82,8 @@ def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | P
     Returns the records written: ``file_name``, ``category_id`` (dataset id), ``category_name``,
     ``bbox`` (xywh in pixels of the original image) and ``score``, for scores >= ``score_thr``; a
     model that yields masks adds ``segmentation`` (COCO compressed RLE in the original image,
-    ``counts`` a string: ``pycocotools.mask.decode`` reads it) and draws them.
+    ``counts`` a string: ``pycocotools.mask.decode`` reads it) and, with a mask IoU head,
+    ``mask_score`` (the mask's own score, box score x predicted IoU), and draws them.
     Never writes over an input image (:func:`check_prediction_outputs`). An image that cannot be
     read is reported on stderr and skipped; when any was, a UserError at the end counts them (the
     predictions of the others are written). ``score_thr`` outside [0, 1] is a UserError.
@@ -107,7 +110,7 @@ def predict_images(detector: ImageDetector, images: list[Path], out_dir: str | P
             records.append({"file_name": path.name, "category_id": rec["category_id"],
                             "category_name": class_names[label_of[rec["category_id"]]],
                             "bbox": rec["bbox"], "score": rec["score"],
-                            **({"segmentation": rec["segmentation"]} if "segmentation" in rec else {})})
+                            **{key: rec[key] for key in ("segmentation", "mask_score") if key in rec}})
     atomic_write_text(out_dir / PREDICTIONS_NAME, json.dumps(records, indent=1))
     if failed:
         names = ", ".join(p.name for p in failed[:5]) + (" ..." if len(failed) > 5 else "")

@@ -27,12 +27,14 @@ from codetr.models.mask.paste import crop_masks, paste_into_image
 from codetr.structures import Batch, Detections
 
 HEIGHT, WIDTH = 90, 120
+MASK_IOU = 0.75
 
 
 class RegionMaskDetector(nn.Module):
     """Each connected bright region of the unpadded input: its box (xyxy, input pixels), label 0, score
-    0.9 - 0.1 * k (k-th region) and its mask in the image as stored, pasted there as the mask branch pastes
-    (its crop in the box at 112 x 112, :func:`codetr.models.mask.paste.paste_into_image`)."""
+    0.9 - 0.1 * k (k-th region), its mask in the image as stored, pasted there as the mask branch pastes
+    (its crop in the box at 112 x 112, :func:`codetr.models.mask.paste.paste_into_image`), and a mask
+    score of MASK_IOU x the box score."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -45,8 +47,9 @@ class RegionMaskDetector(nn.Module):
             masks = torch.from_numpy(np.stack([regions == k + 1 for k in range(count)]).reshape(count, h, w))
             boxes = mask_boxes(masks)
             probs = crop_masks(masks, boxes, torch.arange(count), 112)
-            out.append(Detections(boxes, 0.9 - 0.1 * torch.arange(count, dtype=torch.float32),
-                                  torch.zeros(count, dtype=torch.int64), paste_into_image(probs, boxes, (h, w), target)))
+            scores = 0.9 - 0.1 * torch.arange(count, dtype=torch.float32)
+            out.append(Detections(boxes, scores, torch.zeros(count, dtype=torch.int64),
+                                  paste_into_image(probs, boxes, (h, w), target), MASK_IOU * scores))
         return out
 
 
@@ -98,6 +101,7 @@ def test_predict_writes_rle_and_draws_the_masks(tmp_path):
     records = predict_images(_model(scale=HEIGHT), [source / "a.png"], tmp_path / "out", score_thr=0.85)
     written = json.loads((tmp_path / "out" / "predictions.json").read_text())
     assert written == records and len(written) == 1  # the second region scores 0.8
+    assert written[0]["score"] == 0.9 and written[0]["mask_score"] == round(MASK_IOU * 0.9, 5)
     rle = written[0]["segmentation"]
     assert rle["size"] == [HEIGHT, WIDTH] and isinstance(rle["counts"], str)
     disc = _objects()[0]
@@ -128,7 +132,10 @@ def test_detector_predict_and_to_supervision_carry_the_masks():
     result = detector.predict(_image(), score_thr=0.5)[0]
     assert result.masks is not None and result.masks.shape == (2, HEIGHT, WIDTH)
     assert all(_iou(m, e) > 0.999 for m, e in zip(result.masks, _objects()))
-    assert len(detector.predict(_image(), score_thr=0.85)[0].masks) == 1
+    torch.testing.assert_close(result.mask_scores, MASK_IOU * result.scores)
+    kept = detector.predict(_image(), score_thr=0.85)[0]
+    assert len(kept.masks) == 1 and len(kept.mask_scores) == 1
+    torch.testing.assert_close(kept.mask_scores, MASK_IOU * kept.scores)
     supervision = pytest.importorskip("supervision")
     sv = result.to_supervision()
     assert isinstance(sv, supervision.Detections) and sv.mask.shape == (2, HEIGHT, WIDTH) and sv.mask.dtype == bool
@@ -140,7 +147,7 @@ def test_tta_merges_boxes_only_and_says_so():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = detector.predict(_image(), score_thr=0.5, tta=True)[0]
-    assert result.masks is None and len(result) == 2
+    assert result.masks is None and result.mask_scores is None and len(result) == 2
     assert [str(w.message) for w in caught if "test-time augmentation merges boxes only" in str(w.message)]
     with warnings.catch_warnings():  # box-only models: no warning
         warnings.simplefilter("error")
@@ -156,5 +163,6 @@ def test_box_only_models_write_no_segmentation(tmp_path):
                                           for d in RegionMaskDetector().predict(batch)]
     Image.fromarray(_image().permute(1, 2, 0).numpy()).save(tmp_path / "a.png")
     records = predict_images(loaded, [tmp_path / "a.png"], tmp_path / "out")
-    assert len(records) == 2 and not any("segmentation" in r for r in records)
-    assert _detector(loaded).predict(_image())[0].masks is None
+    assert len(records) == 2 and not any("segmentation" in r or "mask_score" in r for r in records)
+    boxes_only = _detector(loaded).predict(_image())[0]
+    assert boxes_only.masks is None and boxes_only.mask_scores is None
