@@ -213,12 +213,22 @@ def training_overrides(work: Path, iters: int) -> list[str]:
             f"train.max_iters={iters}", "train.epochs=1", "train.log_every=1", "train.eval_every=0"]
 
 
+def training_args(out: Path, precision: str, extra: list[str], work: Path, iters: int) -> list[str]:
+    """The ``codetr`` command line of one training run into ``out``."""
+    return ["train", TRAIN_CONFIG, "--out", str(out), "--overwrite", "--device", "cuda",
+            *training_overrides(work, iters), f"train.amp={PRECISIONS[precision]}", *extra]
+
+
+def inference_args(json_file: Path) -> list[str]:
+    """The ``codetr`` command line of the inference measurement, its record written to ``json_file``."""
+    return ["bench", INFER_CONFIG, "--device", "cuda", "--size", "800x1333", "--compile", "--no-train",
+            "--iters", "20", "--warmup", "5", "--json", str(json_file)]
+
+
 def measure_training(sampler: str, precision: str, extra: list[str], work: Path, iters: int,
                      warmup: int) -> dict[str, Any]:
     out = work / f"train_{len(list(work.glob('train_*')))}"
-    args = ["train", TRAIN_CONFIG, "--out", str(out), "--overwrite", "--device", "cuda",
-            *training_overrides(work, iters), f"train.amp={PRECISIONS[precision]}", *extra]
-    result = run_child(sampler, args, work)
+    result = run_child(sampler, training_args(out, precision, extra, work, iters), work)
     if "error" not in result:
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         times = [r["time"] for r in records if r["type"] == "train" and r["iter"] > warmup]
@@ -229,9 +239,7 @@ def measure_training(sampler: str, precision: str, extra: list[str], work: Path,
 
 def measure_inference(sampler: str, work: Path) -> dict[str, Any]:
     json_file = work / f"infer_{sampler}.json"
-    args = ["bench", INFER_CONFIG, "--device", "cuda", "--size", "800x1333", "--compile", "--no-train",
-            "--iters", "20", "--warmup", "5", "--json", str(json_file)]
-    result = run_child(sampler, args, work)
+    result = run_child(sampler, inference_args(json_file), work)
     if "error" not in result:
         record = json.loads(json_file.read_text())
         result.update(eager_ms=record["inference"]["median_s"] * 1e3,

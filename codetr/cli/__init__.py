@@ -61,10 +61,9 @@ def report_error(err: BaseException, debug: bool) -> None:
         print(f"(run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code: 0, 2 for an
-    error the user can fix (a short message naming the culprit), 130 when interrupted (Ctrl-C), 143
-    when stopped by SIGTERM (after removing the temporary file of a write in progress)."""
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line ``argv`` (default: ``sys.argv[1:]``), config overrides in
+    ``overrides`` wherever they stand; exits with a usage message when it does not parse."""
     parser = build_parser()
     _add_debug_flag(parser, False)
     args, extra = parser.parse_known_args(argv)
@@ -73,6 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any("=" not in e or e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit code: 0, 2 for an
+    error the user can fix (a short message naming the culprit), 130 when interrupted (Ctrl-C), 143
+    when stopped by SIGTERM (after removing the temporary file of a write in progress)."""
+    args = parse_command_line(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         with sigterm_as_exception(), short_warnings():
