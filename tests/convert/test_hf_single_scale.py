@@ -1,8 +1,10 @@
 """Numerical parity with transformers' ConditionalDetrForObjectDetection and DabDetrForObjectDetection
-(random init, no downloads): converted weights give the same logits and boxes."""
+(random init, no downloads): converted weights give the same logits and boxes, and the same
+training losses."""
 
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 transformers = pytest.importorskip("transformers")
 
@@ -14,6 +16,7 @@ from codetr.convert.hf_single_scale import (  # noqa: E402
     dab_config_from_hf,
 )
 from codetr.models.build import build_model  # noqa: E402
+from codetr.structures import Batch, Target  # noqa: E402
 
 SIZES = dict(encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
              encoder_ffn_dim=96, decoder_ffn_dim=96, num_queries=20, num_labels=5, dropout=0.0)
@@ -89,6 +92,40 @@ def test_dab_detr_every_layer_matches_transformers():
     for layer, aux in enumerate(theirs.auxiliary_outputs):
         torch.testing.assert_close(out.logits[layer], aux["logits"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.boxes[layer], aux["pred_boxes"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_training_losses_match_transformers(family):
+    """The one-to-one losses of every decoder layer, unweighted, against transformers' own (its
+    Deformable-DETR loss for both families: focal classification, L1 and GIoU on Hungarian matches
+    with the configured costs, normalised by the number of boxes), on the padded batch with three
+    objects in one image and one in the other. Boxes go to transformers normalised by each
+    unpadded image's size, to codetr in its pixels. Conditional DETR: the last layer only, because
+    transformers' ``auxiliary_loss=True`` changes its decoder (docs/single-scale.md)."""
+    hf, ours = converted(family)
+    hf.config.auxiliary_loss = family == "dab_detr"
+    images, pixel_mask = inputs()
+    sizes = torch.tensor([[160, 192], [96, 128]])
+    boxes = [torch.tensor([[10.0, 20.0, 90.0, 100.0], [100.0, 30.0, 180.0, 150.0], [40.0, 60.0, 70.0, 80.0]]),
+             torch.tensor([[5.0, 5.0, 60.0, 90.0]])]
+    labels = [torch.tensor([1, 3, 0]), torch.tensor([4])]
+    hf_labels = [{"class_labels": lab, "boxes": box_convert(box, "xyxy", "cxcywh") / torch.tensor([w, h, w, h])}
+                 for (h, w), box, lab in zip(sizes.tolist(), boxes, labels)]
+    with torch.no_grad():
+        theirs = hf(pixel_values=images, pixel_mask=pixel_mask, labels=hf_labels).loss_dict
+        ours_terms = ours.loss(Batch(images, pixel_mask == 0, sizes, [Target(b, lab) for b, lab in zip(boxes, labels)]))
+    weights = ours.cfg.loss
+    layers = ours.cfg.transformer.dec_layers
+    compared = range(layers) if hf.config.auxiliary_loss else [layers - 1]
+    for layer in compared:
+        last = layer == layers - 1
+        prefix, suffix = ("", "") if last else (f"d{layer}.", f"_{layer}")
+        for name, hf_name, weight in (("loss_cls", "loss_ce", weights.cls_weight),
+                                      ("loss_bbox", "loss_bbox", weights.l1_weight),
+                                      ("loss_giou", "loss_giou", weights.giou_weight)):
+            torch.testing.assert_close(ours_terms[prefix + name] / weight, theirs[hf_name + suffix],
+                                       rtol=1e-5, atol=1e-6, msg=f"{prefix}{name} ({family})")
+    assert len(theirs) == 4 * len(compared)  # (with transformers' cardinality_error): every layer's terms compared
 
 
 def test_conditional_detr_transformers_4_names():
