@@ -71,7 +71,8 @@ class Prediction:
 
     def to_supervision(self) -> "supervision.Detections":
         """These detections as ``supervision.Detections`` (needs ``pip install supervision``),
-        class names in ``data["class_name"]``, masks (if any) in ``mask`` ((K, H, W) bool)."""
+        class names in ``data["class_name"]``, masks (if any) in ``mask`` ((K, H, W) bool) and
+        their scores in ``data["mask_score"]``."""
         try:
             import supervision
         except ImportError:
@@ -81,7 +82,9 @@ class Prediction:
                                       confidence=self.scores.numpy().astype(np.float32),
                                       class_id=self.labels.numpy().astype(int),
                                       mask=None if self.masks is None else self.masks.numpy().astype(bool),
-                                      data={"class_name": np.array(self.names, dtype=str)})
+                                      data={"class_name": np.array(self.names, dtype=str),
+                                            **({} if self.mask_scores is None else
+                                               {"mask_score": self.mask_scores.numpy().astype(np.float32)})})
 
 
 class Detector:

@@ -140,6 +140,7 @@ def test_detector_predict_and_to_supervision_carry_the_masks():
     sv = result.to_supervision()
     assert isinstance(sv, supervision.Detections) and sv.mask.shape == (2, HEIGHT, WIDTH) and sv.mask.dtype == bool
     np.testing.assert_array_equal(sv.mask, result.masks.numpy())
+    np.testing.assert_array_equal(sv.data["mask_score"], result.mask_scores.numpy())
 
 
 def test_tta_merges_boxes_only_and_says_so():
