@@ -70,7 +70,7 @@ KINDS: dict[str, tuple[str, str]] = {
 MASK_ERRORS = ("segmentation_missing", "segmentation_field", "segmentation_rle_size")
 MAX_EXAMPLES = 20  # occurrences kept per kind
 BOX_TOLERANCE = 1.0  # px a box may reach beyond its image before it is reported as clipped
-SMALL_AREA, LARGE_AREA = 32**2, 96**2  # COCO's object size split, here of the box area w*h in image pixels
+SMALL_SIDE, LARGE_SIDE = 32, 96  # COCO's object size split (areas SIDE**2), here of the box area w*h in image pixels
 
 
 @dataclass
@@ -130,8 +130,9 @@ class DatasetReport:
         out = [f"annotations  {self.annotations_file}", f"images       {self.images_dir}", f"contents     {self.summary()}"]
         s = self.stats
         if s["small"] + s["medium"] + s["large"]:
-            out.append(f"box sizes    {s['small']} small (area < 32 x 32 px), {s['medium']} medium, {s['large']} large "
-                       f"(>= 96 x 96 px): COCO's split, of the usable non-crowd boxes in the images' own pixels")
+            out.append(f"box sizes    {s['small']} small (area < {SMALL_SIDE} x {SMALL_SIDE} px), {s['medium']} medium, "
+                       f"{s['large']} large (>= {LARGE_SIDE} x {LARGE_SIDE} px): COCO's split, of the usable non-crowd "
+                       "boxes in the images' own pixels")
         for severity, title in ((ERROR, "errors"), (WARNING, "warnings"), (NOTE, "notes")):
             kinds = self.kinds(severity)
             if kinds:
@@ -390,7 +391,7 @@ def _check_annotation_records(data: dict[str, Any], annotations: list[Any], imag
 def box_size(bbox: list[float]) -> str:
     """COCO's size class of an [x, y, w, h] box by its area w*h: "small", "medium" or "large"."""
     area = bbox[2] * bbox[3]
-    return "small" if area < SMALL_AREA else "medium" if area < LARGE_AREA else "large"
+    return "small" if area < SMALL_SIDE**2 else "medium" if area < LARGE_SIDE**2 else "large"
 
 
 def _check_segmentation(segmentation: Any, img: dict[str, Any], where: str, report: DatasetReport) -> None:
